@@ -1,0 +1,180 @@
+//! `host bench`: decode speed of the megakernel at several context positions, reported against
+//! the HBM read bandwidth measured by a probe kernel in the same process.
+//!
+//! For each position P the engine generates `--steps` tokens greedily starting at P (the KV
+//! cache before P holds random bf16 data, so attention reads real-looking values, never
+//! zeros). Bytes per token = every weight once + the KV cache up to the mid-point of the
+//! launch. Each figure is the median (and min) over `--reps` launches after a warm-up.
+
+use crate::engine::abi::FLAG_PROFILE_BARRIERS;
+use crate::engine::{GpuEngine, LaunchSpec};
+use crate::generate::SamplingParams;
+use crate::gpu::measure_read_bandwidth;
+use crate::model::synth::{write_checkpoint, SynthSpec};
+use crate::model::{checkpoint, Weights};
+use anyhow::{bail, ensure, Result};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Checkpoint folder (default: the HF cache's Qwen/Qwen3-0.6B), unless --synthetic.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Use random weights of the exact Qwen3-0.6B shape (same bytes moved as the real model).
+    #[arg(long)]
+    pub synthetic: bool,
+    /// Context positions to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "1,128,512,2048,4096")]
+    pub positions: Vec<u32>,
+    /// Tokens generated per timed launch.
+    #[arg(long, default_value_t = 64)]
+    pub steps: u32,
+    /// Timed launches per position (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub reps: u32,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Random Qwen3-0.6B-shaped weights: written to a temporary folder by the same code as
+/// `host synth`, loaded back through the checkpoint loader, then deleted.
+pub fn synthetic_weights(seed: u64) -> Result<Weights> {
+    let dir = std::env::temp_dir().join(format!("qwen3-bench-synth-{}", std::process::id()));
+    write_checkpoint(&dir, &SynthSpec::qwen3_0_6b(seed))?;
+    let w = checkpoint::load(&dir, false);
+    std::fs::remove_dir_all(&dir).ok();
+    w
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// One row of the table.
+struct Row {
+    position: u32,
+    us_median: f64,
+    us_min: f64,
+    bytes: u64,
+    barrier_share: f64,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    ensure!(args.steps >= 1 && args.reps >= 1, "--steps and --reps must be at least 1");
+    ensure!(!args.positions.is_empty(), "--positions is empty");
+    let weights = if args.synthetic {
+        synthetic_weights(1)?
+    } else {
+        let dir = checkpoint::resolve_model_dir(args.model.as_deref())?;
+        checkpoint::load(&dir, !args.json)?
+    };
+    let max_pos = *args.positions.iter().max().unwrap();
+    let max_ctx = (max_pos + args.steps + 1) as usize;
+    if max_ctx > weights.config.max_position_embeddings {
+        bail!(
+            "position {max_pos} + {} steps is beyond the model's {} positions",
+            args.steps,
+            weights.config.max_position_embeddings
+        );
+    }
+    let mut engine = GpuEngine::new(&weights, max_ctx)?;
+    drop(weights);
+    engine.set_eos(&[]); // random weights may well produce an EOS id; time every step
+    engine.randomize_kv_cache(0x5eed)?;
+    let probe = measure_read_bandwidth(engine.gpu(), 2 << 30)?;
+
+    let mut rows = Vec::new();
+    for &p in &args.positions {
+        let spec = LaunchSpec {
+            start_pos: p,
+            prompt_len: 1,
+            n_steps: args.steps,
+            sampling: Some(SamplingParams::GREEDY),
+            ..Default::default()
+        };
+        let token = [1u32];
+        engine.launch(&spec, &token, None)?; // warm-up
+        let mut times = Vec::new();
+        for _ in 0..args.reps {
+            let (out, _) = engine.launch(&spec, &token, None)?;
+            ensure!(
+                out.steps_done == args.steps,
+                "the launch stopped after {} of {} steps",
+                out.steps_done,
+                args.steps
+            );
+            times.push(out.elapsed.as_secs_f64() * 1e6 / args.steps as f64);
+        }
+        let us_min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+        let us_median = median(&mut times);
+        // Barrier waits, from a separate profiled launch (the timer reads cost a little).
+        let profiled = LaunchSpec { flags: FLAG_PROFILE_BARRIERS, ..spec };
+        let (out, _) = engine.launch(&profiled, &token, None)?;
+        let waits = engine.barrier_wait_ns()?;
+        let mean_wait_ns = waits.iter().sum::<u64>() as f64 / waits.len() as f64;
+        let barrier_share = mean_wait_ns / (out.elapsed.as_secs_f64() * 1e9);
+        let bytes = engine.weight_bytes_per_step() + engine.kv_bytes_per_step(p + args.steps / 2);
+        rows.push(Row { position: p, us_median, us_min, bytes, barrier_share });
+    }
+
+    let name = engine.gpu().name().to_string();
+    if args.json {
+        let r: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let gbs = r.bytes as f64 / (r.us_median * 1e-6) / 1e9;
+                json!({
+                    "position": r.position,
+                    "tokens_per_s": 1e6 / r.us_median,
+                    "us_per_token_median": r.us_median,
+                    "us_per_token_min": r.us_min,
+                    "bytes_per_token": r.bytes,
+                    "gb_per_s": gbs,
+                    "percent_of_probe": 100.0 * gbs * 1e9 / probe,
+                    "barrier_wait_share": r.barrier_share,
+                })
+            })
+            .collect();
+        let out = json!({
+            "device": name,
+            "grid": engine.grid(),
+            "threads": engine.threads(),
+            "barriers_per_step": engine.barriers_per_step(),
+            "probe_read_gb_per_s": probe / 1e9,
+            "steps_per_launch": args.steps,
+            "reps": args.reps,
+            "rows": r,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "## bench: {name}, {} blocks x {} threads, {} grid barriers per step, {} steps per launch, median of {}\n",
+        engine.grid(),
+        engine.threads(),
+        engine.barriers_per_step(),
+        args.steps,
+        args.reps
+    );
+    println!("read bandwidth probe: {:.0} GB/s\n", probe / 1e9);
+    println!("| position | tok/s | us/token (median) | us/token (min) | MB/token | GB/s | % of probe | barrier wait |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let gbs = r.bytes as f64 / (r.us_median * 1e-6) / 1e9;
+        println!(
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1}% | {:.1}% |",
+            r.position,
+            1e6 / r.us_median,
+            r.us_median,
+            r.us_min,
+            r.bytes as f64 / 1e6,
+            gbs,
+            100.0 * gbs * 1e9 / probe,
+            100.0 * r.barrier_share
+        );
+    }
+    Ok(())
+}

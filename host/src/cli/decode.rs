@@ -1,0 +1,241 @@
+//! `host decode`: prompt in, streamed text out (or one JSON object with timings).
+
+use super::{check_ids, model_dir, open_backend, parse_ids, Device};
+use anyhow::{bail, Context};
+use host::generate::SamplingParams;
+use host::model::config::GenerationConfig;
+use host::model::tokenizer::{ChatMessage, Tokenizer};
+use host::model::Qwen3Config;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct DecodeArgs {
+    /// Checkpoint folder; default: Qwen3-0.6B in the HF cache.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt text (needs the checkpoint's tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as token ids, e.g. 1,2,3 (works without a tokenizer, with --json).
+    #[arg(long)]
+    prompt_ids: Option<String>,
+    /// Wrap --prompt in the chat template as one user turn.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// With --chat: ask Qwen3 to skip its <think> block.
+    #[arg(long, requires = "chat")]
+    no_thinking: bool,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// KV-cache size: prompt + new tokens must fit.
+    #[arg(long, default_value_t = 4096)]
+    max_context: usize,
+    /// Sampling temperature; 0 = greedy [default: generation_config.json's, greedy without one].
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Keep only the K most likely tokens (0 = off) [default: generation_config.json's].
+    #[arg(long)]
+    top_k: Option<u32>,
+    /// Nucleus sampling threshold in (0, 1] (1 = off) [default: generation_config.json's].
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Gpu)]
+    device: Device,
+    /// Print one JSON object (tokens, text, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Sampling: the checkpoint's defaults, each overridden by its flag.
+fn sampling_params(args: &DecodeArgs, defaults: &GenerationConfig) -> anyhow::Result<SamplingParams> {
+    let mut p = defaults.sampling(args.seed);
+    let sampling_flag = args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some();
+    if sampling_flag && p.is_greedy() {
+        // Asking for top-k/top-p on a greedy default means sampling at the usual temperature.
+        p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: args.seed };
+    }
+    if let Some(t) = args.temperature {
+        if !(t >= 0.0 && t.is_finite()) {
+            bail!("--temperature must be >= 0, got {t}");
+        }
+        p.temperature = t;
+    }
+    if let Some(k) = args.top_k {
+        p.top_k = k;
+    }
+    if let Some(top_p) = args.top_p {
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {top_p}");
+        }
+        p.top_p = top_p;
+    }
+    Ok(p)
+}
+
+pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
+    let dir = model_dir(&args.model)?;
+    let config = Qwen3Config::from_file(&dir.join("config.json"))?;
+    let tokenizer = if Tokenizer::exists_in(&dir) { Some(Tokenizer::from_dir(&dir)?) } else { None };
+    if tokenizer.is_none() && !args.json {
+        bail!("{} has no tokenizer.json, so text cannot be shown: use --prompt-ids with --json", dir.display());
+    }
+
+    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => parse_ids(ids).context("--prompt-ids")?,
+        (Some(text), None) => {
+            let tok = tokenizer.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} has no tokenizer.json, so --prompt cannot be used: give --prompt-ids",
+                    dir.display()
+                )
+            })?;
+            let text = if args.chat {
+                tok.apply_chat_template(&[ChatMessage::new("user", text)], true, !args.no_thinking)?
+            } else {
+                text.clone()
+            };
+            tok.encode(&text)?
+        }
+        (None, None) => bail!("give a prompt: --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt tokenizes to no tokens");
+    }
+    check_ids(&prompt, config.vocab_size)?;
+    if args.max_context == 0 {
+        bail!("--max-context must be positive");
+    }
+    if prompt.len() + args.max_new_tokens > args.max_context {
+        bail!(
+            "prompt ({} tokens) + --max-new-tokens ({}) = {} exceeds --max-context ({}); shorten the prompt or raise --max-context",
+            prompt.len(),
+            args.max_new_tokens,
+            prompt.len() + args.max_new_tokens,
+            args.max_context
+        );
+    }
+    if args.max_context > config.max_position_embeddings {
+        bail!(
+            "--max-context {} exceeds the model's max_position_embeddings ({})",
+            args.max_context,
+            config.max_position_embeddings
+        );
+    }
+    let gen_config = GenerationConfig::from_model_dir(&dir)?;
+    let sampling = sampling_params(&args, &gen_config)?;
+    // Stop on any end token the checkpoint names anywhere.
+    let mut eos: Vec<u32> = gen_config.eos_token_ids.clone();
+    eos.extend(&config.eos_token_ids);
+    if let Some(t) = &tokenizer {
+        eos.extend(t.eos_ids());
+    }
+    eos.sort_unstable();
+    eos.dedup();
+
+    let mut backend = open_backend(&dir, args.device, args.max_context)?;
+
+    // Ctrl-C finishes the current token, then stops and prints what there is.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = Arc::clone(&interrupted);
+        // Failing to install the handler (e.g. one already set) only loses the graceful stop.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+
+    let mut stream = tokenizer.as_ref().map(|t| t.stream(true));
+    let mut stdout = std::io::stdout().lock();
+    let mut stream_error: Option<anyhow::Error> = None;
+    let start = Instant::now();
+    let mut token_times: Vec<Instant> = Vec::new();
+    let tokens = {
+        let mut on_token = |id: u32| -> bool {
+            token_times.push(Instant::now());
+            if !args.json {
+                if let Some(s) = stream.as_mut() {
+                    match s.push(id) {
+                        Ok(piece) => {
+                            let _ = write!(stdout, "{piece}");
+                            let _ = stdout.flush();
+                        }
+                        Err(e) => {
+                            stream_error = Some(e);
+                            return false;
+                        }
+                    }
+                }
+            }
+            !interrupted.load(Ordering::SeqCst)
+        };
+        backend.generate(&prompt, args.max_new_tokens, &sampling, &eos, &mut on_token)?
+    };
+    let end = Instant::now();
+    if let Some(e) = stream_error {
+        return Err(e.context("cannot decode the generated tokens"));
+    }
+    let was_interrupted = interrupted.load(Ordering::SeqCst);
+
+    // Time to the first token is prefill (plus one sample); the rest is steady decode.
+    let prefill_s = token_times.first().map_or(0.0, |t| (*t - start).as_secs_f64());
+    let decode_s = match (token_times.first(), token_times.last()) {
+        (Some(a), Some(b)) => (*b - *a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let decode_steps = tokens.len().saturating_sub(1);
+    let tokens_per_s = if decode_steps > 0 && decode_s > 0.0 { decode_steps as f64 / decode_s } else { 0.0 };
+    let stop_reason = if was_interrupted {
+        "interrupted"
+    } else if tokens.last().is_some_and(|t| eos.contains(t)) {
+        "eos"
+    } else {
+        "max_new_tokens"
+    };
+
+    if args.json {
+        let text = match &tokenizer {
+            Some(t) => Some(t.decode_with(&tokens, false)?),
+            None => None,
+        };
+        let report = serde_json::json!({
+            "device": backend.name(),
+            "prompt_tokens": prompt.len(),
+            "tokens": tokens,
+            "generated_tokens": tokens.len(),
+            "text": text,
+            "stop_reason": stop_reason,
+            "sampling": {
+                "temperature": sampling.temperature,
+                "top_k": sampling.top_k,
+                "top_p": sampling.top_p,
+                "seed": sampling.seed,
+            },
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "total_s": (end - start).as_secs_f64(),
+            "tokens_per_s": tokens_per_s,
+        });
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        if let Some(s) = stream.as_mut() {
+            write!(stdout, "{}", s.finish()?)?;
+        }
+        writeln!(stdout)?;
+        stdout.flush()?;
+        eprintln!(
+            "[{} tokens, {stop_reason}; prefill {:.3} s, decode {:.1} tokens/s on {}]",
+            tokens.len(),
+            prefill_s,
+            tokens_per_s,
+            backend.name()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! `host perplexity`: teacher-forced mean NLL of a text.
+
+use super::{check_ids, model_dir, open_backend, parse_ids, Device};
+use anyhow::{bail, Context};
+use host::model::tokenizer::Tokenizer;
+use host::model::Qwen3Config;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["file", "ids"]))]
+pub struct PerplexityArgs {
+    /// Checkpoint folder; default: Qwen3-0.6B in the HF cache.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Text file to score (needs the checkpoint's tokenizer).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Token ids to score, e.g. 1,2,3.
+    #[arg(long)]
+    ids: Option<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Gpu)]
+    device: Device,
+    /// KV-cache size; longer texts are cut to this many tokens.
+    #[arg(long, default_value_t = 4096)]
+    max_context: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
+    let dir = model_dir(&args.model)?;
+    let config = Qwen3Config::from_file(&dir.join("config.json"))?;
+    let mut tokens = if let Some(ids) = &args.ids {
+        parse_ids(ids).context("--ids")?
+    } else if let Some(path) = &args.file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Tokenizer::from_dir(&dir)?.encode(&text)?
+    } else {
+        unreachable!("clap requires --file or --ids")
+    };
+    check_ids(&tokens, config.vocab_size)?;
+    if args.max_context < 2 {
+        bail!("--max-context must be at least 2");
+    }
+    if tokens.len() > args.max_context {
+        eprintln!("note: scoring only the first {} of {} tokens (--max-context)", args.max_context, tokens.len());
+        tokens.truncate(args.max_context);
+    }
+    if tokens.len() < 2 {
+        bail!("at least 2 tokens are needed to score anything (got {})", tokens.len());
+    }
+    let mut backend = open_backend(&dir, args.device, args.max_context)?;
+    let nll = backend.score(&tokens)?;
+    let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
+    let ppl = mean.exp();
+    if args.json {
+        let report = serde_json::json!({
+            "device": backend.name(),
+            "tokens": tokens.len(),
+            "scored_tokens": nll.len(),
+            "mean_nll": mean,
+            "perplexity": ppl,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{} tokens scored on {}: mean NLL {mean:.4} nats, perplexity {ppl:.3}", nll.len(), backend.name());
+    }
+    Ok(())
+}

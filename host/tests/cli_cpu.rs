@@ -1,0 +1,177 @@
+//! The `host` binary end to end on the CPU: synth, decode, perplexity, tokenize, and the error
+//! paths a user can hit (each a one-line `error:` and exit status 1, never a panic).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn host(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_host")).args(args).output().expect("running host")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = host(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "host {args:?} failed: {stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail; returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = host(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "host {args:?} should fail with status 1: {stderr}");
+    assert!(stderr.starts_with("error: "), "host {args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "host {args:?} panicked: {stderr}");
+    stderr
+}
+
+fn tokenizer_fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tokenizer")
+}
+
+fn synth_tiny(dir: &Path, extra: &[&str]) {
+    let out = dir.to_str().unwrap();
+    let mut args = vec!["synth", "--out", out, "--layers", "2", "--hidden", "64", "--intermediate", "128"];
+    args.extend(["--heads", "4", "--kv-heads", "2", "--head-dim", "32"]);
+    args.extend(extra);
+    ok(&args);
+}
+
+#[test]
+fn help_answers_for_every_command() {
+    for cmd in ["decode", "perplexity", "tokenize", "synth", "bench", "sync-bench"] {
+        let text = ok(&[cmd, "--help"]);
+        assert!(text.contains("Usage"), "{cmd} --help: {text}");
+    }
+    assert!(ok(&["--help"]).contains("decode"));
+}
+
+#[test]
+fn decode_json_on_a_tiny_synth_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), &["--vocab", "512"]);
+    let m = dir.path().to_str().unwrap();
+    let run = |extra: &[&str]| -> Value {
+        let mut args = vec!["decode", "--model", m, "--device", "cpu", "--prompt-ids", "1,2,3", "--json"];
+        args.extend(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let v = run(&["--max-new-tokens", "5", "--temperature", "0"]);
+    assert_eq!(v["prompt_tokens"], 3);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(v["device"], "cpu");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["prefill_s"].as_f64().is_some() && v["decode_s"].as_f64().is_some());
+    assert!(v["text"].is_null(), "no tokenizer, no text");
+    // Greedy is reproducible; seeded sampling too.
+    assert_eq!(run(&["--max-new-tokens", "5", "--temperature", "0"])["tokens"], v["tokens"]);
+    let s1 = run(&["--max-new-tokens", "8", "--seed", "3"]);
+    assert_eq!(run(&["--max-new-tokens", "8", "--seed", "3"])["tokens"], s1["tokens"]);
+
+    // Perplexity of ids: finite, consistent with its mean NLL.
+    let p: Value =
+        serde_json::from_str(&ok(&["perplexity", "--model", m, "--device", "cpu", "--ids", "1,2,3,4,5", "--json"]))
+            .unwrap();
+    assert_eq!(p["tokens"], 5);
+    let (nll, ppl) = (p["mean_nll"].as_f64().unwrap(), p["perplexity"].as_f64().unwrap());
+    assert!(nll > 0.0 && (ppl - nll.exp()).abs() < 1e-6 * ppl);
+}
+
+#[test]
+fn decode_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), &["--vocab", "512"]);
+    let m = dir.path().to_str().unwrap();
+    let base = ["decode", "--model", m, "--device", "cpu"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(extra.iter().copied()).collect() };
+    let e = fails(&with(&["--prompt-ids", "1,999", "--json"]));
+    assert!(e.contains("999") && e.contains("512"), "{e}");
+    let e = fails(&with(&["--prompt-ids", "1,2,3", "--json", "--max-context", "8", "--max-new-tokens", "6"]));
+    assert!(e.contains("--max-context"), "{e}");
+    let e = fails(&with(&["--prompt-ids", "1,x", "--json"]));
+    assert!(e.contains("\"x\""), "{e}");
+    let e = fails(&with(&["--prompt-ids", "1,2"]));
+    assert!(e.contains("tokenizer") && e.contains("--json"), "{e}");
+    let e = fails(&with(&["--prompt", "hello", "--json"]));
+    assert!(e.contains("tokenizer"), "{e}");
+    let e = fails(&["decode", "--model", "/nonexistent/model", "--prompt-ids", "1", "--json"]);
+    assert!(e.contains("/nonexistent/model"), "{e}");
+    // The GPU path reports its own errors the same way (no GPU here, or one: either way no panic).
+    let out = host(&["decode", "--model", m, "--prompt-ids", "1,2", "--json", "--max-new-tokens", "2"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+#[test]
+fn text_prompt_streams_with_a_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer_fixture();
+    synth_tiny(dir.path(), &["--vocab", "151936", "--tokenizer", tok.to_str().unwrap()]);
+    let m = dir.path().to_str().unwrap();
+    let text = ok(&[
+        "decode",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hello",
+        "--chat",
+        "--no-thinking",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]);
+    assert!(!text.trim().is_empty() || text.ends_with('\n'));
+    let v: Value = serde_json::from_str(&ok(&[
+        "decode",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["prompt_tokens"], 1);
+    assert!(v["text"].is_string());
+    // The streamed text is the decoded tokens (special tokens are not shown in the stream).
+    let plain = ok(&[
+        "decode",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(
+        plain.trim_end_matches('\n'),
+        v["text"].as_str().unwrap().replace("<|im_end|>", "").replace("<|endoftext|>", "")
+    );
+}
+
+#[test]
+fn tokenize_prints_ids() {
+    let tok = tokenizer_fixture();
+    let out = ok(&["tokenize", "--model", tok.to_str().unwrap(), "<|im_start|>Hello"]);
+    assert_eq!(out.trim(), "151644,9707");
+}
+
+#[test]
+fn synth_rejects_impossible_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let e = fails(&["synth", "--out", out.to_str().unwrap(), "--heads", "16", "--kv-heads", "5", "--layers", "1"]);
+    assert!(e.contains("num_key_value_heads"), "{e}");
+}

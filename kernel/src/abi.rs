@@ -1,0 +1,241 @@
+//! The structures the host hands to the decode kernel. This file is compiled twice: into the
+//! kernel (`mod abi`) and into the host (`include!`), so both sides share one definition.
+//! Pointers are `u64` device addresses so that the host side stays `Send` and plain data.
+
+/// One decoder layer's device pointers. bf16 matrices are row-major `[out, in]` as in HF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LayerPtrs {
+    /// bf16 `[hidden]`: RMSNorm weight before attention.
+    pub input_norm: u64,
+    /// bf16 `[q_dim + 2 * kv_dim, hidden]`: q_proj, k_proj and v_proj rows, stacked.
+    pub wqkv: u64,
+    /// bf16 `[head_dim]` each: per-head RMSNorm weights applied before RoPE.
+    pub q_norm: u64,
+    pub k_norm: u64,
+    /// bf16 `[hidden, q_dim]`.
+    pub wo: u64,
+    /// bf16 `[hidden]`: RMSNorm weight before the MLP.
+    pub post_norm: u64,
+    /// bf16 `[inter, hidden]` each.
+    pub w_gate: u64,
+    pub w_up: u64,
+    /// bf16 `[hidden, inter]`.
+    pub w_down: u64,
+    /// bf16 `[n_kv_heads, max_ctx, head_dim]` each: this layer's KV cache.
+    pub k_cache: u64,
+    pub v_cache: u64,
+}
+
+/// Flags for `DecodeParams::flags`.
+pub const FLAG_LM_HEAD_ON_PROMPT: u32 = 1; // run the LM head on teacher-forced steps too (NLL, logits)
+pub const FLAG_WRITE_LOGITS: u32 = 2; // write every step's logits to `logits_out`
+pub const FLAG_PROFILE_BARRIERS: u32 = 4; // accumulate time spent waiting in grid barriers
+
+/// Why the kernel stopped (`DecodeState::stop_reason`).
+pub const STOP_STEPS: u32 = 1; // ran all `n_steps`
+pub const STOP_EOS: u32 = 2; // generated an end-of-sequence token
+pub const STOP_CANCELLED: u32 = 3; // the host raised the cancel flag in the ring
+
+/// Layout of the host-mapped ring the kernel streams generated tokens into (u32 words).
+pub const RING_COUNT: usize = 0; // number of tokens published so far (release-stored last)
+pub const RING_CANCEL: usize = 1; // the host writes 1 here to stop after the current token
+pub const RING_TOKENS: usize = 4; // generated tokens start here
+
+/// Most GPU-side top-k candidates for sampling (top_k above this is refused by the host).
+pub const MAX_TOP_K: u32 = 256;
+/// Most q heads per kv head the attention phase handles.
+pub const MAX_GROUP: u32 = 4;
+/// Largest head_dim the attention phase handles (4 values per lane).
+pub const MAX_HEAD_DIM: u32 = 128;
+/// Threads per block of the decode kernel.
+pub const DECODE_THREADS: u32 = 512;
+
+/// Most splits of the context per kv head in the attention phase (sizes `attn_partial`).
+pub const MAX_SPLITS: u32 = 32;
+
+/// Dynamic shared memory (bytes per block) `qwen3_decode` needs: the largest of the phases'
+/// needs (a vector of the widest input; the attention phase's q and per-warp state; the LM
+/// head's input plus its reduction or top-k scratch), plus 32 words for block reductions.
+pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, head_dim: u32) -> u32 {
+    let warps = DECODE_THREADS / 32;
+    let attention = group * head_dim + warps * group * (head_dim + 2) + 32;
+    let lm_reduce = warps * 5 + 8;
+    let lm_top_k = 256 + 6 * MAX_TOP_K + 8;
+    let lm = hidden + if lm_reduce > lm_top_k { lm_reduce } else { lm_top_k };
+    let mut words = hidden;
+    let others = [q_dim, inter, attention, lm];
+    let mut i = 0;
+    while i < others.len() {
+        if others[i] > words {
+            words = others[i];
+        }
+        i += 1;
+    }
+    (words + 32) * 4
+}
+
+/// Everything one launch of `qwen3_decode` needs. Passed by value as the only parameter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeParams {
+    // ---- model (device pointers)
+    /// `LayerPtrs[n_layers]` in device memory.
+    pub layers: u64,
+    /// bf16 `[vocab, hidden]`.
+    pub embed: u64,
+    /// bf16 `[hidden]`.
+    pub final_norm: u64,
+    /// bf16 `[vocab, hidden]` (the embedding again when tied).
+    pub lm_head: u64,
+    /// f32 `[max_ctx, head_dim / 2]` each: RoPE tables, computed on the host like HF does.
+    pub rope_cos: u64,
+    pub rope_sin: u64,
+
+    // ---- work buffers (device pointers)
+    /// f32 `[hidden]`: the residual stream.
+    pub x: u64,
+    /// f32 `[q_dim + 2 * kv_dim]`: raw q, k, v of the current position.
+    pub qkv: u64,
+    /// f32 `[q_dim]`: attention output (all heads).
+    pub attn: u64,
+    /// f32 `[inter]`: SiLU(gate) * up.
+    pub mlp: u64,
+    /// f32 `[n_heads, max_splits, head_dim + 2]`: per-split attention partials (max, sum, acc).
+    pub attn_partial: u64,
+    /// u32 `[n_kv_heads]`: arrivals per kv head for the last-block combine; zero between uses.
+    pub attn_count: u64,
+    /// `LmPartial[grid]`: per-block LM-head results.
+    pub lm_partial: u64,
+    /// f32 `[vocab]`: logits of the current step (used by top-k sampling).
+    pub logits: u64,
+    /// u32: arrivals for the LM-head last-block reduction; zero between uses.
+    pub lm_count: u64,
+    /// u32: the grid barrier's word; zero before the first launch, never reset.
+    pub barrier: u64,
+    /// `DecodeState` in device memory.
+    pub state: u64,
+    /// u64 `[grid]`: nanoseconds each block waited in barriers (FLAG_PROFILE_BARRIERS).
+    pub barrier_ns: u64,
+
+    // ---- the sequence
+    /// u32 `[n_steps + 1]`: `tokens[s]` is fed at step `s` (position `start_pos + s`). The first
+    /// `prompt_len` are given; the kernel writes each chosen token to `tokens[s + 1]`.
+    pub tokens: u64,
+    /// Host-mapped u32 ring (see RING_*), or 0: generated tokens are published there.
+    pub ring: u64,
+    /// f32 `[n_steps, vocab]` or 0: logits of every step (FLAG_WRITE_LOGITS).
+    pub logits_out: u64,
+    /// f32 `[n_steps]` or 0: NLL of `tokens[s + 1]` at each teacher-forced step.
+    pub nll_out: u64,
+
+    // ---- dimensions
+    pub vocab: u32,
+    pub hidden: u32,
+    pub inter: u32,
+    pub n_layers: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub max_ctx: u32,
+    pub max_splits: u32,
+    pub eps: f32,
+
+    // ---- this launch
+    pub start_pos: u32,
+    pub prompt_len: u32,
+    pub n_steps: u32,
+    pub flags: u32,
+    pub eos: [u32; 4],
+    pub n_eos: u32,
+
+    // ---- sampling (temperature 0 = greedy)
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+}
+
+/// One block's LM-head result.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LmPartial {
+    /// Largest logit seen and sum of exp(logit - max) over the block's rows.
+    pub max: f32,
+    pub sum_exp: f32,
+    /// The block's choice: best score (logit, or perturbed logit when sampling) and its row.
+    pub best: f32,
+    pub best_index: u32,
+    /// The logit of the teacher-forced target, if this block owns its row (else -inf).
+    pub target_logit: f32,
+    pub _pad: [u32; 3],
+}
+
+/// What the kernel reports back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeState {
+    /// Steps completed in this launch.
+    pub steps_done: u32,
+    /// One of STOP_*.
+    pub stop_reason: u32,
+    /// Set by the LM-head reducer when the next step must not run.
+    pub stop: u32,
+    pub _pad: u32,
+}
+
+/// Parameters of the `test_attention` kernel (one attention phase, as in the decode step).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AttentionTestParams {
+    pub qkv: u64,
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub cos: u64,
+    pub sin: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub out: u64,
+    pub partial: u64,
+    pub count: u64,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub max_ctx: u32,
+    pub max_splits: u32,
+    pub pos: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+/// Parameters of the `test_lm_head` kernel: `trials` LM-head phases on the same input, trial
+/// `t` at position `pos + t` (so sampling draws fresh noise), separated by grid barriers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LmHeadTestParams {
+    /// f32 `[hidden]`: the already normalised input.
+    pub xn: u64,
+    pub weight: u64,
+    pub logits_out: u64,
+    pub logits_scratch: u64,
+    pub partial: u64,
+    pub count: u64,
+    pub barrier: u64,
+    /// u32 `[trials]` chosen tokens; f32 `[2]`: log-sum-exp and target logit of trial 0.
+    pub tokens_out: u64,
+    pub lse_out: u64,
+    pub vocab: u32,
+    pub hidden: u32,
+    pub target: u32,
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub pos: u32,
+    pub trials: u32,
+}
+
+/// Threads per block of the op test kernels (the same as the decode kernel's).
+pub const OP_TEST_THREADS: u32 = DECODE_THREADS;

@@ -1,0 +1,442 @@
+//! The device runtime: everything a kernel needs from the hardware, in one place.
+//!
+//! Rust's atomics lose their memory ordering on nvptx (a `fetch_add(Release)` comes out as a
+//! plain `atom.add`, loads get `.sys` scope), so every synchronising access below is written in
+//! inline PTX with the scope and ordering spelled out. Nothing outside this module uses `asm!`.
+
+use core::arch::asm;
+use core::arch::nvptx;
+
+pub const WARP_SIZE: u32 = 32;
+pub const LOG2_E: f32 = core::f32::consts::LOG2_E;
+
+// ---------------------------------------------------------------- indices
+
+#[inline(always)]
+pub fn thread_idx() -> u32 {
+    unsafe { nvptx::_thread_idx_x() as u32 }
+}
+#[inline(always)]
+pub fn block_idx() -> u32 {
+    unsafe { nvptx::_block_idx_x() as u32 }
+}
+#[inline(always)]
+pub fn block_dim() -> u32 {
+    unsafe { nvptx::_block_dim_x() as u32 }
+}
+#[inline(always)]
+pub fn grid_dim() -> u32 {
+    unsafe { nvptx::_grid_dim_x() as u32 }
+}
+#[inline(always)]
+pub fn lane() -> u32 {
+    thread_idx() & (WARP_SIZE - 1)
+}
+#[inline(always)]
+pub fn warp() -> u32 {
+    thread_idx() / WARP_SIZE
+}
+#[inline(always)]
+pub fn warps_per_block() -> u32 {
+    block_dim() / WARP_SIZE
+}
+/// Global warp index across the grid and the number of warps in it.
+#[inline(always)]
+pub fn global_warp() -> u32 {
+    block_idx() * warps_per_block() + warp()
+}
+#[inline(always)]
+pub fn grid_warps() -> u32 {
+    grid_dim() * warps_per_block()
+}
+
+// ---------------------------------------------------------------- block-level sync and shared memory
+
+/// `bar.sync 0`: every thread of the block waits here; orders shared-memory accesses.
+#[inline(always)]
+pub fn sync_threads() {
+    unsafe { nvptx::_syncthreads() }
+}
+
+/// The dynamic shared memory of this launch (its size is the launch's `shared_mem_bytes`).
+#[inline(always)]
+pub fn dynamic_shared<T>() -> *mut T {
+    core::intrinsics::gpu::gpu_launch_sized_workgroup_mem::<T>()
+}
+
+/// Sleep for about `ns` nanoseconds: keeps spinning waiters off the memory system.
+#[inline(always)]
+pub fn nanosleep(ns: u32) {
+    unsafe { asm!("nanosleep.u32 {0};", in(reg32) ns, options(nostack)) }
+}
+
+/// Stop the kernel with an error (the host sees `CUDA_ERROR_ILLEGAL_INSTRUCTION`).
+#[inline(always)]
+pub fn trap() -> ! {
+    unsafe { nvptx::trap() }
+}
+
+/// Nanosecond wall clock shared by all SMs (`%globaltimer`; it ticks coarsely, so use it for
+/// intervals of microseconds, not single instructions).
+#[inline(always)]
+pub fn global_timer_ns() -> u64 {
+    let t: u64;
+    unsafe { asm!("mov.u64 {0}, %globaltimer;", out(reg64) t, options(nomem, nostack)) }
+    t
+}
+
+// ---------------------------------------------------------------- warp shuffles and reductions
+
+// Shuffles go through LLVM's own NVVM intrinsics, not `asm!`: LLVM knows these are
+// *convergent* (every lane of the mask must execute them together), so it never sinks one into
+// a branch that only some lanes take. An `asm!` block marked pure was sunk into an
+// `if lane() == 0` by LLVM, which leaves 31 lanes out of a full-mask shuffle: garbage or a hang.
+#[allow(improper_ctypes)]
+extern "C" {
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.f32"]
+    fn nvvm_shfl_bfly_f32(mask: u32, v: f32, lane_mask: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.i32"]
+    fn nvvm_shfl_bfly_i32(mask: u32, v: u32, lane_mask: u32, clamp: u32) -> u32;
+    #[link_name = "llvm.nvvm.shfl.sync.idx.f32"]
+    fn nvvm_shfl_idx_f32(mask: u32, v: f32, src: u32, clamp: u32) -> f32;
+}
+
+/// Value of `v` held by lane `lane ^ mask`; all 32 lanes must call it together.
+#[inline(always)]
+pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
+    unsafe { nvvm_shfl_bfly_f32(0xffff_ffff, v, mask, 0x1f) }
+}
+#[inline(always)]
+pub fn shfl_xor_u32(v: u32, mask: u32) -> u32 {
+    unsafe { nvvm_shfl_bfly_i32(0xffff_ffff, v, mask, 0x1f) }
+}
+/// Value of `v` held by lane `src` of the warp; all 32 lanes must call it together.
+#[inline(always)]
+pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {
+    unsafe { nvvm_shfl_idx_f32(0xffff_ffff, v, src, 0x1f) }
+}
+
+/// Sum over the 32 lanes; every lane gets the result.
+#[inline(always)]
+pub fn warp_sum(mut v: f32) -> f32 {
+    let mut m = 16;
+    while m > 0 {
+        v += shfl_xor_f32(v, m);
+        m >>= 1;
+    }
+    v
+}
+/// Maximum over the 32 lanes; every lane gets the result.
+#[inline(always)]
+pub fn warp_max(mut v: f32) -> f32 {
+    let mut m = 16;
+    while m > 0 {
+        v = fmaxf(v, shfl_xor_f32(v, m));
+        m >>= 1;
+    }
+    v
+}
+/// Arg-max over the lanes: the largest value, ties to the smallest index (as the CPU does).
+#[inline(always)]
+pub fn warp_argmax(mut v: f32, mut i: u32) -> (f32, u32) {
+    let mut m = 16;
+    while m > 0 {
+        let ov = shfl_xor_f32(v, m);
+        let oi = shfl_xor_u32(i, m);
+        if better(ov, oi, v, i) {
+            v = ov;
+            i = oi;
+        }
+        m >>= 1;
+    }
+    (v, i)
+}
+/// Is candidate (v, i) better than the incumbent (bv, bi)? Larger wins; ties to the lower
+/// index; NaN never wins.
+#[inline(always)]
+pub fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    v > bv || (v == bv && i < bi)
+}
+
+/// Block-wide sum: every thread gets the result. `scratch` holds one f32 per warp and is
+/// free for reuse when this returns.
+#[inline(always)]
+pub unsafe fn block_sum(v: f32, scratch: *mut f32) -> f32 {
+    let w = warp_sum(v);
+    if lane() == 0 {
+        *scratch.add(warp() as usize) = w;
+    }
+    sync_threads();
+    let mut total = 0.0;
+    for k in 0..warps_per_block() {
+        total += *scratch.add(k as usize);
+    }
+    sync_threads();
+    total
+}
+
+#[inline(always)]
+pub fn fmaxf(a: f32, b: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("max.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) a, in(reg32) b, options(nomem, nostack, pure)) }
+    r
+}
+
+// ---------------------------------------------------------------- math
+
+/// 2^x via `ex2.approx` (libm's `expf` does not survive the NVPTX backend).
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("ex2.approx.ftz.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(nomem, nostack, pure)) }
+    r
+}
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    exp2(x * LOG2_E)
+}
+/// log2(x) via `lg2.approx` (about 2 ulp).
+#[inline(always)]
+pub fn log2(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("lg2.approx.ftz.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(nomem, nostack, pure)) }
+    r
+}
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    log2(x) * core::f32::consts::LN_2
+}
+/// Fused multiply-add, one rounding (`fma.rn.f32`).
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    core::intrinsics::fmaf32(a, b, c)
+}
+/// 1/sqrt(x), correctly rounded-ish (`rsqrt.approx`, 2 ulp): used only for RMSNorm.
+#[inline(always)]
+pub fn rsqrt(x: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("rsqrt.approx.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(nomem, nostack, pure)) }
+    r
+}
+#[inline(always)]
+pub fn sin_cos(x: f32) -> (f32, f32) {
+    let s: f32;
+    let c: f32;
+    unsafe {
+        asm!("sin.approx.f32 {0}, {1};", out(reg32) s, in(reg32) x, options(nomem, nostack, pure));
+        asm!("cos.approx.f32 {0}, {1};", out(reg32) c, in(reg32) x, options(nomem, nostack, pure));
+    }
+    (s, c)
+}
+/// Exact IEEE division (the default `/` is also exact; named for clarity where it matters).
+#[inline(always)]
+pub fn div(a: f32, b: f32) -> f32 {
+    a / b
+}
+
+// ---------------------------------------------------------------- bf16
+
+/// bf16 bits to f32: bf16 is the top half of an f32.
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+/// The low and high bf16 of a packed pair, as f32.
+#[inline(always)]
+pub fn bf16x2_to_f32(w: u32) -> (f32, f32) {
+    (f32::from_bits(w << 16), f32::from_bits(w & 0xffff_0000))
+}
+/// f32 to bf16 bits, round to nearest even (`cvt.rn.bf16.f32`), NaN stays NaN.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let r: u16;
+    unsafe { asm!("cvt.rn.bf16.f32 {0}, {1};", out(reg16) r, in(reg32) x, options(nomem, nostack, pure)) }
+    r
+}
+
+// ---------------------------------------------------------------- vector loads
+
+/// 16 bytes through the read-only (non-coherent) path: for data no thread of this launch
+/// writes, i.e. weights. `p` must be 16-byte aligned.
+#[inline(always)]
+pub unsafe fn ld_nc_v4(p: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.global.nc.L1::no_allocate.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg64) p,
+         options(readonly, nostack, pure));
+    [a, b, c, d]
+}
+/// 16 bytes through the coherent path (data this launch writes, e.g. activations, KV cache).
+#[inline(always)]
+pub unsafe fn ld_v4(p: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.global.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg64) p,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+/// 16 bytes of f32 through the coherent path, bypassing L1 (`.cg`): activations written by
+/// other blocks earlier in this launch must not be served from a stale L1 line.
+#[inline(always)]
+pub unsafe fn ld_cg_f32x4(p: *const f32) -> [f32; 4] {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    asm!("ld.global.cg.v4.f32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg64) p,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+#[inline(always)]
+pub unsafe fn ld_cg_f32(p: *const f32) -> f32 {
+    let a: f32;
+    asm!("ld.global.cg.f32 {0}, [{1}];", out(reg32) a, in(reg64) p, options(readonly, nostack));
+    a
+}
+#[inline(always)]
+pub unsafe fn ld_cg_u32(p: *const u32) -> u32 {
+    let a: u32;
+    asm!("ld.global.cg.u32 {0}, [{1}];", out(reg32) a, in(reg64) p, options(readonly, nostack));
+    a
+}
+/// 16 bytes of u32 via `.cg` (L2 only): for the KV cache, written earlier in this launch.
+#[inline(always)]
+pub unsafe fn ld_cg_v4(p: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.global.cg.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg64) p,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+/// Hint the L2 to fetch the 256-byte-aligned region holding `p` (no register result).
+#[inline(always)]
+pub unsafe fn prefetch_l2(p: *const u8) {
+    asm!("prefetch.global.L2::evict_normal [{0}];", in(reg64) p, options(nostack, readonly));
+}
+
+/// 8 bytes (4 bf16) via `.cg`: one lane's share of a 128-wide KV row.
+#[inline(always)]
+pub unsafe fn ld_cg_v2(p: *const u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!("ld.global.cg.v2.u32 {{{0}, {1}}}, [{2}];", out(reg32) a, out(reg32) b, in(reg64) p, options(readonly, nostack));
+    [a, b]
+}
+#[inline(always)]
+pub unsafe fn ld_cg_u16(p: *const u16) -> u16 {
+    let a: u16;
+    asm!("ld.global.cg.u16 {0}, [{1}];", out(reg16) a, in(reg64) p, options(readonly, nostack));
+    a
+}
+
+// ---------------------------------------------------------------- shared-memory atomics
+
+/// `atom.shared.add.u32` on a shared-memory address (block scope is all it needs).
+#[inline(always)]
+pub unsafe fn shared_atomic_add(p: *mut u32, v: u32) -> u32 {
+    let old: u32;
+    let a = p as u64;
+    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {1}; atom.shared.add.u32 {0}, [s], {2}; }}",
+         out(reg32) old, in(reg64) a, in(reg32) v, options(nostack));
+    old
+}
+
+// ---------------------------------------------------------------- GPU-scope atomics
+
+/// `atom.add.acq_rel.gpu`: returns the old value; releases this thread's earlier writes and
+/// acquires those released by whoever wrote the value it read.
+#[inline(always)]
+pub unsafe fn atomic_add_acq_rel(p: *mut u32, v: u32) -> u32 {
+    let old: u32;
+    asm!("atom.add.acq_rel.gpu.u32 {0}, [{1}], {2};", out(reg32) old, in(reg64) p, in(reg32) v, options(nostack));
+    old
+}
+/// Relaxed GPU-scope add, for counters that order nothing.
+#[inline(always)]
+pub unsafe fn atomic_add_relaxed(p: *mut u32, v: u32) -> u32 {
+    let old: u32;
+    asm!("atom.add.relaxed.gpu.u32 {0}, [{1}], {2};", out(reg32) old, in(reg64) p, in(reg32) v, options(nostack));
+    old
+}
+#[inline(always)]
+pub unsafe fn atomic_add_relaxed_u64(p: *mut u64, v: u64) -> u64 {
+    let old: u64;
+    asm!("atom.add.relaxed.gpu.u64 {0}, [{1}], {2};", out(reg64) old, in(reg64) p, in(reg64) v, options(nostack));
+    old
+}
+#[inline(always)]
+pub unsafe fn ld_acquire(p: *const u32) -> u32 {
+    let v: u32;
+    asm!("ld.acquire.gpu.global.u32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack));
+    v
+}
+#[inline(always)]
+pub unsafe fn st_release(p: *mut u32, v: u32) {
+    asm!("st.release.gpu.global.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
+}
+/// Relaxed GPU-scope load: sees other blocks' stores eventually, never from a stale L1.
+#[inline(always)]
+pub unsafe fn ld_relaxed(p: *const u32) -> u32 {
+    let v: u32;
+    asm!("ld.relaxed.gpu.global.u32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack));
+    v
+}
+/// Store to host-mapped (system) memory, visible to the CPU once released.
+#[inline(always)]
+pub unsafe fn st_release_sys(p: *mut u32, v: u32) {
+    asm!("st.release.sys.global.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
+}
+#[inline(always)]
+pub unsafe fn ld_acquire_sys(p: *const u32) -> u32 {
+    let v: u32;
+    asm!("ld.acquire.sys.global.u32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack));
+    v
+}
+#[inline(always)]
+pub unsafe fn fence_acq_rel_gpu() {
+    asm!("fence.acq_rel.gpu;", options(nostack));
+}
+
+// ---------------------------------------------------------------- the grid-wide barrier
+
+/// Grid-wide barrier for a cooperative launch: no thread passes until every thread of every
+/// block has arrived, and all writes made before it are visible to all threads after it.
+///
+/// One 32-bit word in global memory, zero before the first launch, serves any number of
+/// consecutive barriers with no reset. Block 0 adds `2^31 - (blocks - 1)`, every other block
+/// adds 1: the total per barrier is exactly `2^31`, so the top bit flips once, at the last
+/// arrival, and the low 31 bits return to zero. Any partial sum stays below `2^31` past the
+/// current base, so a waiter can never see a false flip from blocks that already ran ahead
+/// to the next barrier. Waiters spin on the top bit with acquire loads.
+///
+/// Ordering: `bar.sync` orders the block's writes before thread 0's `acq_rel` add (release is
+/// cumulative), the acquire loads make every other block's released writes visible to
+/// thread 0, and the second `bar.sync` extends that to the whole block.
+#[inline(always)]
+pub unsafe fn grid_sync(bar: *mut u32) {
+    sync_threads();
+    if thread_idx() == 0 {
+        let inc = if block_idx() == 0 { 0x8000_0000 - (grid_dim() - 1) } else { 1 };
+        let old = atomic_add_acq_rel(bar, inc);
+        while (ld_acquire(bar) ^ old) & 0x8000_0000 == 0 {}
+    }
+    sync_threads();
+}
+
+/// The two halves of `grid_sync`, so a block can do independent work (e.g. start streaming
+/// its next weights) between announcing its arrival and waiting for everyone else.
+/// `grid_arrive` returns the token `grid_wait` needs. Thread 0 of every block must call both.
+#[inline(always)]
+pub unsafe fn grid_arrive(bar: *mut u32) -> u32 {
+    sync_threads();
+    let mut old = 0;
+    if thread_idx() == 0 {
+        let inc = if block_idx() == 0 { 0x8000_0000 - (grid_dim() - 1) } else { 1 };
+        old = atomic_add_acq_rel(bar, inc);
+    }
+    old
+}
+#[inline(always)]
+pub unsafe fn grid_wait(bar: *mut u32, token: u32) {
+    if thread_idx() == 0 {
+        while (ld_acquire(bar) ^ token) & 0x8000_0000 == 0 {}
+    }
+    sync_threads();
+}

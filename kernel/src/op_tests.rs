@@ -1,0 +1,173 @@
+//! Each operation of the decode step as its own small kernel, so the host's GPU unit tests can
+//! compare it with its CPU twin (host/src/model/ops.rs). They call exactly the device functions
+//! the megakernel uses. Launch with `OP_TEST_THREADS` threads per block.
+
+use crate::abi::*;
+use crate::device::*;
+use crate::ops::attention::{attention_phase, AttentionArgs};
+use crate::ops::gemv::{block_rows, gemv_rows};
+use crate::ops::lm_head::{lm_head_phase, LmHeadArgs};
+use crate::ops::mlp::gate_up_silu_rows;
+use crate::ops::norm::{head_norm_rope, rms_norm_to_shared};
+
+/// Copies `n` f32 from global memory into shared memory with plain loads (inputs written by
+/// the host, not by this launch). Ends with `sync_threads`.
+unsafe fn stage(src: *const f32, n: u32, dst: *mut f32) {
+    let mut i = thread_idx();
+    while i < n {
+        *dst.add(i as usize) = *src.add(i as usize);
+        i += block_dim();
+    }
+    sync_threads();
+}
+
+/// `out = rms_norm(x) * w`, one block. Shared memory: `(n + 32) * 4` bytes.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn test_rms_norm(x: *const f32, w: *const u16, n: u32, eps: f32, out: *mut f32) {
+    let smem = dynamic_shared::<f32>();
+    rms_norm_to_shared(|i| *x.add(i as usize), w, n, eps, smem, smem.add(n as usize));
+    let mut i = thread_idx();
+    while i < n {
+        *out.add(i as usize) = *smem.add(i as usize);
+        i += block_dim();
+    }
+}
+
+/// `y = W x` with W bf16 `[rows, cols]`, any grid. Shared memory: `cols * 4` bytes.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn test_gemv(w: *const u16, rows: u32, cols: u32, x: *const f32, y: *mut f32) {
+    let smem = dynamic_shared::<f32>();
+    stage(x, cols, smem);
+    let (r0, r1) = block_rows(rows);
+    gemv_rows(w, cols, smem, r0, r1, |row, v| {
+        if lane() == 0 {
+            *y.add(row as usize) = v;
+        }
+    });
+}
+
+/// `out[i] = silu(gate[i] . x) * (up[i] . x)`, any grid. Shared memory: `hidden * 4` bytes.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn test_gate_up_silu(
+    w_gate: *const u16,
+    w_up: *const u16,
+    inter: u32,
+    hidden: u32,
+    x: *const f32,
+    out: *mut f32,
+) {
+    let smem = dynamic_shared::<f32>();
+    stage(x, hidden, smem);
+    let (r0, r1) = block_rows(inter);
+    gate_up_silu_rows(w_gate, w_up, hidden, smem, r0, r1, out);
+}
+
+/// Per-head RMSNorm + RoPE of `n_heads` heads of `head_dim` (32, 64 or 128), one warp each.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn test_head_norm_rope(
+    x: *const f32,
+    w: *const u16,
+    n_heads: u32,
+    head_dim: u32,
+    eps: f32,
+    cos: *const f32,
+    sin: *const f32,
+    out: *mut f32,
+) {
+    match head_dim {
+        128 => head_norm_rope_heads::<4>(x, w, n_heads, eps, cos, sin, out),
+        64 => head_norm_rope_heads::<2>(x, w, n_heads, eps, cos, sin, out),
+        32 => head_norm_rope_heads::<1>(x, w, n_heads, eps, cos, sin, out),
+        _ => trap(),
+    }
+}
+
+unsafe fn head_norm_rope_heads<const E: usize>(
+    x: *const f32,
+    w: *const u16,
+    n_heads: u32,
+    eps: f32,
+    cos: *const f32,
+    sin: *const f32,
+    out: *mut f32,
+) {
+    let h = global_warp();
+    if h >= n_heads {
+        return;
+    }
+    let base = (h * 32 * E as u32 + lane() * E as u32) as usize;
+    let mut v = [0.0f32; E];
+    for e in 0..E {
+        v[e] = *x.add(base + e);
+    }
+    let r = head_norm_rope::<E>(v, w, eps, cos, sin);
+    for e in 0..E {
+        *out.add(base + e) = r[e];
+    }
+}
+
+/// One attention phase (q/k norm, RoPE, KV append, split attention, last-block merge).
+/// Any grid; shared memory: `attention_smem_words(..) * 4` bytes.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn test_attention(t: AttentionTestParams) {
+    let args = AttentionArgs {
+        qkv: t.qkv as *const f32,
+        q_norm: t.q_norm as *const u16,
+        k_norm: t.k_norm as *const u16,
+        cos: t.cos as *const f32,
+        sin: t.sin as *const f32,
+        k_cache: t.k_cache as *mut u16,
+        v_cache: t.v_cache as *mut u16,
+        out: t.out as *mut f32,
+        partial: t.partial as *mut f32,
+        count: t.count as *mut u32,
+        n_heads: t.n_heads,
+        n_kv_heads: t.n_kv_heads,
+        max_ctx: t.max_ctx,
+        max_splits: t.max_splits,
+        pos: t.pos,
+        eps: t.eps,
+    };
+    let smem = dynamic_shared::<f32>();
+    match t.head_dim {
+        128 => attention_phase::<4>(&args, smem),
+        64 => attention_phase::<2>(&args, smem),
+        32 => attention_phase::<1>(&args, smem),
+        _ => trap(),
+    }
+}
+
+/// `trials` LM-head phases (cooperative launch: grid barriers between trials). Shared memory:
+/// `(hidden + lm_head_smem_words(..)) * 4` bytes.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
+    let smem = dynamic_shared::<f32>();
+    stage(t.xn as *const f32, t.hidden, smem);
+    for trial in 0..t.trials {
+        let args = LmHeadArgs {
+            weight: t.weight as *const u16,
+            vocab: t.vocab,
+            hidden: t.hidden,
+            logits_out: if trial == 0 { t.logits_out as *mut f32 } else { core::ptr::null_mut() },
+            logits_scratch: t.logits_scratch as *mut f32,
+            partial: t.partial as *mut LmPartial,
+            count: t.count as *mut u32,
+            target: t.target,
+            temperature: t.temperature,
+            top_k: t.top_k,
+            top_p: t.top_p,
+            seed: (t.seed_hi as u64) << 32 | t.seed_lo as u64,
+            pos: t.pos + trial,
+        };
+        if let Some(r) = lm_head_phase(&args, smem, smem.add(t.hidden as usize)) {
+            if thread_idx() == 0 {
+                *(t.tokens_out as *mut u32).add(trial as usize) = r.token;
+                if trial == 0 {
+                    *(t.lse_out as *mut f32) = r.log_sum_exp;
+                    *(t.lse_out as *mut f32).add(1) = r.target_logit;
+                }
+            }
+        }
+        grid_sync(t.barrier as *mut u32);
+    }
+}

@@ -1,0 +1,263 @@
+//! Attention for one new position over the KV cache, split across the whole grid.
+//!
+//! Block `b` takes kv head `b / splits` and a contiguous chunk of the context (split
+//! `b % splits`), for all q heads that share that kv head (GQA). Within a block each warp walks
+//! its share of positions with an online softmax; the warps are merged in shared memory and
+//! the block writes a partial (max, sum, weighted values). The last block to finish a kv head
+//! (an acq_rel arrival counter) merges the partials, so no extra grid barrier is needed.
+//! The block whose chunk holds the new position first normalises, rotates and appends its k
+//! and v to the cache. Scores are kept in log2 units (q is pre-scaled by log2(e)/sqrt(d)).
+
+use crate::device::*;
+use crate::ops::norm::head_norm_rope;
+
+/// Inputs of one attention phase (one layer, one position).
+#[derive(Clone, Copy)]
+pub struct AttentionArgs {
+    /// f32: raw q of all heads (`n_heads * head_dim`), then raw k and v of all kv heads.
+    pub qkv: *const f32,
+    pub q_norm: *const u16,
+    pub k_norm: *const u16,
+    /// f32 rows of `head_dim / 2` for this position.
+    pub cos: *const f32,
+    pub sin: *const f32,
+    /// bf16 `[n_kv_heads, max_ctx, head_dim]`.
+    pub k_cache: *mut u16,
+    pub v_cache: *mut u16,
+    /// f32 `[n_heads * head_dim]`: the result.
+    pub out: *mut f32,
+    /// f32 `[n_heads, max_splits, head_dim + 2]`.
+    pub partial: *mut f32,
+    /// u32 `[n_kv_heads]`, zero on entry and on exit.
+    pub count: *mut u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub max_ctx: u32,
+    pub max_splits: u32,
+    pub pos: u32,
+    pub eps: f32,
+}
+
+/// Shared memory (f32 words) the attention phase needs with `warps` warps per block.
+pub const fn attention_smem_words(warps: u32, group: u32, head_dim: u32) -> u32 {
+    group * head_dim + warps * group * (head_dim + 2) + 32
+}
+
+/// How the context of `len` positions is cut: (splits per kv head, positions per split,
+/// splits that have work).
+#[inline(always)]
+pub fn split_plan(len: u32, n_kv_heads: u32, max_splits: u32) -> (u32, u32, u32) {
+    let splits = (grid_dim() / n_kv_heads).clamp(1, max_splits);
+    let chunk = len.div_ceil(splits);
+    (splits, chunk, len.div_ceil(chunk))
+}
+
+#[inline(always)]
+unsafe fn load_bf16_row<const E: usize>(p: *const u16) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    if E == 4 {
+        let w = ld_cg_v2(p as *const u32);
+        let (a, b) = bf16x2_to_f32(w[0]);
+        let (c, d) = bf16x2_to_f32(w[1]);
+        out[0] = a;
+        out[1] = b;
+        out[2] = c;
+        out[3] = d;
+    } else if E == 2 {
+        let (a, b) = bf16x2_to_f32(ld_cg_u32(p as *const u32));
+        out[0] = a;
+        out[1] = b;
+    } else {
+        for e in 0..E {
+            out[e] = bf16_to_f32(ld_cg_u16(p.add(e)));
+        }
+    }
+    out
+}
+
+#[inline(always)]
+unsafe fn store_bf16_row<const E: usize>(p: *mut u16, v: [f32; E]) {
+    for e in 0..E {
+        *p.add(e) = f32_to_bf16(v[e]);
+    }
+}
+
+/// One attention phase. `E` = head_dim / 32. `smem` has `attention_smem_words` f32.
+#[inline(always)]
+pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32) {
+    let head_dim = 32 * E as u32;
+    let group = a.n_heads / a.n_kv_heads;
+    let len = a.pos + 1;
+    let (splits, chunk, active) = split_plan(len, a.n_kv_heads, a.max_splits);
+    let kv_head = block_idx() / splits;
+    let split = block_idx() % splits;
+    if kv_head >= a.n_kv_heads || split >= active {
+        return;
+    }
+    let p0 = split * chunk;
+    let p1 = (p0 + chunk).min(len);
+    let nw = warps_per_block();
+    let q_s = smem; // [group][head_dim], pre-scaled
+    let warp_state = smem.add((group * head_dim) as usize); // [nw][group][head_dim + 2]
+    let flag = smem.add((group * head_dim + nw * group * (head_dim + 2)) as usize) as *mut u32;
+    let lane_dim = (lane() * E as u32) as usize;
+    let q_dim = a.n_heads * head_dim;
+    let kv_dim = a.n_kv_heads * head_dim;
+    let row_off = ((kv_head * a.max_ctx) as usize) * head_dim as usize;
+
+    // Normalise and rotate this kv head's q heads; the block owning the new position also
+    // appends its k and v to the cache.
+    let w = warp();
+    let q_scale = LOG2_E * rsqrt(head_dim as f32);
+    if w < group {
+        let qh = kv_head * group + w;
+        let mut v = [0.0f32; E];
+        for e in 0..E {
+            v[e] = ld_cg_f32(a.qkv.add((qh * head_dim) as usize + lane_dim + e));
+        }
+        let r = head_norm_rope::<E>(v, a.q_norm, a.eps, a.cos, a.sin);
+        for e in 0..E {
+            *q_s.add((w * head_dim) as usize + lane_dim + e) = r[e] * q_scale;
+        }
+    } else if w == group && p1 == len {
+        let mut v = [0.0f32; E];
+        for e in 0..E {
+            v[e] = ld_cg_f32(a.qkv.add((q_dim + kv_head * head_dim) as usize + lane_dim + e));
+        }
+        let r = head_norm_rope::<E>(v, a.k_norm, a.eps, a.cos, a.sin);
+        store_bf16_row::<E>(a.k_cache.add(row_off + (a.pos * head_dim) as usize + lane_dim), r);
+    } else if w == group + 1 && p1 == len {
+        let mut v = [0.0f32; E];
+        for e in 0..E {
+            v[e] = ld_cg_f32(a.qkv.add((q_dim + kv_dim + kv_head * head_dim) as usize + lane_dim + e));
+        }
+        store_bf16_row::<E>(a.v_cache.add(row_off + (a.pos * head_dim) as usize + lane_dim), v);
+    }
+    // Orders the cache writes above before this block's reads of them below.
+    sync_threads();
+
+    // Each warp: online softmax over its positions, for every q head of the group.
+    let mut m = [f32::NEG_INFINITY; 4];
+    let mut l = [0.0f32; 4];
+    let mut acc = [[0.0f32; E]; 4];
+    let mut q = [[0.0f32; E]; 4];
+    for g in 0..4 {
+        if (g as u32) < group {
+            for e in 0..E {
+                q[g][e] = *q_s.add(g * head_dim as usize + lane_dim + e);
+            }
+        }
+    }
+    let mut p = p0 + w;
+    while p < p1 {
+        let off = row_off + (p * head_dim) as usize + lane_dim;
+        let k = load_bf16_row::<E>(a.k_cache.add(off));
+        let v = load_bf16_row::<E>(a.v_cache.add(off));
+        for g in 0..4 {
+            if (g as u32) < group {
+                let mut s = 0.0f32;
+                for e in 0..E {
+                    s = fma(q[g][e], k[e], s);
+                }
+                let s = warp_sum(s);
+                let m_new = fmaxf(m[g], s);
+                let corr = exp2(m[g] - m_new);
+                let pr = exp2(s - m_new);
+                l[g] = fma(l[g], corr, pr);
+                for e in 0..E {
+                    acc[g][e] = fma(acc[g][e], corr, pr * v[e]);
+                }
+                m[g] = m_new;
+            }
+        }
+        p += nw;
+    }
+    let stride = (head_dim + 2) as usize;
+    // A constant bound keeps m, l and acc in registers (a run-time index would spill them).
+    for g in 0..4 {
+        if (g as u32) < group {
+            let st = warp_state.add((w as usize * group as usize + g) * stride);
+            if lane() == 0 {
+                *st = m[g];
+                *st.add(1) = l[g];
+            }
+            for e in 0..E {
+                *st.add(2 + lane_dim + e) = acc[g][e];
+            }
+        }
+    }
+    sync_threads();
+
+    // Merge the warps: warp g takes q head g of the group.
+    if w < group {
+        let qh = kv_head * group + w;
+        let mut big_m = f32::NEG_INFINITY;
+        for ww in 0..nw {
+            big_m = fmaxf(big_m, *warp_state.add((ww * group + w) as usize * stride));
+        }
+        let mut big_l = 0.0f32;
+        let mut big_acc = [0.0f32; E];
+        for ww in 0..nw {
+            let st = warp_state.add((ww * group + w) as usize * stride);
+            let f = exp2(*st - big_m);
+            big_l = fma(*st.add(1), f, big_l);
+            for e in 0..E {
+                big_acc[e] = fma(*st.add(2 + lane_dim + e), f, big_acc[e]);
+            }
+        }
+        if active == 1 {
+            let inv = 1.0 / big_l;
+            for e in 0..E {
+                *a.out.add((qh * head_dim) as usize + lane_dim + e) = big_acc[e] * inv;
+            }
+        } else {
+            let pp = a.partial.add(((qh * a.max_splits + split) as usize) * stride);
+            if lane() == 0 {
+                *pp = big_m;
+                *pp.add(1) = big_l;
+            }
+            for e in 0..E {
+                *pp.add(2 + lane_dim + e) = big_acc[e];
+            }
+        }
+    }
+    if active == 1 {
+        return;
+    }
+
+    // The last block of this kv head to get here merges every split's partial.
+    sync_threads();
+    if thread_idx() == 0 {
+        let old = atomic_add_acq_rel(a.count.add(kv_head as usize), 1);
+        let last = old == active - 1;
+        if last {
+            // Nobody else touches this counter until a later grid barrier.
+            *a.count.add(kv_head as usize) = 0;
+        }
+        *flag = last as u32;
+    }
+    sync_threads();
+    if *flag == 0 || w >= group {
+        return;
+    }
+    let qh = kv_head * group + w;
+    let base = a.partial.add((qh * a.max_splits) as usize * stride);
+    let mut big_m = f32::NEG_INFINITY;
+    for s in 0..active {
+        big_m = fmaxf(big_m, ld_cg_f32(base.add(s as usize * stride)));
+    }
+    let mut big_l = 0.0f32;
+    let mut big_acc = [0.0f32; E];
+    for s in 0..active {
+        let pp = base.add(s as usize * stride);
+        let f = exp2(ld_cg_f32(pp) - big_m);
+        big_l = fma(ld_cg_f32(pp.add(1)), f, big_l);
+        for e in 0..E {
+            big_acc[e] = fma(ld_cg_f32(pp.add(2 + lane_dim + e)), f, big_acc[e]);
+        }
+    }
+    let inv = 1.0 / big_l;
+    for e in 0..E {
+        *a.out.add((qh * head_dim) as usize + lane_dim + e) = big_acc[e] * inv;
+    }
+}

@@ -1,0 +1,10 @@
+//! The operations a decode step is made of, as block- and warp-level device functions. The
+//! megakernel (`decode.rs`) composes them; `op_tests.rs` exposes each one as a small kernel so
+//! the host can check it against its CPU twin.
+
+pub mod attention;
+pub mod gemv;
+pub mod lm_head;
+pub mod mlp;
+pub mod norm;
+pub mod sampling;

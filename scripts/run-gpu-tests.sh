@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs every test binary of a bundle made by scripts/bundle-gpu.sh, GPU tests included, on a
+# machine with an NVIDIA GPU and driver (no cargo needed). Run from anywhere:
+#
+#   bundle/run-gpu-tests.sh [extra libtest args, e.g. a test-name filter]
+#
+# Each binary runs with --include-ignored --test-threads=1 under a timeout (TEST_TIMEOUT
+# seconds, default 900). Prints "N passed, M failed" and exits non-zero on any failure.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+timeout_s=${TEST_TIMEOUT:-900}
+
+# Never let the link-time stub driver shadow the real one: drop LD_LIBRARY_PATH entries that
+# hold our stub (it lives in target/*/build/host-*/out).
+if [ -n "${LD_LIBRARY_PATH:-}" ]; then
+    kept=()
+    IFS=: read -ra dirs <<<"$LD_LIBRARY_PATH"
+    for d in "${dirs[@]}"; do
+        case "$d" in */build/host-*/out | */build/host-*/out/) echo "ignoring stub driver dir on LD_LIBRARY_PATH: $d" >&2 ;; *) kept+=("$d") ;; esac
+    done
+    LD_LIBRARY_PATH=$(IFS=:; echo "${kept[*]:-}")
+    export LD_LIBRARY_PATH
+fi
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1'; then
+    echo "warning: ldconfig knows no libcuda.so.1: is the NVIDIA driver installed?" >&2
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi -L
+
+# Tests that read repository files resolve them from the repository root when the bundle sits
+# inside a checkout (bundle/ at its top).
+if [ -f "$here/../Cargo.toml" ]; then cd "$here/.."; else cd "$here"; fi
+export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
+
+passed=0 failed=0 ignored=0 bad_bins=()
+[ -x "$here/host" ] && { "$here/host" --help >/dev/null 2>&1 && echo "host binary: starts" || { echo "host binary: FAILED to start" >&2; bad_bins+=(host); }; }
+for bin in "$here"/tests/*; do
+    [ -x "$bin" ] || continue
+    name=$(basename "$bin")
+    echo "=== $name"
+    log=$(mktemp)
+    timeout --kill-after=10 "$timeout_s" "$bin" --include-ignored --test-threads=1 "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    line=$(grep -E '^test result: ' "$log" | tail -1)
+    if [ -n "$line" ]; then
+        p=$(sed -E 's/.* ([0-9]+) passed.*/\1/' <<<"$line")
+        f=$(sed -E 's/.* ([0-9]+) failed.*/\1/' <<<"$line")
+        i=$(sed -E 's/.* ([0-9]+) ignored.*/\1/' <<<"$line")
+        passed=$((passed + p)) failed=$((failed + f)) ignored=$((ignored + i))
+    fi
+    if [ "$rc" -ne 0 ]; then
+        [ "$rc" -eq 124 ] && echo "$name: timed out after ${timeout_s}s" >&2
+        # A crash or exit before libtest's summary still counts as a failure.
+        if [ -z "$line" ] || [ "$f" = 0 ]; then failed=$((failed + 1)); fi
+        bad_bins+=("$name (exit $rc)")
+    fi
+    rm -f "$log"
+done
+
+echo
+[ "${#bad_bins[@]}" -gt 0 ] && echo "failing binaries: ${bad_bins[*]}"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ] && [ "${#bad_bins[@]}" -eq 0 ]

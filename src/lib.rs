@@ -1,0 +1,13 @@
+//! The Qwen3 decode megakernel as PTX, built from `kernel/` by this package's build.rs.
+
+/// PTX text of every kernel in `kernel/`, ready for `cuModuleLoadData`.
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel.ptx"));
+
+/// The arch the PTX was generated for (`sm_90` unless `QWEN3_SM` chose another).
+pub const ARCH: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel.arch"));
+
+/// ptxas's resource report (registers, shared memory, spills) when the build ran with `PTXAS`
+/// set, else empty.
+pub fn ptxas_report() -> &'static str {
+    option_env!("QWEN3_PTXAS_REPORT").unwrap_or("")
+}

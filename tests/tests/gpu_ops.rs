@@ -1,0 +1,486 @@
+//! Every operation of the decode step on the GPU against its CPU twin (host::model::ops).
+//! Each test runs the very device function the megakernel uses, through its test kernel in
+//! kernel/src/op_tests.rs, on fresh random data.
+
+use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
+use half::bf16;
+use host::engine::abi::*;
+use host::gpu::Gpu;
+use host::model::ops;
+use std::ffi::c_void;
+
+fn gpu() -> Gpu {
+    Gpu::new(0).expect("these tests need a CUDA GPU")
+}
+
+fn dptr<T: DeviceCopy>(b: &DeviceBuffer<T>) -> u64 {
+    b.as_device_ptr().as_raw()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(-scale, scale)).collect()
+    }
+    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f32(self.uniform(-scale, scale))).collect()
+    }
+}
+
+fn bits(v: &[bf16]) -> Vec<u16> {
+    v.iter().map(|b| b.to_bits()).collect()
+}
+
+/// ||a - b|| / ||b||.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    assert!(a.iter().all(|v| v.is_finite()), "GPU produced a non-finite value");
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn download<T: DeviceCopy + Default + Clone>(b: &DeviceBuffer<T>) -> Vec<T> {
+    let mut v = vec![T::default(); b.len()];
+    b.copy_to(&mut v[..]).unwrap();
+    v
+}
+
+/// A buffer pre-filled with NaN, so an element the kernel forgot to write fails the test.
+fn poisoned(gpu: &Gpu, n: usize) -> DeviceBuffer<f32> {
+    gpu.upload(&vec![f32::NAN; n], "output").unwrap()
+}
+
+fn launch(gpu: &Gpu, name: &str, grid: u32, smem: u32, args: &mut [*mut c_void]) {
+    let k = gpu.kernel(name).unwrap();
+    if smem > 48 * 1024 {
+        k.set_max_dynamic_smem(smem).unwrap();
+    }
+    unsafe { k.launch(gpu.stream(), grid, OP_TEST_THREADS, smem, args).unwrap() };
+    finish(gpu, name);
+}
+
+/// Waits for the kernel; a kernel that hangs would stall every later test, so give up on the
+/// whole process after 30 s.
+fn finish(gpu: &Gpu, name: &str) {
+    if let Err(e) = gpu.synchronize_timeout(std::time::Duration::from_secs(30)) {
+        eprintln!("{name}: {e:#}");
+        std::process::exit(3);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rms_norm_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(1);
+    for n in [64usize, 1024, 2048] {
+        let x = rng.vec(n, 3.0);
+        let w = rng.bf16s(n, 1.5);
+        let (dx, dw, out) = (gpu.upload(&x, "x").unwrap(), gpu.upload(&bits(&w), "w").unwrap(), poisoned(&gpu, n));
+        let (mut px, mut pw, mut pn, mut eps, mut po) = (dptr(&dx), dptr(&dw), n as u32, 1e-6f32, dptr(&out));
+        let mut args = [
+            &mut px as *mut _ as *mut c_void,
+            &mut pw as *mut _ as _,
+            &mut pn as *mut _ as _,
+            &mut eps as *mut _ as _,
+            &mut po as *mut _ as _,
+        ];
+        launch(&gpu, "test_rms_norm", 1, ((n + 32) * 4) as u32, &mut args);
+        let err = rel_err(&download(&out), &ops::rms_norm(&x, &w, 1e-6));
+        assert!(err < 1e-5, "rms_norm n={n}: relative error {err}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemv_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(2);
+    // Qwen3-0.6B's shapes (qkv, o, down), a ragged one, and a tiny one.
+    for (rows, cols) in [(4096usize, 1024usize), (1024, 2048), (1024, 3072), (1000, 136), (3, 8)] {
+        let w = rng.bf16s(rows * cols, 0.05);
+        let x = rng.vec(cols, 2.0);
+        let (dw, dx, dy) = (gpu.upload(&bits(&w), "w").unwrap(), gpu.upload(&x, "x").unwrap(), poisoned(&gpu, rows));
+        let (mut pw, mut r, mut c, mut px, mut py) = (dptr(&dw), rows as u32, cols as u32, dptr(&dx), dptr(&dy));
+        let mut args = [
+            &mut pw as *mut _ as *mut c_void,
+            &mut r as *mut _ as _,
+            &mut c as *mut _ as _,
+            &mut px as *mut _ as _,
+            &mut py as *mut _ as _,
+        ];
+        launch(&gpu, "test_gemv", gpu.sm_count(), (cols * 4) as u32, &mut args);
+        let err = rel_err(&download(&dy), &ops::gemv(&w, rows, cols, &x));
+        assert!(err < 1e-5, "gemv {rows}x{cols}: relative error {err}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gate_up_silu_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(3);
+    for (inter, hidden) in [(3072usize, 1024usize), (128, 64)] {
+        let g = rng.bf16s(inter * hidden, 0.05);
+        let u = rng.bf16s(inter * hidden, 0.05);
+        let x = rng.vec(hidden, 2.0);
+        let (dg, du, dx, out) = (
+            gpu.upload(&bits(&g), "g").unwrap(),
+            gpu.upload(&bits(&u), "u").unwrap(),
+            gpu.upload(&x, "x").unwrap(),
+            poisoned(&gpu, inter),
+        );
+        let (mut pg, mut pu, mut i, mut h, mut px, mut po) =
+            (dptr(&dg), dptr(&du), inter as u32, hidden as u32, dptr(&dx), dptr(&out));
+        let mut args = [
+            &mut pg as *mut _ as *mut c_void,
+            &mut pu as *mut _ as _,
+            &mut i as *mut _ as _,
+            &mut h as *mut _ as _,
+            &mut px as *mut _ as _,
+            &mut po as *mut _ as _,
+        ];
+        launch(&gpu, "test_gate_up_silu", gpu.sm_count(), (hidden * 4) as u32, &mut args);
+        let want = ops::silu_mul(&ops::gemv(&g, inter, hidden, &x), &ops::gemv(&u, inter, hidden, &x));
+        let err = rel_err(&download(&out), &want);
+        assert!(err < 1e-5, "gate/up/silu {inter}x{hidden}: relative error {err}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn head_norm_rope_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(4);
+    for head_dim in [128usize, 64, 32] {
+        let n_heads = 16;
+        let pos = 1234;
+        let (cos, sin) = ops::rope_table(1e6, head_dim, pos + 1);
+        let half = head_dim / 2;
+        let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+        let x = rng.vec(n_heads * head_dim, 4.0);
+        let w = rng.bf16s(head_dim, 1.5);
+        let (dx, dw, dc, ds, out) = (
+            gpu.upload(&x, "x").unwrap(),
+            gpu.upload(&bits(&w), "w").unwrap(),
+            gpu.upload(c, "cos").unwrap(),
+            gpu.upload(s, "sin").unwrap(),
+            poisoned(&gpu, n_heads * head_dim),
+        );
+        let (mut px, mut pw, mut nh, mut hd, mut eps, mut pc, mut ps, mut po) =
+            (dptr(&dx), dptr(&dw), n_heads as u32, head_dim as u32, 1e-6f32, dptr(&dc), dptr(&ds), dptr(&out));
+        let mut args = [
+            &mut px as *mut _ as *mut c_void,
+            &mut pw as *mut _ as _,
+            &mut nh as *mut _ as _,
+            &mut hd as *mut _ as _,
+            &mut eps as *mut _ as _,
+            &mut pc as *mut _ as _,
+            &mut ps as *mut _ as _,
+            &mut po as *mut _ as _,
+        ];
+        launch(&gpu, "test_head_norm_rope", 1, 0, &mut args);
+        let mut want = x.clone();
+        for h in want.chunks_mut(head_dim) {
+            ops::head_norm_rope(h, &w, 1e-6, c, s);
+        }
+        let err = rel_err(&download(&out), &want);
+        assert!(err < 1e-5, "head_norm_rope head_dim={head_dim}: relative error {err}");
+    }
+}
+
+/// One attention phase at context length `len` (new position `len - 1`) against the CPU:
+/// q/k norm + RoPE, the KV append, and split attention with the last-block merge.
+fn attention_case(gpu: &Gpu, len: usize, n_heads: usize, n_kv: usize, head_dim: usize, max_ctx: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let pos = len - 1;
+    let (q_dim, kv_dim) = (n_heads * head_dim, n_kv * head_dim);
+    let qkv = rng.vec(q_dim + 2 * kv_dim, 3.0);
+    let (qn, kn) = (rng.bf16s(head_dim, 1.5), rng.bf16s(head_dim, 1.5));
+    let (cos, sin) = ops::rope_table(1e6, head_dim, max_ctx);
+    // Cache: [kv_head][max_ctx][head_dim] bf16; positions before `pos` random, the rest poison.
+    let mut kc = vec![bf16::NAN; n_kv * max_ctx * head_dim];
+    let mut vc = kc.clone();
+    for h in 0..n_kv {
+        for p in 0..pos {
+            for d in 0..head_dim {
+                kc[(h * max_ctx + p) * head_dim + d] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+                vc[(h * max_ctx + p) * head_dim + d] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+            }
+        }
+    }
+    let group = (n_heads / n_kv) as u32;
+    let smem = (group * head_dim as u32 + (OP_TEST_THREADS / 32) * group * (head_dim as u32 + 2) + 32) * 4;
+    let bufs = (
+        gpu.upload(&qkv, "qkv").unwrap(),
+        gpu.upload(&bits(&qn), "qn").unwrap(),
+        gpu.upload(&bits(&kn), "kn").unwrap(),
+        gpu.upload(&cos[pos * head_dim / 2..], "cos").unwrap(),
+        gpu.upload(&sin[pos * head_dim / 2..], "sin").unwrap(),
+        gpu.upload(&bits(&kc), "k cache").unwrap(),
+        gpu.upload(&bits(&vc), "v cache").unwrap(),
+        poisoned(gpu, q_dim),
+        gpu.alloc::<f32>(n_heads * MAX_SPLITS as usize * (head_dim + 2), "partials").unwrap(),
+        gpu.alloc::<u32>(n_kv, "counts").unwrap(),
+    );
+    let mut t = AttentionTestParams {
+        qkv: dptr(&bufs.0),
+        q_norm: dptr(&bufs.1),
+        k_norm: dptr(&bufs.2),
+        cos: dptr(&bufs.3),
+        sin: dptr(&bufs.4),
+        k_cache: dptr(&bufs.5),
+        v_cache: dptr(&bufs.6),
+        out: dptr(&bufs.7),
+        partial: dptr(&bufs.8),
+        count: dptr(&bufs.9),
+        n_heads: n_heads as u32,
+        n_kv_heads: n_kv as u32,
+        head_dim: head_dim as u32,
+        max_ctx: max_ctx as u32,
+        max_splits: MAX_SPLITS,
+        pos: pos as u32,
+        eps: 1e-6,
+        _pad: 0,
+    };
+    let mut args = [&mut t as *mut _ as *mut c_void];
+    launch(gpu, "test_attention", gpu.sm_count(), smem, &mut args);
+
+    // CPU: normalise + rotate q and the new k, round the new k and v to bf16 like the cache.
+    let half = head_dim / 2;
+    let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+    let mut q = qkv[..q_dim].to_vec();
+    for h in q.chunks_mut(head_dim) {
+        ops::head_norm_rope(h, &qn, 1e-6, c, s);
+    }
+    let mut k_new = qkv[q_dim..q_dim + kv_dim].to_vec();
+    for h in k_new.chunks_mut(head_dim) {
+        ops::head_norm_rope(h, &kn, 1e-6, c, s);
+    }
+    let v_new = &qkv[q_dim + kv_dim..];
+    let mut keys = vec![0f32; len * kv_dim];
+    let mut values = vec![0f32; len * kv_dim];
+    for p in 0..len {
+        for h in 0..n_kv {
+            for d in 0..head_dim {
+                let (kv, vv) = if p == pos {
+                    (ops::round_bf16(k_new[h * head_dim + d]), ops::round_bf16(v_new[h * head_dim + d]))
+                } else {
+                    (kc[(h * max_ctx + p) * head_dim + d].to_f32(), vc[(h * max_ctx + p) * head_dim + d].to_f32())
+                };
+                keys[p * kv_dim + h * head_dim + d] = kv;
+                values[p * kv_dim + h * head_dim + d] = vv;
+            }
+        }
+    }
+    let want = ops::attention(&q, &keys, &values, n_heads, n_kv, head_dim, len);
+    let err = rel_err(&download(&bufs.7), &want);
+    assert!(err < 2e-4, "attention len={len} heads={n_heads}/{n_kv} d={head_dim}: relative error {err}");
+
+    // The append: the cache row at `pos` holds exactly the rounded new k and v.
+    let kc_out = download(&bufs.5);
+    let vc_out = download(&bufs.6);
+    for h in 0..n_kv {
+        for d in 0..head_dim {
+            let i = (h * max_ctx + pos) * head_dim + d;
+            let k_err = (bf16::from_bits(kc_out[i]).to_f32() - keys[pos * kv_dim + h * head_dim + d]).abs();
+            assert!(
+                k_err <= 1e-2 * keys[pos * kv_dim + h * head_dim + d].abs().max(1.0),
+                "K append at head {h} dim {d}"
+            );
+            assert_eq!(
+                bf16::from_bits(vc_out[i]).to_f32(),
+                values[pos * kv_dim + h * head_dim + d],
+                "V append at head {h} dim {d}"
+            );
+        }
+    }
+    // The merge counters are back to zero for the next use.
+    assert!(download(&bufs.9).iter().all(|&c| c == 0), "attention counters not reset");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_matches_cpu_at_several_lengths() {
+    let gpu = gpu();
+    for (i, len) in [1usize, 17, 300, 4096].into_iter().enumerate() {
+        attention_case(&gpu, len, 16, 8, 128, 4096, 10 + i as u64);
+    }
+    // The tiny test model's shape (head_dim 32, 2 q heads per kv head) and a 4-way group.
+    attention_case(&gpu, 23, 4, 2, 32, 64, 20);
+    attention_case(&gpu, 77, 16, 4, 64, 128, 21);
+}
+
+struct LmHeadRun {
+    tokens: Vec<u32>,
+    lse: f32,
+    target_logit: f32,
+    logits: Vec<f32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_lm_head(
+    gpu: &Gpu,
+    w: &[bf16],
+    vocab: usize,
+    hidden: usize,
+    xn: &[f32],
+    target: u32,
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    trials: u32,
+    grid: u32,
+) -> LmHeadRun {
+    let dw = gpu.upload(&bits(w), "lm head").unwrap();
+    let dx = gpu.upload(xn, "xn").unwrap();
+    let logits = poisoned(gpu, vocab);
+    let scratch = gpu.alloc::<f32>(vocab, "scratch").unwrap();
+    let partial = gpu.alloc::<LmPartial>(grid as usize, "partials").unwrap();
+    let count = gpu.alloc::<u32>(1, "count").unwrap();
+    let barrier = gpu.alloc::<u32>(1, "barrier").unwrap();
+    let tokens = gpu.upload(&vec![u32::MAX; trials as usize], "tokens").unwrap();
+    let lse = gpu.alloc::<f32>(2, "lse").unwrap();
+    let mut t = LmHeadTestParams {
+        xn: dptr(&dx),
+        weight: dptr(&dw),
+        logits_out: dptr(&logits),
+        logits_scratch: dptr(&scratch),
+        partial: dptr(&partial),
+        count: dptr(&count),
+        barrier: dptr(&barrier),
+        tokens_out: dptr(&tokens),
+        lse_out: dptr(&lse),
+        vocab: vocab as u32,
+        hidden: hidden as u32,
+        target,
+        temperature,
+        top_k,
+        top_p,
+        seed_lo: 0x1234_5678,
+        seed_hi: 0x9abc,
+        pos: 0,
+        trials,
+    };
+    let smem = (hidden as u32 + 256 + 6 * MAX_TOP_K + 8 + 32) * 4;
+    let k = gpu.kernel("test_lm_head").unwrap();
+    k.set_max_dynamic_smem(smem).unwrap();
+    let mut args = [&mut t as *mut _ as *mut c_void];
+    unsafe { k.launch_cooperative(gpu.stream(), grid, OP_TEST_THREADS, smem, &mut args).unwrap() };
+    finish(gpu, "test_lm_head");
+    let l = download(&lse);
+    LmHeadRun { tokens: download(&tokens), lse: l[0], target_logit: l[1], logits: download(&logits) }
+}
+
+fn log_sum_exp(v: &[f32]) -> f64 {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn lm_head_argmax_and_log_sum_exp_match_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(5);
+    let (vocab, hidden) = (151_936usize, 1024usize);
+    let w = rng.bf16s(vocab * hidden, 0.05);
+    let xn = rng.vec(hidden, 2.0);
+    let target = 77_777;
+    let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, target, 0.0, 0, 1.0, 1, gpu.sm_count());
+    let want = ops::gemv(&w, vocab, hidden, &xn);
+    let err = rel_err(&r.logits, &want);
+    assert!(err < 1e-5, "LM-head logits: relative error {err}");
+    // The chosen token is the arg-max of the GPU's own logits (ties to the lowest id) ...
+    assert_eq!(r.tokens[0], ops::argmax(&r.logits), "greedy token is not the arg-max of the logits");
+    // ... and the CPU's, unless the top two are closer than the rounding difference.
+    let cpu = ops::argmax(&want) as usize;
+    if r.tokens[0] as usize != cpu {
+        let margin = (want[cpu] - want[r.tokens[0] as usize]).abs();
+        assert!(margin < 1e-4, "GPU chose {} but the CPU {cpu} with margin {margin}", r.tokens[0]);
+    }
+    let lse_err = (r.lse as f64 - log_sum_exp(&want)).abs();
+    assert!(lse_err < 1e-3, "log-sum-exp off by {lse_err}");
+    assert!(
+        (r.target_logit - want[target as usize]).abs() < 1e-4,
+        "target logit {} vs {}",
+        r.target_logit,
+        want[target as usize]
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn lm_head_ties_go_to_the_lowest_id() {
+    let gpu = gpu();
+    let mut rng = Rng(6);
+    let (vocab, hidden) = (5000usize, 64usize);
+    let mut w = rng.bf16s(vocab * hidden, 0.01);
+    let xn: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 1.0 } else { 0.5 }).collect();
+    // Three identical, clearly largest rows in different blocks' slices: the lowest id wins.
+    let best: Vec<bf16> = (0..hidden).map(|_| bf16::from_f32(0.5)).collect();
+    for row in [4321usize, 1234, 3000] {
+        w[row * hidden..(row + 1) * hidden].copy_from_slice(&best);
+    }
+    let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, 0.0, 0, 1.0, 1, gpu.sm_count());
+    assert_eq!(r.tokens[0], 1234);
+    assert_eq!(ops::argmax(&r.logits), 1234);
+}
+
+/// Sampling draws follow the CPU's distribution (temperature, top-k, top-p) within a few
+/// standard errors, for the Gumbel path (no top-k) and the top-k path.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sampling_distribution_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(7);
+    let (vocab, hidden) = (12usize, 64usize);
+    let w = rng.bf16s(vocab * hidden, 0.3);
+    let xn = rng.vec(hidden, 1.0);
+    let trials = 6000u32;
+    for (temperature, top_k, top_p) in [(1.0f32, 0u32, 1.0f32), (0.7, 5, 1.0), (1.3, 8, 0.8)] {
+        let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4);
+        // Expected distribution from the GPU's own logits, computed on the CPU.
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| r.logits[b].partial_cmp(&r.logits[a]).unwrap().then(a.cmp(&b)));
+        let k = if top_k == 0 { vocab } else { top_k as usize };
+        let top = r.logits[order[0]];
+        let weights: Vec<f64> =
+            order[..k].iter().map(|&i| (((r.logits[i] - top) / temperature) as f64).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut keep = k;
+        let mut acc = 0.0;
+        for (j, wv) in weights.iter().enumerate() {
+            acc += wv;
+            if acc >= top_p as f64 * total {
+                keep = j + 1;
+                break;
+            }
+        }
+        let kept: f64 = weights[..keep].iter().sum();
+        let mut counts = vec![0u32; vocab];
+        for &t in &r.tokens {
+            assert!((t as usize) < vocab, "token {t} out of range");
+            counts[t as usize] += 1;
+        }
+        for (j, &i) in order.iter().enumerate() {
+            let p = if j < keep { weights[j] / kept } else { 0.0 };
+            let freq = counts[i] as f64 / trials as f64;
+            let tol = 5.0 * (p * (1.0 - p) / trials as f64).sqrt() + 2e-3;
+            assert!(
+                (freq - p).abs() <= tol,
+                "T={temperature} k={top_k} p={top_p}: token {i} drawn {freq:.4}, expected {p:.4}"
+            );
+        }
+    }
+}
