@@ -49,11 +49,10 @@ fn build_kernel() -> Result<(), String> {
     println!("cargo:rerun-if-env-changed=QWEN3_SM");
     println!("cargo:rerun-if-env-changed=PTXAS");
 
-    // sm_80/sm_86 PTX from LLVM defaults to an ISA version older than the features we use.
-    let mut features = String::new();
-    if sm[3..].parse::<u32>().unwrap() < 90 {
-        features.push_str(" -C target-feature=+ptx78");
-    }
+    // LLVM's default PTX ISA version for an arch is older than the instructions we use:
+    // 7.8 for sm_80/sm_89 (L1::no_allocate, ...), 8.0 for sm_90 (cp.async.bulk.prefetch).
+    let ptx_isa = if sm[3..].parse::<u32>().unwrap() < 90 { "+ptx78" } else { "+ptx80" };
+    let features = format!(" -C target-feature={ptx_isa}");
     let rustflags = format!(
         "-C target-cpu={sm}{features} -C linker-flavor=llbc -C linker={} -Zunstable-options -Cpanic=immediate-abort",
         env::current_exe().unwrap().display()
@@ -68,7 +67,7 @@ fn build_kernel() -> Result<(), String> {
         .arg(&target_dir)
         .env("RUSTFLAGS", &rustflags)
         .env(LINK_MODE, &sm)
-        .env("QWEN3_PTX_MATTR", if features.is_empty() { "" } else { "+ptx78" })
+        .env("QWEN3_PTX_MATTR", ptx_isa)
         .env("QWEN3_PTX_TOOLS", llvm_tools_dir()?);
     // Nothing of the outer (host) build may leak into the device build.
     for var in [
@@ -130,20 +129,24 @@ fn check_ptx(ptx: &str) -> Result<(), String> {
 
 /// Every kernel in kernel/ runs with at most `MAX_THREADS` threads per block. Rust has no
 /// `__launch_bounds__`, so the bound is written into the PTX (`.maxntid`) after each entry's
-/// parameter list: ptxas then keeps each kernel within 65536 / MAX_THREADS registers, which a
-/// 512-thread block of the decode kernel needs to launch at all.
+/// parameter list: ptxas then keeps each kernel within 65536 / bound registers per thread, so
+/// that a block of that size can always launch. Kernels listed in `LAUNCH_BOUNDS` get their own
+/// bound (the decode kernel: its block size, `abi::DECODE_THREADS`, so it may use more
+/// registers per thread).
 const MAX_THREADS: u32 = 512;
+const LAUNCH_BOUNDS: &[(&str, u32)] = &[("qwen3_decode", 384)];
 
 fn add_launch_bounds(ptx: &str) -> String {
     let mut out = String::with_capacity(ptx.len() + 1024);
-    let mut in_entry = false;
+    let mut bound = None;
     for line in ptx.lines() {
         if line.starts_with(".visible .entry") || line.starts_with(".entry") {
-            in_entry = true;
+            let name = line.split_whitespace().find_map(|w| w.strip_suffix('(')).unwrap_or("");
+            bound = Some(LAUNCH_BOUNDS.iter().find(|(n, _)| *n == name).map_or(MAX_THREADS, |(_, b)| *b));
         }
-        if in_entry && line.trim() == "{" {
-            out.push_str(&format!(".maxntid {MAX_THREADS}, 1, 1\n"));
-            in_entry = false;
+        if let (Some(b), "{") = (bound, line.trim()) {
+            out.push_str(&format!(".maxntid {b}, 1, 1\n"));
+            bound = None;
         }
         out.push_str(line);
         out.push('\n');

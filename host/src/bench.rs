@@ -6,7 +6,10 @@
 //! zeros). Bytes per token = every weight once + the KV cache up to the mid-point of the
 //! launch. Each figure is the median (and min) over `--reps` launches after a warm-up.
 
-use crate::engine::abi::FLAG_PROFILE_BARRIERS;
+use crate::engine::abi::{
+    FLAG_EARLY_STAGING, FLAG_NO_PREFETCH, FLAG_NO_STAGING, FLAG_PROFILE_BARRIERS, FLAG_PROFILE_PHASES, PROFILE_LAYER,
+    PROFILE_SLOTS,
+};
 use crate::engine::{GpuEngine, LaunchSpec};
 use crate::generate::SamplingParams;
 use crate::gpu::measure_read_bandwidth;
@@ -33,6 +36,25 @@ pub struct BenchArgs {
     /// Timed launches per position (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub reps: u32,
+    /// Turn off the L2 prefetch of each next phase's weights (to measure what it buys).
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Read weights straight from global memory instead of staging each phase's rows in
+    /// shared memory ahead of time (to measure what staging buys).
+    #[arg(long)]
+    pub no_staging: bool,
+    /// Issue each phase's weight copies at the start of an earlier phase rather than at the end
+    /// of the one before (to compare the two schedules).
+    #[arg(long)]
+    pub early_staging: bool,
+    /// Diagnostics: leave stages out (bits: 1 projections, 2 attention, 4 LM head, 8 norms);
+    /// the output is meaningless, the time shows what the stages cost.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub skip: u32,
+    /// Also time each phase of one layer (and the LM head): cycles of work per block and of
+    /// waiting at the barrier that ends it.
+    #[arg(long)]
+    pub phases: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -60,6 +82,36 @@ struct Row {
     us_min: f64,
     bytes: u64,
     barrier_share: f64,
+}
+
+/// One profiled launch; prints per phase the mean and max work per block and the mean wait.
+fn print_phases(engine: &mut GpuEngine, spec: &LaunchSpec, token: &[u32], position: u32) -> Result<()> {
+    let profiled = LaunchSpec { flags: spec.flags | FLAG_PROFILE_PHASES, ..*spec };
+    engine.launch(&profiled, token, None)?;
+    let cycles = engine.phase_cycles()?;
+    let mhz = engine.gpu().clock_rate_khz()? as f64 / 1e3;
+    let names = ["q/k/v", "attention", "o proj", "gate/up", "down", "LM head"];
+    println!("phases at position {position} (layer {PROFILE_LAYER}; us at the {mhz:.0} MHz max clock):");
+    println!("| phase | work mean | work max | wait mean |");
+    println!("|---|---:|---:|---:|");
+    let blocks = cycles.len() / PROFILE_SLOTS;
+    for (i, name) in names.iter().enumerate() {
+        let work: Vec<f64> = (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + 2 * i] as f64 / mhz).collect();
+        let wait: Vec<f64> = (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + 2 * i + 1] as f64 / mhz).collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let max = work.iter().cloned().fold(0.0, f64::max);
+        println!("| {name} | {:.2} | {:.2} | {:.2} |", mean(&work), max, mean(&wait));
+    }
+    let mean_slot =
+        |slot: usize| (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + slot] as f64 / mhz).sum::<f64>() / blocks as f64;
+    println!(
+        "inside q/k/v: weights ready {:.2}, norm done {:.2}, GEMV done {:.2}; o proj input loaded {:.2} (us from phase start)\n",
+        mean_slot(12),
+        mean_slot(13),
+        mean_slot(14),
+        mean_slot(15)
+    );
+    Ok(())
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -93,6 +145,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prompt_len: 1,
             n_steps: args.steps,
             sampling: Some(SamplingParams::GREEDY),
+            flags: if args.no_prefetch { FLAG_NO_PREFETCH } else { 0 }
+                | if args.no_staging { FLAG_NO_STAGING } else { 0 }
+                | if args.early_staging { FLAG_EARLY_STAGING } else { 0 },
+            debug_skip: args.skip,
             ..Default::default()
         };
         let token = [1u32];
@@ -111,12 +167,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let us_min = times.iter().cloned().fold(f64::INFINITY, f64::min);
         let us_median = median(&mut times);
         // Barrier waits, from a separate profiled launch (the timer reads cost a little).
-        let profiled = LaunchSpec { flags: FLAG_PROFILE_BARRIERS, ..spec };
+        let profiled = LaunchSpec { flags: spec.flags | FLAG_PROFILE_BARRIERS, ..spec };
         let (out, _) = engine.launch(&profiled, &token, None)?;
         let waits = engine.barrier_wait_ns()?;
         let mean_wait_ns = waits.iter().sum::<u64>() as f64 / waits.len() as f64;
         let barrier_share = mean_wait_ns / (out.elapsed.as_secs_f64() * 1e9);
         let bytes = engine.weight_bytes_per_step() + engine.kv_bytes_per_step(p + args.steps / 2);
+        if args.phases && !args.json {
+            print_phases(&mut engine, &spec, &token, p)?;
+        }
         rows.push(Row { position: p, us_median, us_min, bytes, barrier_share });
     }
 
@@ -152,13 +211,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "## bench: {name}, {} blocks x {} threads, {} grid barriers per step, {} steps per launch, median of {}\n",
+        "## bench: {name}, {} blocks x {} threads, {} grid barriers per step, {} steps per launch, median of {}{}\n",
         engine.grid(),
         engine.threads(),
         engine.barriers_per_step(),
         args.steps,
-        args.reps
+        args.reps,
+        if args.no_prefetch { ", L2 prefetch off" } else { "" }
     );
+    println!(
+        "weights staged in shared memory: {}\n",
+        if args.no_staging || engine.stage_bytes() == 0 {
+            "no (read from global memory, prefetched into L2)".to_string()
+        } else {
+            format!("yes, 2 x {} KB per block", engine.stage_bytes() / 1024)
+        }
+    );
+    if args.skip != 0 {
+        println!("DIAGNOSTIC RUN: stages left out (mask {}); these are not decode speeds\n", args.skip);
+    }
     println!("read bandwidth probe: {:.0} GB/s\n", probe / 1e9);
     println!("| position | tok/s | us/token (median) | us/token (min) | MB/token | GB/s | % of probe | barrier wait |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");

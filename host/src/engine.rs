@@ -73,6 +73,8 @@ pub struct LaunchSpec {
     pub sampling: Option<SamplingParams>,
     pub logits_out: u64,
     pub nll_out: u64,
+    /// Diagnostics (abi::SKIP_*): stages to leave out; outputs are then meaningless.
+    pub debug_skip: u32,
 }
 
 /// A checkpoint on the GPU, ready to decode.
@@ -95,6 +97,7 @@ pub struct GpuEngine {
     barrier: DeviceBuffer<u32>,
     state: DeviceBuffer<DecodeState>,
     barrier_ns: DeviceBuffer<u64>,
+    phase_cycles: DeviceBuffer<u32>,
     tokens: DeviceBuffer<u32>,
     kv_caches: Vec<DeviceBuffer<u16>>,
     ring: HostRing,
@@ -105,6 +108,10 @@ pub struct GpuEngine {
     max_ctx: u32,
     grid: u32,
     smem: u32,
+    /// Bytes per weight-staging buffer (0: weights are read from global memory) and where the
+    /// buffers start in dynamic shared memory.
+    stage_bytes: u32,
+    stage_offset: u32,
     eos: Vec<u32>,
     gpu: Gpu,
 }
@@ -127,13 +134,29 @@ impl GpuEngine {
         let (hidden, inter, head_dim) = (c.hidden_size as u32, c.intermediate_size as u32, c.head_dim as u32);
         let (q_dim, kv_dim) = (c.q_dim() as u32, c.kv_dim() as u32);
         let group = (c.num_attention_heads / c.num_key_value_heads) as u32;
-        let smem = decode_smem_bytes(hidden, q_dim, inter, group, head_dim);
+        let base_smem = decode_smem_bytes(hidden, q_dim, inter, group, head_dim).next_multiple_of(16);
+        // Weight staging: two buffers, each large enough for one block's largest phase slice
+        // (one block per SM, so each block's share of rows is ceil(rows / SMs)).
+        let blocks = gpu.sm_count();
+        let slice = |rows: u32, cols: u32| rows.div_ceil(blocks) * cols * 2;
+        let stage_bytes = slice(q_dim + 2 * kv_dim, hidden)
+            .max(slice(hidden, q_dim))
+            .max(2 * slice(inter, hidden))
+            .max(slice(hidden, inter))
+            .next_multiple_of(16);
+        let stage_bytes = if base_smem + 2 * stage_bytes <= gpu.max_shared_per_block_optin() { stage_bytes } else { 0 };
+        let smem = base_smem + 2 * stage_bytes;
 
         let kernel = gpu.kernel("qwen3_decode")?;
         if smem > 48 * 1024 {
             kernel.set_max_dynamic_smem(smem)?;
         }
         let grid = kernel.cooperative_grid(DECODE_THREADS, smem, 1)?;
+        ensure!(
+            hidden.div_ceil(grid) <= MAX_OWN_ROWS,
+            "hidden size {hidden} over {grid} blocks gives each more than {MAX_OWN_ROWS} rows of the residual stream"
+        );
+        ensure!(grid == blocks || stage_bytes == 0, "expected one block per SM ({blocks}), got a grid of {grid}");
         ensure!(
             grid >= c.num_key_value_heads as u32,
             "the GPU has too few SMs ({grid}) for {} kv heads",
@@ -199,6 +222,7 @@ impl GpuEngine {
             barrier: gpu.alloc(1, "grid barrier")?,
             state: gpu.alloc(1, "decode state")?,
             barrier_ns: gpu.alloc(grid as usize, "barrier timers")?,
+            phase_cycles: gpu.alloc(grid as usize * PROFILE_SLOTS, "phase timers")?,
             tokens: gpu.alloc(max_context + 1, "tokens")?,
             ring: gpu.host_ring(RING_TOKENS + max_context + 1)?,
             _weights: weights,
@@ -214,6 +238,8 @@ impl GpuEngine {
             max_ctx,
             grid,
             smem,
+            stage_bytes,
+            stage_offset: base_smem,
             gpu,
         };
         Ok(engine)
@@ -235,6 +261,10 @@ impl GpuEngine {
     }
     pub fn shared_bytes(&self) -> u32 {
         self.smem
+    }
+    /// Bytes of each weight-staging buffer (0 when weights are read from global memory).
+    pub fn stage_bytes(&self) -> u32 {
+        self.stage_bytes
     }
     pub fn max_ctx(&self) -> u32 {
         self.max_ctx
@@ -357,6 +387,11 @@ impl GpuEngine {
             top_p: s.top_p,
             seed_lo: s.seed as u32,
             seed_hi: (s.seed >> 32) as u32,
+            debug_skip: spec.debug_skip,
+            _pad: 0,
+            phase_cycles: dptr(&self.phase_cycles),
+            stage_bytes: self.stage_bytes,
+            stage_offset: self.stage_offset,
         };
         let kernel = self.gpu.kernel("qwen3_decode")?;
         let started = Instant::now();
@@ -410,6 +445,14 @@ impl GpuEngine {
         let mut st = [DecodeState::default()];
         self.state.copy_to(&mut st[..]).context("reading decode state")?;
         Ok((LaunchOutcome { steps_done: st[0].steps_done, stop_reason: st[0].stop_reason, elapsed }, generated))
+    }
+
+    /// Per block, the FLAG_PROFILE_PHASES record of the last launch that asked for it:
+    /// `PROFILE_SLOTS` u32 each (work and wait cycles of the six phases).
+    pub fn phase_cycles(&self) -> Result<Vec<u32>> {
+        let mut v = vec![0u32; self.phase_cycles.len()];
+        self.phase_cycles.copy_to(&mut v[..]).context("reading phase timers")?;
+        Ok(v)
     }
 
     /// Per-block nanoseconds spent waiting in barriers during the last profiled launch.

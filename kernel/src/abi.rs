@@ -31,6 +31,10 @@ pub struct LayerPtrs {
 pub const FLAG_LM_HEAD_ON_PROMPT: u32 = 1; // run the LM head on teacher-forced steps too (NLL, logits)
 pub const FLAG_WRITE_LOGITS: u32 = 2; // write every step's logits to `logits_out`
 pub const FLAG_PROFILE_BARRIERS: u32 = 4; // accumulate time spent waiting in grid barriers
+pub const FLAG_PROFILE_PHASES: u32 = 16; // per-block cycles of work and wait per phase, one layer
+pub const FLAG_NO_PREFETCH: u32 = 8;
+pub const FLAG_EARLY_STAGING: u32 = 64; // issue weight copies at phase start (default: at phase end)
+pub const FLAG_NO_STAGING: u32 = 32; // read weights from global memory instead of staged copies // skip the L2 prefetch of the next phase's weights (to measure it)
 
 /// Why the kernel stopped (`DecodeState::stop_reason`).
 pub const STOP_STEPS: u32 = 1; // ran all `n_steps`
@@ -49,14 +53,14 @@ pub const MAX_GROUP: u32 = 4;
 /// Largest head_dim the attention phase handles (4 values per lane).
 pub const MAX_HEAD_DIM: u32 = 128;
 /// Threads per block of the decode kernel.
-pub const DECODE_THREADS: u32 = 512;
+pub const DECODE_THREADS: u32 = 384; // build.rs's LAUNCH_BOUNDS must agree
 
 /// Most splits of the context per kv head in the attention phase (sizes `attn_partial`).
 pub const MAX_SPLITS: u32 = 32;
 
 /// Dynamic shared memory (bytes per block) `qwen3_decode` needs: the largest of the phases'
 /// needs (a vector of the widest input; the attention phase's q and per-warp state; the LM
-/// head's input plus its reduction or top-k scratch), plus 32 words for block reductions.
+/// head's input plus its reduction or top-k scratch), plus `SCRATCH_WORDS`.
 pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, head_dim: u32) -> u32 {
     let warps = DECODE_THREADS / 32;
     let attention = group * head_dim + warps * group * (head_dim + 2) + 32;
@@ -72,8 +76,14 @@ pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, 
         }
         i += 1;
     }
-    (words + 32) * 4
+    (words + SCRATCH_WORDS) * 4
 }
+
+/// Words at the end of the decode kernel's base shared memory: 32 for block reductions, then
+/// room for the block's own rows of the residual stream (at most `MAX_OWN_ROWS`).
+pub const SCRATCH_WORDS: u32 = 32 + MAX_OWN_ROWS;
+/// Most rows of the hidden state one block may own (`ceil(hidden / grid)`).
+pub const MAX_OWN_ROWS: u32 = 64;
 
 /// Everything one launch of `qwen3_decode` needs. Passed by value as the only parameter.
 #[repr(C)]
@@ -155,7 +165,31 @@ pub struct DecodeParams {
     pub top_p: f32,
     pub seed_lo: u32,
     pub seed_hi: u32,
+
+    /// Diagnostics only (SKIP_*): leave stages out to see what they cost. Outputs are garbage.
+    pub debug_skip: u32,
+    /// Bytes of each of the two weight-staging buffers in dynamic shared memory (0: no
+    /// staging), and where the first starts (bytes from the start of dynamic shared memory).
+    pub stage_bytes: u32,
+    pub stage_offset: u32,
+    pub _pad: u32,
+    /// u32 `[grid, PROFILE_SLOTS]` (FLAG_PROFILE_PHASES): for layer `PROFILE_LAYER` of step
+    /// `min(1, n_steps - 1)`, SM cycles each block spent working and waiting in each phase:
+    /// `[2 * phase]` work, `[2 * phase + 1]` wait; phases 0..5 are q/k/v, attention, o, gate/up,
+    /// down, and the LM head (recorded in the same step). Slots 12.. hold cycles from a phase's
+    /// start to marks inside it: 12 q/k/v after the weight wait, 13 after its norm, 14 after its
+    /// GEMV; 15 the o projection after loading its input.
+    pub phase_cycles: u64,
 }
+
+pub const PROFILE_LAYER: u32 = 1;
+pub const PROFILE_SLOTS: usize = 16;
+
+/// `DecodeParams::debug_skip` bits.
+pub const SKIP_GEMV: u32 = 1; // the q/k/v, o, gate/up and down projections
+pub const SKIP_ATTENTION: u32 = 2; // the attention phase
+pub const SKIP_LM_HEAD: u32 = 4; // the final norm + LM head (each step feeds its own token again)
+pub const SKIP_NORM: u32 = 8; // the RMSNorms (the input is staged unnormalised)
 
 /// One block's LM-head result.
 #[repr(C)]

@@ -10,6 +10,53 @@ use core::arch::nvptx;
 pub const WARP_SIZE: u32 = 32;
 pub const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
+// ---------------------------------------------------------------- unrolling
+
+/// `unroll!(4, k, { ... })`: the block four (or eight) times with `k` a constant 0, 1, ...
+/// LLVM declines to unroll loops whose bodies are large, and a loop left rolled indexes its
+/// register arrays at run time, which moves them to local memory (seen: GEMV weights and `x`
+/// spilled in the hottest loop). Constant indices keep them in registers.
+#[macro_export]
+macro_rules! unroll {
+    (4, $k:ident, $body:block) => {{
+        {
+            const $k: usize = 0;
+            $body
+        }
+        {
+            const $k: usize = 1;
+            $body
+        }
+        {
+            const $k: usize = 2;
+            $body
+        }
+        {
+            const $k: usize = 3;
+            $body
+        }
+    }};
+    (8, $k:ident, $body:block) => {{
+        $crate::unroll!(4, $k, $body);
+        {
+            const $k: usize = 4;
+            $body
+        }
+        {
+            const $k: usize = 5;
+            $body
+        }
+        {
+            const $k: usize = 6;
+            $body
+        }
+        {
+            const $k: usize = 7;
+            $body
+        }
+    }};
+}
+
 // ---------------------------------------------------------------- indices
 
 #[inline(always)]
@@ -74,6 +121,14 @@ pub fn nanosleep(ns: u32) {
 #[inline(always)]
 pub fn trap() -> ! {
     unsafe { nvptx::trap() }
+}
+
+/// This SM's cycle counter: precise durations within one block.
+#[inline(always)]
+pub fn clock64() -> u64 {
+    let t: u64;
+    unsafe { asm!("mov.u64 {0}, %clock64;", out(reg64) t, options(nomem, nostack)) }
+    t
 }
 
 /// Nanosecond wall clock shared by all SMs (`%globaltimer`; it ticks coarsely, so use it for
@@ -266,6 +321,14 @@ pub unsafe fn ld_nc_v4(p: *const u32) -> [u32; 4] {
          options(readonly, nostack, pure));
     [a, b, c, d]
 }
+/// 8 bytes through the read-only path (constant data: norm weights, embedding rows).
+#[inline(always)]
+pub unsafe fn ld_nc_v2(p: *const u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!("ld.global.nc.v2.u32 {{{0}, {1}}}, [{2}];", out(reg32) a, out(reg32) b, in(reg64) p,
+         options(readonly, nostack, pure));
+    [a, b]
+}
 /// 16 bytes through the coherent path (data this launch writes, e.g. activations, KV cache).
 #[inline(always)]
 pub unsafe fn ld_v4(p: *const u32) -> [u32; 4] {
@@ -306,10 +369,34 @@ pub unsafe fn ld_cg_v4(p: *const u32) -> [u32; 4] {
          options(readonly, nostack));
     [a, b, c, d]
 }
-/// Hint the L2 to fetch the 256-byte-aligned region holding `p` (no register result).
+/// Hint the L2 to fetch the line holding `p` (no register result).
 #[inline(always)]
 pub unsafe fn prefetch_l2(p: *const u8) {
-    asm!("prefetch.global.L2::evict_normal [{0}];", in(reg64) p, options(nostack, readonly));
+    asm!("prefetch.global.L2 [{0}];", in(reg64) p, options(nostack, readonly));
+}
+
+/// Block-wide: starts bringing `bytes` bytes from `p` into the L2 and returns at once.
+/// Weights do not depend on activations, so a block asks for the next phase's slice before
+/// it meets the others at a barrier: DRAM keeps streaming while the grid synchronises.
+/// On sm_90 one thread issues a bulk prefetch (`cp.async.bulk.prefetch.L2`, handled by the
+/// copy engine; `p` 16-byte aligned, `bytes` a multiple of 16); elsewhere every thread
+/// prefetches lines.
+#[inline(always)]
+pub unsafe fn prefetch_l2_range(p: *const u8, bytes: u32) {
+    #[cfg(target_feature = "sm_90")]
+    {
+        if thread_idx() == 0 && bytes > 0 {
+            asm!("cp.async.bulk.prefetch.L2.global [{0}], {1};", in(reg64) p, in(reg32) bytes, options(nostack, readonly));
+        }
+    }
+    #[cfg(not(target_feature = "sm_90"))]
+    {
+        let mut off = thread_idx() * 128;
+        while off < bytes {
+            prefetch_l2(p.add(off as usize));
+            off += block_dim() * 128;
+        }
+    }
 }
 
 /// 8 bytes (4 bf16) via `.cg`: one lane's share of a 128-wide KV row.
@@ -324,6 +411,32 @@ pub unsafe fn ld_cg_u16(p: *const u16) -> u16 {
     let a: u16;
     asm!("ld.global.cg.u16 {0}, [{1}];", out(reg16) a, in(reg64) p, options(readonly, nostack));
     a
+}
+
+// ---------------------------------------------------------------- asynchronous copies
+
+/// `cp.async.cg.shared.global`: copies 16 bytes from global `src` to shared `dst` without
+/// passing through registers; completes asynchronously (see `cp_async_commit`/`cp_async_wait_*`).
+/// Both addresses 16-byte aligned.
+#[inline(always)]
+pub unsafe fn cp_async_16(dst: *mut u8, src: *const u8) {
+    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {0}; cp.async.cg.shared.global [s], [{1}], 16; }}",
+         in(reg64) dst, in(reg64) src, options(nostack));
+}
+/// Closes the group of this thread's `cp_async_16`s issued since the last commit.
+#[inline(always)]
+pub unsafe fn cp_async_commit() {
+    asm!("cp.async.commit_group;", options(nostack));
+}
+/// Waits until at most one of this thread's committed groups is still in flight (the newest).
+#[inline(always)]
+pub unsafe fn cp_async_wait_all_but_newest() {
+    asm!("cp.async.wait_group 1;", options(nostack));
+}
+/// Waits for all of this thread's asynchronous copies.
+#[inline(always)]
+pub unsafe fn cp_async_wait_all() {
+    asm!("cp.async.wait_all;", options(nostack));
 }
 
 // ---------------------------------------------------------------- shared-memory atomics

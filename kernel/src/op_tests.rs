@@ -5,10 +5,10 @@
 use crate::abi::*;
 use crate::device::*;
 use crate::ops::attention::{attention_phase, AttentionArgs};
-use crate::ops::gemv::{block_rows, gemv_rows};
+use crate::ops::gemv::{block_rows, gemv_rows, stage_rows, Rows};
 use crate::ops::lm_head::{lm_head_phase, LmHeadArgs};
 use crate::ops::mlp::gate_up_silu_rows;
-use crate::ops::norm::{head_norm_rope, rms_norm_to_shared};
+use crate::ops::norm::{head_norm_rope, rms_norm_to_shared, NormInput};
 
 /// Copies `n` f32 from global memory into shared memory with plain loads (inputs written by
 /// the host, not by this launch). Ends with `sync_threads`.
@@ -25,7 +25,7 @@ unsafe fn stage(src: *const f32, n: u32, dst: *mut f32) {
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_rms_norm(x: *const f32, w: *const u16, n: u32, eps: f32, out: *mut f32) {
     let smem = dynamic_shared::<f32>();
-    rms_norm_to_shared(|i| *x.add(i as usize), w, n, eps, smem, smem.add(n as usize));
+    rms_norm_to_shared(NormInput::F32(x), w, n, eps, smem, smem.add(n as usize));
     let mut i = thread_idx();
     while i < n {
         *out.add(i as usize) = *smem.add(i as usize);
@@ -33,20 +33,42 @@ pub unsafe extern "ptx-kernel" fn test_rms_norm(x: *const f32, w: *const u16, n:
     }
 }
 
-/// `y = W x` with W bf16 `[rows, cols]`, any grid. Shared memory: `cols * 4` bytes.
+/// `y = W x` with W bf16 `[rows, cols]`, any grid. With `staged` != 0 each block first copies
+/// its rows into shared memory with `cp.async` (as the decode kernel does) and reads them
+/// there. Shared memory: `cols * 4` bytes, rounded up to 16, plus the block's rows when staged.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn test_gemv(w: *const u16, rows: u32, cols: u32, x: *const f32, y: *mut f32) {
+pub unsafe extern "ptx-kernel" fn test_gemv(
+    w: *const u16,
+    rows: u32,
+    cols: u32,
+    x: *const f32,
+    y: *mut f32,
+    staged: u32,
+) {
     let smem = dynamic_shared::<f32>();
-    stage(x, cols, smem);
     let (r0, r1) = block_rows(rows);
-    gemv_rows(w, cols, smem, r0, r1, |row, v| {
+    let buf = staging_buffer(smem, cols);
+    if staged != 0 {
+        stage_rows(buf, w, cols, r0, r1);
+        cp_async_commit();
+        cp_async_wait_all();
+    }
+    stage(x, cols, smem);
+    let src = if staged != 0 { Rows { base: buf, first: r0, staged: true } } else { Rows::global(w) };
+    gemv_rows(src, cols, smem, r0, r1, |row, v| {
         if lane() == 0 {
             *y.add(row as usize) = v;
         }
     });
 }
 
-/// `out[i] = silu(gate[i] . x) * (up[i] . x)`, any grid. Shared memory: `hidden * 4` bytes.
+/// Where a test kernel's staged weights go: after `words` f32, 16-byte aligned.
+unsafe fn staging_buffer(smem: *mut f32, words: u32) -> *mut u16 {
+    smem.add((words as usize).div_ceil(4) * 4) as *mut u16
+}
+
+/// `out[i] = silu(gate[i] . x) * (up[i] . x)`, any grid, staged like `test_gemv`. Shared
+/// memory: `hidden * 4` bytes rounded up to 16, plus both matrices' rows when staged.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_gate_up_silu(
     w_gate: *const u16,
@@ -55,11 +77,25 @@ pub unsafe extern "ptx-kernel" fn test_gate_up_silu(
     hidden: u32,
     x: *const f32,
     out: *mut f32,
+    staged: u32,
 ) {
     let smem = dynamic_shared::<f32>();
-    stage(x, hidden, smem);
     let (r0, r1) = block_rows(inter);
-    gate_up_silu_rows(w_gate, w_up, hidden, smem, r0, r1, out);
+    let gate_buf = staging_buffer(smem, hidden);
+    let up_buf = gate_buf.add(((r1 - r0) * hidden) as usize);
+    if staged != 0 {
+        stage_rows(gate_buf, w_gate, hidden, r0, r1);
+        stage_rows(up_buf, w_up, hidden, r0, r1);
+        cp_async_commit();
+        cp_async_wait_all();
+    }
+    stage(x, hidden, smem);
+    let (gate, up) = if staged != 0 {
+        (Rows { base: gate_buf, first: r0, staged: true }, Rows { base: up_buf, first: r0, staged: true })
+    } else {
+        (Rows::global(w_gate), Rows::global(w_up))
+    };
+    gate_up_silu_rows(gate, up, hidden, smem, r0, r1, out);
 }
 
 /// Per-head RMSNorm + RoPE of `n_heads` heads of `head_dim` (32, 64 or 128), one warp each.

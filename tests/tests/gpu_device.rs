@@ -325,9 +325,9 @@ fn warp_reductions_match_cpu() {
                 .iter_mut()
                 .for_each(|x| *x = rng.uniform(-1.0, 1.0) * 2f32.powi((rng.next_u32() % 40) as i32 - 20)),
             // Masked logits.
-            3 => lanes
-                .iter_mut()
-                .for_each(|x| *x = if rng.next_u32().is_multiple_of(4) { f32::NEG_INFINITY } else { rng.uniform(-30.0, 30.0) }),
+            3 => lanes.iter_mut().for_each(|x| {
+                *x = if rng.next_u32().is_multiple_of(4) { f32::NEG_INFINITY } else { rng.uniform(-30.0, 30.0) }
+            }),
             _ => lanes.iter_mut().for_each(|x| *x = rng.uniform(-100.0, 100.0)),
         }
         // Indices: lane order, reversed, or random (distinct within the warp), so "lowest

@@ -143,6 +143,12 @@ impl Gpu {
     pub fn max_shared_per_block_optin(&self) -> u32 {
         self.max_smem_optin
     }
+    /// The SM clock's peak rate in kHz (cycle counts to time).
+    pub fn clock_rate_khz(&self) -> Result<u32> {
+        Ok(driver::device_attribute(self._device.as_raw(), cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?
+            as u32)
+    }
+
     pub fn l2_cache_bytes(&self) -> u32 {
         self.l2_bytes
     }

@@ -38,6 +38,12 @@ pub struct AttentionArgs {
     pub eps: f32,
 }
 
+/// Fewest positions a split of the context gets.
+const MIN_CHUNK: u32 = 32;
+
+/// Cached positions a warp loads at once.
+const KV_BATCH: usize = 4; // the unroll! below is written for 4
+
 /// Shared memory (f32 words) the attention phase needs with `warps` warps per block.
 pub const fn attention_smem_words(warps: u32, group: u32, head_dim: u32) -> u32 {
     group * head_dim + warps * group * (head_dim + 2) + 32
@@ -48,7 +54,9 @@ pub const fn attention_smem_words(warps: u32, group: u32, head_dim: u32) -> u32 
 #[inline(always)]
 pub fn split_plan(len: u32, n_kv_heads: u32, max_splits: u32) -> (u32, u32, u32) {
     let splits = (grid_dim() / n_kv_heads).clamp(1, max_splits);
-    let chunk = len.div_ceil(splits);
+    // Below MIN_CHUNK positions per split, the merge across blocks (an atomic and a read of
+    // every partial) costs more than the positions it spreads: short contexts use one block.
+    let chunk = len.div_ceil(splits).max(MIN_CHUNK);
     (splits, chunk, len.div_ceil(chunk))
 }
 
@@ -141,51 +149,64 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     let mut l = [0.0f32; 4];
     let mut acc = [[0.0f32; E]; 4];
     let mut q = [[0.0f32; E]; 4];
-    for g in 0..4 {
-        if (g as u32) < group {
+    crate::unroll!(4, G, {
+        if (G as u32) < group {
             for e in 0..E {
-                q[g][e] = *q_s.add(g * head_dim as usize + lane_dim + e);
+                q[G][e] = *q_s.add(G * head_dim as usize + lane_dim + e);
             }
         }
-    }
+    });
+    // Positions in batches of KV_BATCH per warp: all their loads are issued before any is
+    // used, so a long context costs a few round trips to memory per warp, not one per position.
     let mut p = p0 + w;
     while p < p1 {
-        let off = row_off + (p * head_dim) as usize + lane_dim;
-        let k = load_bf16_row::<E>(a.k_cache.add(off));
-        let v = load_bf16_row::<E>(a.v_cache.add(off));
-        for g in 0..4 {
-            if (g as u32) < group {
-                let mut s = 0.0f32;
-                for e in 0..E {
-                    s = fma(q[g][e], k[e], s);
-                }
-                let s = warp_sum(s);
-                let m_new = fmaxf(m[g], s);
-                let corr = exp2(m[g] - m_new);
-                let pr = exp2(s - m_new);
-                l[g] = fma(l[g], corr, pr);
-                for e in 0..E {
-                    acc[g][e] = fma(acc[g][e], corr, pr * v[e]);
-                }
-                m[g] = m_new;
+        let mut k = [[0.0f32; E]; KV_BATCH];
+        let mut v = [[0.0f32; E]; KV_BATCH];
+        crate::unroll!(4, J, {
+            let pj = p + J as u32 * nw;
+            if pj < p1 {
+                let off = row_off + (pj * head_dim) as usize + lane_dim;
+                k[J] = load_bf16_row::<E>(a.k_cache.add(off));
+                v[J] = load_bf16_row::<E>(a.v_cache.add(off));
             }
-        }
-        p += nw;
+        });
+        crate::unroll!(4, J, {
+            if p + J as u32 * nw < p1 {
+                crate::unroll!(4, G, {
+                    if (G as u32) < group {
+                        let mut s = 0.0f32;
+                        for e in 0..E {
+                            s = fma(q[G][e], k[J][e], s);
+                        }
+                        let s = warp_sum(s);
+                        let m_new = fmaxf(m[G], s);
+                        let corr = exp2(m[G] - m_new);
+                        let pr = exp2(s - m_new);
+                        l[G] = fma(l[G], corr, pr);
+                        for e in 0..E {
+                            acc[G][e] = fma(acc[G][e], corr, pr * v[J][e]);
+                        }
+                        m[G] = m_new;
+                    }
+                });
+            }
+        });
+        p += KV_BATCH as u32 * nw;
     }
     let stride = (head_dim + 2) as usize;
     // A constant bound keeps m, l and acc in registers (a run-time index would spill them).
-    for g in 0..4 {
-        if (g as u32) < group {
-            let st = warp_state.add((w as usize * group as usize + g) * stride);
+    crate::unroll!(4, G, {
+        if (G as u32) < group {
+            let st = warp_state.add((w as usize * group as usize + G) * stride);
             if lane() == 0 {
-                *st = m[g];
-                *st.add(1) = l[g];
+                *st = m[G];
+                *st.add(1) = l[G];
             }
             for e in 0..E {
-                *st.add(2 + lane_dim + e) = acc[g][e];
+                *st.add(2 + lane_dim + e) = acc[G][e];
             }
         }
-    }
+    });
     sync_threads();
 
     // Merge the warps: warp g takes q head g of the group.

@@ -2,12 +2,22 @@
 
 use crate::device::*;
 
-/// Block-wide RMSNorm of `n` values produced by `load(i)` into shared memory `out`, times the
-/// bf16 `weight`. `scratch` holds one f32 per warp. Ends with `sync_threads`, so `out` is ready
-/// for every thread.
+/// Where the vector to normalise lives: f32 written earlier in this launch (read via L2), or a
+/// bf16 row of the embedding.
+#[derive(Clone, Copy)]
+pub enum NormInput {
+    F32(*const f32),
+    Bf16(*const u16),
+}
+
+/// Block-wide RMSNorm of the `n` values of `input` into shared memory `out`, times the bf16
+/// `weight`: `out = (x * w) * 1/sqrt(mean(x^2) + eps)`. Each thread loads four values and
+/// their four weights together, so the whole norm costs one memory round trip and two block
+/// barriers. `n` must be a multiple of 4; `scratch` holds one f32 per warp and is not reused
+/// before a later grid barrier. Ends with `sync_threads`, so `out` is ready for every thread.
 #[inline(always)]
-pub unsafe fn rms_norm_to_shared<L: Fn(u32) -> f32>(
-    load: L,
+pub unsafe fn rms_norm_to_shared(
+    input: NormInput,
     weight: *const u16,
     n: u32,
     eps: f32,
@@ -15,22 +25,45 @@ pub unsafe fn rms_norm_to_shared<L: Fn(u32) -> f32>(
     scratch: *mut f32,
 ) {
     let mut sum_sq = 0.0f32;
-    let mut i = thread_idx();
+    let mut i = thread_idx() * 4;
     while i < n {
-        let v = load(i);
-        *out.add(i as usize) = v;
-        sum_sq = fma(v, v, sum_sq);
-        i += block_dim();
+        let x = match input {
+            NormInput::F32(p) => ld_cg_f32x4(p.add(i as usize)),
+            NormInput::Bf16(p) => bf16x4_to_f32(ld_nc_v2(p.add(i as usize) as *const u32)),
+        };
+        let w = bf16x4_to_f32(ld_nc_v2(weight.add(i as usize) as *const u32));
+        for k in 0..4 {
+            *out.add(i as usize + k) = x[k] * w[k];
+            sum_sq = fma(x[k], x[k], sum_sq);
+        }
+        i += block_dim() * 4;
     }
-    let total = block_sum(sum_sq, scratch);
-    let scale = rsqrt(total / n as f32 + eps);
-    let mut i = thread_idx();
-    while i < n {
-        let w = bf16_to_f32(*weight.add(i as usize));
-        *out.add(i as usize) = *out.add(i as usize) * scale * w;
-        i += block_dim();
+    let warp_total = warp_sum(sum_sq);
+    if lane() == 0 {
+        *scratch.add(warp() as usize) = warp_total;
     }
     sync_threads();
+    // Every thread adds the per-warp sums in the same order: all get the same scale.
+    let mut total = 0.0f32;
+    for k in 0..warps_per_block() {
+        total += *scratch.add(k as usize);
+    }
+    let scale = rsqrt(total / n as f32 + eps);
+    let mut i = thread_idx() * 4;
+    while i < n {
+        for k in 0..4 {
+            *out.add(i as usize + k) *= scale;
+        }
+        i += block_dim() * 4;
+    }
+    sync_threads();
+}
+
+#[inline(always)]
+fn bf16x4_to_f32(w: [u32; 2]) -> [f32; 4] {
+    let (a, b) = bf16x2_to_f32(w[0]);
+    let (c, d) = bf16x2_to_f32(w[1]);
+    [a, b, c, d]
 }
 
 /// One attention head, held by one warp with `E` consecutive values per lane (head_dim = 32*E):
