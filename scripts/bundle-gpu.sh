@@ -61,7 +61,8 @@ for exe in "${tests[@]}"; do
     add_manifest "tests/$name"
 done
 cp scripts/run-gpu-tests.sh "$out/run-gpu-tests.sh"
-chmod +x "$out/run-gpu-tests.sh" "$out/host" "$out"/tests/*
+cp scripts/sanitize.sh "$out/sanitize.sh"
+chmod +x "$out/run-gpu-tests.sh" "$out/sanitize.sh" "$out/host" "$out"/tests/*
 
 total=$(du -sb "$out" | cut -f1)
 echo "bundle: ${#tests[@]} test binaries + host, $((total / 1024 / 1024)) MiB in $out" >&2

@@ -75,6 +75,8 @@ pub struct LaunchSpec {
     pub nll_out: u64,
     /// Diagnostics (abi::SKIP_*): stages to leave out; outputs are then meaningless.
     pub debug_skip: u32,
+    /// Test hook: make the kernel fault when it reaches this step.
+    pub fault_step: Option<u32>,
 }
 
 /// A checkpoint on the GPU, ready to decode.
@@ -113,6 +115,8 @@ pub struct GpuEngine {
     stage_bytes: u32,
     stage_offset: u32,
     eos: Vec<u32>,
+    /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `generate` makes the kernel fault at this step.
+    pub fault_step: Option<u32>,
     gpu: Gpu,
 }
 
@@ -234,6 +238,7 @@ impl GpuEngine {
             final_norm,
             lm_head,
             eos: c.eos_token_ids.clone(),
+            fault_step: None,
             config: c,
             max_ctx,
             grid,
@@ -388,7 +393,7 @@ impl GpuEngine {
             seed_lo: s.seed as u32,
             seed_hi: (s.seed >> 32) as u32,
             debug_skip: spec.debug_skip,
-            _pad: 0,
+            fault_step: spec.fault_step.unwrap_or(u32::MAX),
             phase_cycles: dptr(&self.phase_cycles),
             stage_bytes: self.stage_bytes,
             stage_offset: self.stage_offset,
@@ -423,11 +428,10 @@ impl GpuEngine {
         // (a barrier that never completes), and waiting longer would only hide it.
         let watchdog = Duration::from_secs(30) + Duration::from_millis(20) * spec.n_steps;
         loop {
-            let done = self
-                .gpu
-                .stream_done()
-                .with_context(|| format!("qwen3_decode failed (after {} generated tokens)", generated.len()))?;
+            let status = self.gpu.stream_done();
+            // Tokens published before a fault still reach the caller.
             drain(&self.ring, &mut generated, &mut seen, &mut cancelled);
+            let done = status.map_err(|e| self.launch_error(e, spec))?;
             if done {
                 break;
             }
@@ -439,12 +443,35 @@ impl GpuEngine {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        self.gpu.synchronize().context("qwen3_decode")?;
+        self.gpu.synchronize().map_err(|e| self.launch_error(e, spec))?;
         drain(&self.ring, &mut generated, &mut seen, &mut cancelled);
         let elapsed = started.elapsed();
         let mut st = [DecodeState::default()];
         self.state.copy_to(&mut st[..]).context("reading decode state")?;
         Ok((LaunchOutcome { steps_done: st[0].steps_done, stop_reason: st[0].stop_reason, elapsed }, generated))
+    }
+
+    /// A device error during a launch, with the step (and position) the kernel had reached,
+    /// read from the host-mapped ring, which stays readable after the context is lost.
+    fn launch_error(&self, e: anyhow::Error, spec: &LaunchSpec) -> anyhow::Error {
+        let step = self.ring.read(RING_STEP);
+        // The marker is an asynchronous store to host memory: a fault right after a step starts
+        // can still find the previous step's marker, so the report names both.
+        let at = if step == 0 {
+            "before its first step".to_string()
+        } else {
+            format!(
+                "in decode step {} or {} of {} (position {} or {})",
+                step,
+                step + 1,
+                spec.n_steps,
+                spec.start_pos + step - 1,
+                spec.start_pos + step
+            )
+        };
+        e.context(format!(
+            "qwen3_decode failed {at}; the GPU context is unusable after a device fault, so exit and start again"
+        ))
     }
 
     /// Per block, the FLAG_PROFILE_PHASES record of the last launch that asked for it:
@@ -504,6 +531,7 @@ impl Backend for GpuEngine {
             prompt_len: prompt.len() as u32,
             n_steps: (prompt.len() - 1 + max_new) as u32,
             sampling: Some(*sampling),
+            fault_step: self.fault_step,
             ..Default::default()
         };
         let (_, generated) = self.launch(&spec, prompt, Some(on_token))?;
@@ -568,6 +596,12 @@ impl Backend for GpuEngine {
 }
 
 /// Opens the GPU backend for the CLI.
+/// `QWEN3_INJECT_FAULT_AT_STEP=N` (tests only) makes generation fault at decode step N
+/// (0-based), to check that device errors are reported with their name and step.
 pub fn open_gpu_backend(weights: Arc<Weights>, max_context: usize) -> Result<Box<dyn Backend>> {
-    Ok(Box::new(GpuEngine::new(&weights, max_context)?))
+    let mut engine = GpuEngine::new(&weights, max_context)?;
+    if let Ok(v) = std::env::var("QWEN3_INJECT_FAULT_AT_STEP") {
+        engine.fault_step = Some(v.parse().context("QWEN3_INJECT_FAULT_AT_STEP must be a step number")?);
+    }
+    Ok(Box::new(engine))
 }

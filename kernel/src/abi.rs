@@ -44,6 +44,7 @@ pub const STOP_CANCELLED: u32 = 3; // the host raised the cancel flag in the rin
 /// Layout of the host-mapped ring the kernel streams generated tokens into (u32 words).
 pub const RING_COUNT: usize = 0; // number of tokens published so far (release-stored last)
 pub const RING_CANCEL: usize = 1; // the host writes 1 here to stop after the current token
+pub const RING_STEP: usize = 2; // the step the kernel is on (1-based; 0 = not started), for error reports
 pub const RING_TOKENS: usize = 4; // generated tokens start here
 
 /// Most GPU-side top-k candidates for sampling (top_k above this is refused by the host).
@@ -172,7 +173,8 @@ pub struct DecodeParams {
     /// staging), and where the first starts (bytes from the start of dynamic shared memory).
     pub stage_bytes: u32,
     pub stage_offset: u32,
-    pub _pad: u32,
+    /// Test hook: the kernel traps (a device fault) when it reaches this step; u32::MAX: never.
+    pub fault_step: u32,
     /// u32 `[grid, PROFILE_SLOTS]` (FLAG_PROFILE_PHASES): for layer `PROFILE_LAYER` of step
     /// `min(1, n_steps - 1)`, SM cycles each block spent working and waiting in each phase:
     /// `[2 * phase]` work, `[2 * phase + 1]` wait; phases 0..5 are q/k/v, attention, o, gate/up,

@@ -171,6 +171,13 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
     let mut step = 0;
     while step < p.n_steps {
         let pos = p.start_pos + step;
+        if block_idx() == 0 && thread_idx() == 0 && !ring.is_null() {
+            // For error reports only: a fault leaves the host this word to say where it was.
+            st_release_sys(ring.add(RING_STEP), step + 1);
+        }
+        if step == p.fault_step {
+            trap(); // test hook: a device fault the host must report cleanly
+        }
         let token = ld_cg_u32(tokens.add(step as usize));
         let embed_row = (p.embed as *const u16).add((token as usize) * p.hidden as usize);
         // Each block owns rows [h_r0, h_r1) of the residual stream x: only it adds to them (in

@@ -7,6 +7,8 @@
 //! 5e-3 (full size, 28 layers), and greedy tokens must agree wherever the CPU's top-2 margin
 //! exceeds 0.05.
 
+mod common;
+use common::{rel_err, top2_margin};
 use host::engine::GpuEngine;
 use host::generate::{Backend, SamplingParams};
 use host::model::reference::CpuReference;
@@ -18,19 +20,6 @@ use std::sync::Arc;
 const TINY_TOL: f64 = 2e-3;
 const FULL_TOL: f64 = 5e-3;
 const MARGIN: f32 = 0.05;
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert!(a.iter().all(|v| v.is_finite()), "GPU logits contain a non-finite value");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn top2_margin(v: &[f32]) -> f32 {
-    let best = ops::argmax(v) as usize;
-    let second = v.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, &x)| x).fold(f32::NEG_INFINITY, f32::max);
-    v[best] - second
-}
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("qwen3-gpu-test-{name}-{}", std::process::id()));
@@ -240,4 +229,52 @@ fn full_size_logits_and_greedy_match_cpu() {
     let tokens = prompt(24, w.config.vocab_size, 5);
     compare_logits(&w, &tokens, &[0, 1, 9, 23], FULL_TOL, 256);
     compare_greedy(&w, &tokens[..6], 12, 256);
+}
+
+/// Long generations on the tiny model (the full-size CPU reference is too slow for tens of
+/// thousands of positions): generate to the end of a 4096- and a 32768-position context, then
+/// check teacher-forced logits at sampled positions against the CPU, and that a repeated run
+/// with the same seed gives the same tokens.
+fn long_generation(max_ctx: usize, checks: &[usize]) {
+    let w = tiny_weights(21);
+    let mut gpu = GpuEngine::new(&w, max_ctx).unwrap();
+    let p = prompt(16, w.config.vocab_size, 6);
+    let s = SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, seed: 9 };
+    let started = std::time::Instant::now();
+    let a = gpu.generate(&p, max_ctx - p.len(), &s, &[], &mut |_| true).unwrap();
+    eprintln!("{max_ctx}: generated {} tokens in {:.2?}", a.len(), started.elapsed());
+    assert_eq!(a.len(), max_ctx - p.len(), "stopped early");
+    let b = gpu.generate(&p, max_ctx - p.len(), &s, &[], &mut |_| true).unwrap();
+    assert!(a == b, "same seed, different tokens over a {max_ctx}-position generation");
+    let mut all = p.clone();
+    all.extend(&a);
+    let g = gpu.logits(&all, checks).unwrap();
+    let mut cpu = CpuReference::new(w.clone(), max_ctx).with_bf16_kv(true);
+    let c = cpu.logits(&all, checks).unwrap();
+    for ((pos, gr), cr) in checks.iter().zip(&g).zip(&c) {
+        let err = rel_err(gr, cr);
+        eprintln!("{max_ctx}: position {pos}: relative error {err:.2e}");
+        assert!(err < TINY_TOL, "position {pos} of a {max_ctx} context: relative error {err}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn long_generation_4096_matches_cpu() {
+    long_generation(4096, &[100, 2047, 4095]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn long_generation_32768_matches_cpu() {
+    // The CPU reference's cost grows with the square of the position: check the first quarter.
+    long_generation(32768, &[100, 4000, 8191]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn out_of_memory_says_how_much() {
+    let gpu = host::gpu::Gpu::new(0).unwrap();
+    let err = gpu.alloc::<u8>(1 << 46, "a test buffer").unwrap_err().to_string();
+    assert!(err.contains("out of GPU memory") && err.contains("free"), "{err}");
 }

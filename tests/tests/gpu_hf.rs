@@ -8,25 +8,14 @@
 //! Tolerances: CPU (f32, f32 KV cache, like HF in float32) within 1e-4 relative L2 of HF;
 //! GPU (bf16 KV cache) within 1e-2, with the same arg-max wherever HF's top-2 margin is > 0.05.
 
+mod common;
+use common::{rel_err, top2_margin};
 use host::engine::GpuEngine;
 use host::generate::Backend;
 use host::model::reference::CpuReference;
 use host::model::{checkpoint, ops};
 use std::path::Path;
 use std::sync::Arc;
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert!(a.iter().all(|v| v.is_finite()), "non-finite logits");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn top2_margin(v: &[f32]) -> f32 {
-    let best = ops::argmax(v) as usize;
-    let second = v.iter().enumerate().filter(|(i, _)| *i != best).map(|(_, &x)| x).fold(f32::NEG_INFINITY, f32::max);
-    v[best] - second
-}
 
 #[test]
 #[ignore = "needs a CUDA GPU, a checkpoint (QWEN3_FULL_CHECKPOINT) and HF's logits on it (QWEN3_HF_LOGITS)"]

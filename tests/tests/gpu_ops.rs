@@ -2,6 +2,8 @@
 //! Each test runs the very device function the megakernel uses, through its test kernel in
 //! kernel/src/op_tests.rs, on fresh random data.
 
+mod common;
+use common::rel_err;
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
 use half::bf16;
 use host::engine::abi::*;
@@ -39,15 +41,6 @@ impl Rng {
 
 fn bits(v: &[bf16]) -> Vec<u16> {
     v.iter().map(|b| b.to_bits()).collect()
-}
-
-/// ||a - b|| / ||b||.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    assert!(a.iter().all(|v| v.is_finite()), "GPU produced a non-finite value");
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn download<T: DeviceCopy + Default + Clone>(b: &DeviceBuffer<T>) -> Vec<T> {

@@ -1,11 +1,12 @@
 //! `host decode`: prompt in, streamed text out (or one JSON object with timings).
 
-use super::{check_ids, model_dir, open_backend, parse_ids, Device};
+use super::{check_ids, check_max_context, model_dir, open_backend, parse_ids, utf8_arg, Device};
 use anyhow::{bail, Context};
 use host::generate::SamplingParams;
 use host::model::config::GenerationConfig;
 use host::model::tokenizer::{ChatMessage, Tokenizer};
 use host::model::Qwen3Config;
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,7 @@ pub struct DecodeArgs {
     model: Option<PathBuf>,
     /// Prompt text (needs the checkpoint's tokenizer).
     #[arg(long, conflicts_with = "prompt_ids")]
-    prompt: Option<String>,
+    prompt: Option<OsString>,
     /// Prompt as token ids, e.g. 1,2,3 (works without a tokenizer, with --json).
     #[arg(long)]
     prompt_ids: Option<String>,
@@ -98,10 +99,11 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
                     dir.display()
                 )
             })?;
+            let text = utf8_arg("--prompt", text)?;
             let text = if args.chat {
                 tok.apply_chat_template(&[ChatMessage::new("user", text)], true, !args.no_thinking)?
             } else {
-                text.clone()
+                text.to_string()
             };
             tok.encode(&text)?
         }
@@ -111,23 +113,14 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         bail!("the prompt tokenizes to no tokens");
     }
     check_ids(&prompt, config.vocab_size)?;
-    if args.max_context == 0 {
-        bail!("--max-context must be positive");
-    }
-    if prompt.len() + args.max_new_tokens > args.max_context {
+    check_max_context(args.max_context, 1, &config)?;
+    // checked_add: a huge --max-new-tokens must not wrap around and pass.
+    if prompt.len().checked_add(args.max_new_tokens).is_none_or(|total| total > args.max_context) {
         bail!(
-            "prompt ({} tokens) + --max-new-tokens ({}) = {} exceeds --max-context ({}); shorten the prompt or raise --max-context",
+            "prompt ({} tokens) + --max-new-tokens ({}) exceeds --max-context ({}); shorten the prompt or raise --max-context",
             prompt.len(),
             args.max_new_tokens,
-            prompt.len() + args.max_new_tokens,
             args.max_context
-        );
-    }
-    if args.max_context > config.max_position_embeddings {
-        bail!(
-            "--max-context {} exceeds the model's max_position_embeddings ({})",
-            args.max_context,
-            config.max_position_embeddings
         );
     }
     let gen_config = GenerationConfig::from_model_dir(&dir)?;

@@ -5,11 +5,12 @@ mod perplexity;
 mod synth;
 mod tokenize;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use host::generate::Backend;
 use host::model::reference::CpuReference;
-use host::model::{checkpoint, Weights};
+use host::model::{checkpoint, Qwen3Config, Weights};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -74,6 +75,34 @@ pub fn check_ids(ids: &[u32], vocab_size: usize) -> anyhow::Result<()> {
         bail!("token #{i} is id {id}, but the model's vocabulary has only {vocab_size} ids (0..{})", vocab_size - 1);
     }
     Ok(())
+}
+
+/// Largest KV cache the CLI sets up, whatever config.json claims: the CPU reference's RoPE table
+/// alone is `max_context * head_dim` floats, allocated up front.
+pub const MAX_CONTEXT: usize = 1 << 24;
+
+/// Refuses a `--max-context` below `min`, beyond the model's positions, or absurdly large.
+pub fn check_max_context(max_context: usize, min: usize, config: &Qwen3Config) -> anyhow::Result<()> {
+    if max_context < min {
+        bail!("--max-context must be at least {min}, got {max_context}");
+    }
+    if max_context > config.max_position_embeddings {
+        bail!(
+            "--max-context {max_context} exceeds the model's max_position_embeddings ({})",
+            config.max_position_embeddings
+        );
+    }
+    if max_context > MAX_CONTEXT {
+        bail!("--max-context {max_context} is more than this tool supports ({MAX_CONTEXT})");
+    }
+    Ok(())
+}
+
+/// A text argument as UTF-8; names the flag when it is not.
+pub fn utf8_arg<'a>(flag: &str, value: &'a OsStr) -> anyhow::Result<&'a str> {
+    value.to_str().ok_or_else(|| {
+        anyhow!("{flag} is not valid UTF-8 text ({}); the tokenizer needs UTF-8", value.to_string_lossy())
+    })
 }
 
 /// Loads the checkpoint (with a progress bar) and opens the backend for `device`.

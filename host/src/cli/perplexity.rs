@@ -1,7 +1,7 @@
 //! `host perplexity`: teacher-forced mean NLL of a text.
 
-use super::{check_ids, model_dir, open_backend, parse_ids, Device};
-use anyhow::{bail, Context};
+use super::{check_ids, check_max_context, model_dir, open_backend, parse_ids, Device};
+use anyhow::{anyhow, bail, Context};
 use host::model::tokenizer::Tokenizer;
 use host::model::Qwen3Config;
 use std::path::PathBuf;
@@ -35,15 +35,20 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     let mut tokens = if let Some(ids) = &args.ids {
         parse_ids(ids).context("--ids")?
     } else if let Some(path) = &args.file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            anyhow!(
+                "{} is not UTF-8 text (invalid byte at offset {}); convert it to UTF-8 first",
+                path.display(),
+                e.utf8_error().valid_up_to()
+            )
+        })?;
         Tokenizer::from_dir(&dir)?.encode(&text)?
     } else {
         unreachable!("clap requires --file or --ids")
     };
     check_ids(&tokens, config.vocab_size)?;
-    if args.max_context < 2 {
-        bail!("--max-context must be at least 2");
-    }
+    check_max_context(args.max_context, 2, &config)?;
     if tokens.len() > args.max_context {
         eprintln!("note: scoring only the first {} of {} tokens (--max-context)", args.max_context, tokens.len());
         tokens.truncate(args.max_context);

@@ -61,55 +61,74 @@ pub struct SafetensorsFile {
 }
 
 impl SafetensorsFile {
-    /// Maps `path` and checks its header: length within the file, valid JSON, and for every
-    /// tensor a well-formed dtype/shape/offsets entry whose byte range lies inside the data.
+    /// Maps `path` and checks its header with [`parse_header`]; errors name the file.
     pub fn open(path: &Path) -> anyhow::Result<SafetensorsFile> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the map is read-only; a checkpoint being rewritten while we load it is outside
         // what we can defend against (every loader that maps files shares this caveat).
         let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let file_len = mmap.len();
-        if file_len < 8 {
-            bail!("{}: file is {file_len} bytes, too short for a safetensors header", path.display());
-        }
-        let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
-        if header_len > (file_len - 8) as u64 {
-            bail!(
-                "{}: header length {header_len} goes beyond the end of the file ({file_len} bytes); \
-                 the file is truncated or not safetensors",
-                path.display()
-            );
-        }
-        let data_start = 8 + header_len as usize;
-        let header: Value = serde_json::from_slice(&mmap[8..data_start])
-            .with_context(|| format!("{}: safetensors header is not valid JSON", path.display()))?;
-        let header =
-            header.as_object().ok_or_else(|| anyhow!("{}: safetensors header is not a JSON object", path.display()))?;
-        let data_len = file_len - data_start;
-        let mut tensors = BTreeMap::new();
-        for (name, entry) in header {
-            if name == "__metadata__" {
-                continue;
-            }
-            let parsed = parse_entry(entry)
-                .with_context(|| format!("{}: tensor `{name}` has a malformed header entry", path.display()))?;
-            if parsed.end > data_len {
-                bail!(
-                    "{}: tensor `{name}` lies at bytes {}..{} but the data section has only {data_len} bytes; \
-                     the file is truncated",
-                    path.display(),
-                    parsed.begin,
-                    parsed.end
-                );
-            }
-            tensors.insert(name.clone(), parsed);
-        }
+        let (data_start, tensors) = parse_header(&mmap).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start, tensors })
     }
 
     fn bytes(&self, entry: &TensorEntry) -> &[u8] {
         &self.mmap[self.data_start + entry.begin..self.data_start + entry.end]
     }
+}
+
+/// Parses and checks the header of a whole safetensors file held in `bytes`: header length within
+/// the file, valid JSON, and for every tensor a well-formed dtype/shape/offsets entry whose byte
+/// range lies inside the data section and overlaps no other tensor's. Returns where the data
+/// section starts and the tensors by name. Never panics, whatever the bytes (see fuzz/).
+pub fn parse_header(bytes: &[u8]) -> anyhow::Result<(usize, BTreeMap<String, TensorEntry>)> {
+    let file_len = bytes.len();
+    let Some(len_bytes) = bytes.first_chunk::<8>() else {
+        bail!("file is {file_len} bytes, too short for a safetensors header");
+    };
+    let header_len = u64::from_le_bytes(*len_bytes);
+    if header_len > (file_len - 8) as u64 {
+        bail!(
+            "header length {header_len} goes beyond the end of the file ({file_len} bytes); \
+             the file is truncated or not safetensors"
+        );
+    }
+    let data_start = 8 + header_len as usize;
+    let header: Value =
+        serde_json::from_slice(&bytes[8..data_start]).context("safetensors header is not valid JSON")?;
+    let header = header.as_object().ok_or_else(|| anyhow!("safetensors header is not a JSON object"))?;
+    let data_len = file_len - data_start;
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let parsed = parse_entry(entry).with_context(|| format!("tensor `{name}` has a malformed header entry"))?;
+        if parsed.end > data_len {
+            bail!(
+                "tensor `{name}` lies at bytes {}..{} but the data section has only {data_len} bytes; \
+                 the file is truncated",
+                parsed.begin,
+                parsed.end
+            );
+        }
+        tensors.insert(name.clone(), parsed);
+    }
+    // Two tensors sharing bytes is not a valid safetensors file (writers store each once).
+    let mut ranges: Vec<(&String, &TensorEntry)> = tensors.iter().filter(|(_, e)| e.begin < e.end).collect();
+    ranges.sort_by_key(|(_, e)| (e.begin, e.end));
+    for pair in ranges.windows(2) {
+        let ((a, ea), (b, eb)) = (pair[0], pair[1]);
+        if eb.begin < ea.end {
+            bail!(
+                "tensors `{a}` (bytes {}..{}) and `{b}` (bytes {}..{}) overlap in the data section",
+                ea.begin,
+                ea.end,
+                eb.begin,
+                eb.end
+            );
+        }
+    }
+    Ok((data_start, tensors))
 }
 
 fn parse_entry(entry: &Value) -> anyhow::Result<TensorEntry> {
@@ -257,6 +276,16 @@ pub fn load(dir: &Path, progress: bool) -> anyhow::Result<Weights> {
         bail!(
             "{}: tensor `lm_head.weight` is missing; config.json says tie_word_embeddings is false, so it is required",
             dir.display()
+        );
+    }
+    // Each layer has 11 tensors: a config claiming more layers than there are tensors cannot
+    // match, and listing its expected tensors could take forever.
+    if config.num_hidden_layers > location.len() {
+        bail!(
+            "{}: config.json says num_hidden_layers is {}, but the checkpoint holds only {} tensors",
+            dir.display(),
+            config.num_hidden_layers,
+            location.len()
         );
     }
     let expected = expected_tensors(&config, stored_lm_head);

@@ -112,12 +112,10 @@ impl Qwen3Config {
         let root: Value = serde_json::from_str(text).context("config is not valid JSON")?;
         let obj = root.as_object().ok_or_else(|| anyhow!("config must be a JSON object"))?;
 
-        match obj.get("model_type").and_then(Value::as_str) {
-            Some("qwen3") => {}
-            Some(other) => {
-                bail!("config field `model_type` is {other:?}; only \"qwen3\" is supported")
-            }
-            None => bail!("config field `model_type` is missing (expected \"qwen3\")"),
+        match obj.get("model_type") {
+            Some(Value::String(t)) if t == "qwen3" => {}
+            None | Some(Value::Null) => bail!("config field `model_type` is missing (expected \"qwen3\")"),
+            Some(other) => bail!("config field `model_type` is {other}; only \"qwen3\" is supported"),
         }
         if let Some(act) = obj.get("hidden_act") {
             if act.as_str() != Some("silu") {
@@ -174,6 +172,13 @@ impl Qwen3Config {
         }
         if head_dim % 2 != 0 {
             bail!("config field `head_dim` is {head_dim}; rotate-half RoPE needs an even head_dim");
+        }
+        // q_dim() and kv_dim() multiply these; a product past usize is no real model.
+        if num_attention_heads.checked_mul(head_dim).is_none() {
+            bail!(
+                "config fields `num_attention_heads` ({num_attention_heads}) times `head_dim` ({head_dim}) \
+                 overflows; the config is corrupt"
+            );
         }
         if num_attention_heads % num_key_value_heads != 0 {
             bail!(

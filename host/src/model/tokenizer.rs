@@ -175,13 +175,13 @@ pub fn render_chat_template(
     env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", template).map_err(|e| anyhow!("chat template does not parse: {e:#}"))?;
+    env.add_template("chat", template).map_err(|e| anyhow!("chat template does not parse: {e}"))?;
     let mut ctx = special.clone();
     ctx.insert("messages".into(), serde_json::to_value(messages)?);
     ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
     ctx.insert("enable_thinking".into(), Value::Bool(enable_thinking));
     let tmpl = env.get_template("chat").expect("just added");
-    tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| anyhow!("chat template failed to render: {e:#}"))
+    tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| anyhow!("chat template failed to render: {e}"))
 }
 
 /// Turns a stream of token ids into text pieces that are always complete UTF-8.
