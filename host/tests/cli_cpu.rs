@@ -1,42 +1,9 @@
 //! The `host` binary end to end on the CPU: synth, decode, perplexity, tokenize, and the error
 //! paths a user can hit (each a one-line `error:` and exit status 1, never a panic).
 
+mod common;
+use common::{fails, host, ok, synth_tiny, tokenizer_fixture};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn host(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_host")).args(args).output().expect("running host")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = host(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "host {args:?} failed: {stderr}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let out = host(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "host {args:?} should fail with status 1: {stderr}");
-    assert!(stderr.starts_with("error: "), "host {args:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "host {args:?} panicked: {stderr}");
-    stderr
-}
-
-fn tokenizer_fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3-tokenizer")
-}
-
-fn synth_tiny(dir: &Path, extra: &[&str]) {
-    let out = dir.to_str().unwrap();
-    let mut args = vec!["synth", "--out", out, "--layers", "2", "--hidden", "64", "--intermediate", "128"];
-    args.extend(["--heads", "4", "--kv-heads", "2", "--head-dim", "32"]);
-    args.extend(extra);
-    ok(&args);
-}
 
 #[test]
 fn help_answers_for_every_command() {
