@@ -134,7 +134,9 @@ fn check_ptx(ptx: &str) -> Result<(), String> {
 /// bound (the decode kernel: its block size, `abi::DECODE_THREADS`, so it may use more
 /// registers per thread).
 const MAX_THREADS: u32 = 512;
-const LAUNCH_BOUNDS: &[(&str, u32)] = &[("qwen3_decode", 384)];
+/// Entries are name prefixes (`qwen3_decode` covers every `qwen3_decode_hd*`); the split
+/// kernels (`qwen3_phase_hd*`) run with the decode kernel's block size.
+const LAUNCH_BOUNDS: &[(&str, u32)] = &[("qwen3_decode", 384), ("qwen3_phase", 384)];
 
 fn add_launch_bounds(ptx: &str) -> String {
     let mut out = String::with_capacity(ptx.len() + 1024);
@@ -142,7 +144,7 @@ fn add_launch_bounds(ptx: &str) -> String {
     for line in ptx.lines() {
         if line.starts_with(".visible .entry") || line.starts_with(".entry") {
             let name = line.split_whitespace().find_map(|w| w.strip_suffix('(')).unwrap_or("");
-            bound = Some(LAUNCH_BOUNDS.iter().find(|(n, _)| *n == name).map_or(MAX_THREADS, |(_, b)| *b));
+            bound = Some(LAUNCH_BOUNDS.iter().find(|(n, _)| name.starts_with(n)).map_or(MAX_THREADS, |(_, b)| *b));
         }
         if let (Some(b), "{") = (bound, line.trim()) {
             out.push_str(&format!(".maxntid {b}, 1, 1\n"));

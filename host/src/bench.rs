@@ -6,10 +6,7 @@
 //! zeros). Bytes per token = every weight once + the KV cache up to the mid-point of the
 //! launch. Each figure is the median (and min) over `--reps` launches after a warm-up.
 
-use crate::engine::abi::{
-    FLAG_EARLY_STAGING, FLAG_NO_PREFETCH, FLAG_NO_STAGING, FLAG_PROFILE_BARRIERS, FLAG_PROFILE_PHASES, PROFILE_LAYER,
-    PROFILE_SLOTS,
-};
+use crate::engine::abi::{FLAG_PROFILE_BARRIERS, FLAG_PROFILE_PHASES, PROFILE_LAYER, PROFILE_SLOTS};
 use crate::engine::{GpuEngine, LaunchSpec};
 use crate::generate::SamplingParams;
 use crate::gpu::measure_read_bandwidth;
@@ -36,17 +33,6 @@ pub struct BenchArgs {
     /// Timed launches per position (after one warm-up).
     #[arg(long, default_value_t = 5)]
     pub reps: u32,
-    /// Turn off the L2 prefetch of each next phase's weights (to measure what it buys).
-    #[arg(long)]
-    pub no_prefetch: bool,
-    /// Read weights straight from global memory instead of staging each phase's rows in
-    /// shared memory ahead of time (to measure what staging buys).
-    #[arg(long)]
-    pub no_staging: bool,
-    /// Issue each phase's weight copies at the start of an earlier phase rather than at the end
-    /// of the one before (to compare the two schedules).
-    #[arg(long)]
-    pub early_staging: bool,
     /// Diagnostics: leave stages out (bits: 1 projections, 2 attention, 4 LM head, 8 norms);
     /// the output is meaningless, the time shows what the stages cost.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -55,6 +41,10 @@ pub struct BenchArgs {
     /// waiting at the barrier that ends it.
     #[arg(long)]
     pub phases: bool,
+    /// Also run each position as the same step split at its barriers into separate kernels,
+    /// replayed as one CUDA graph per token, and compare (same logits first, then speed).
+    #[arg(long)]
+    pub compare: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +72,7 @@ struct Row {
     us_min: f64,
     bytes: u64,
     barrier_share: f64,
+    comparison: Option<crate::compare::Comparison>,
 }
 
 /// One profiled launch; prints per phase the mean and max work per block and the mean wait.
@@ -145,9 +136,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             prompt_len: 1,
             n_steps: args.steps,
             sampling: Some(SamplingParams::GREEDY),
-            flags: if args.no_prefetch { FLAG_NO_PREFETCH } else { 0 }
-                | if args.no_staging { FLAG_NO_STAGING } else { 0 }
-                | if args.early_staging { FLAG_EARLY_STAGING } else { 0 },
+
             debug_skip: args.skip,
             ..Default::default()
         };
@@ -176,8 +165,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.phases && !args.json {
             print_phases(&mut engine, &spec, &token, p)?;
         }
-        rows.push(Row { position: p, us_median, us_min, bytes, barrier_share });
+        let comparison =
+            if args.compare { Some(crate::compare::compare_at(&mut engine, p, args.steps, args.reps)?) } else { None };
+        rows.push(Row { position: p, us_median, us_min, bytes, barrier_share, comparison });
     }
+    let (act_bytes, act_extra_split) = crate::compare::intermediate_bytes(&engine);
 
     let name = engine.gpu().name().to_string();
     if args.json {
@@ -185,6 +177,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .iter()
             .map(|r| {
                 let gbs = r.bytes as f64 / (r.us_median * 1e-6) / 1e9;
+                let split = r.comparison.as_ref().map(|c| {
+                    json!({
+                        "us_per_token_median": c.split_us,
+                        "us_per_token_min": c.split_us_min,
+                        "tokens_per_s": 1e6 / c.split_us,
+                        "percent_of_probe": 100.0 * r.bytes as f64 / (c.split_us * 1e-6) / probe,
+                        "kernel_launches_per_step": engine.barriers_per_step(),
+                        "max_logit_diff_vs_megakernel": c.max_logit_diff,
+                        "same_token_as_megakernel": c.same_token,
+                    })
+                });
                 json!({
                     "position": r.position,
                     "tokens_per_s": 1e6 / r.us_median,
@@ -194,6 +197,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     "gb_per_s": gbs,
                     "percent_of_probe": 100.0 * gbs * 1e9 / probe,
                     "barrier_wait_share": r.barrier_share,
+                    "split_graph": split,
                 })
             })
             .collect();
@@ -205,6 +209,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "probe_read_gb_per_s": probe / 1e9,
             "steps_per_launch": args.steps,
             "reps": args.reps,
+            "activation_bytes_per_step": act_bytes,
+            "activation_bytes_per_step_split_extra": act_extra_split,
             "rows": r,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -217,15 +223,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         engine.barriers_per_step(),
         args.steps,
         args.reps,
-        if args.no_prefetch { ", L2 prefetch off" } else { "" }
-    );
-    println!(
-        "weights staged in shared memory: {}\n",
-        if args.no_staging || engine.stage_bytes() == 0 {
-            "no (read from global memory, prefetched into L2)".to_string()
-        } else {
-            format!("yes, 2 x {} KB per block", engine.stage_bytes() / 1024)
-        }
+        ""
     );
     if args.skip != 0 {
         println!("DIAGNOSTIC RUN: stages left out (mask {}); these are not decode speeds\n", args.skip);
@@ -247,5 +245,47 @@ pub fn run(args: BenchArgs) -> Result<()> {
             100.0 * r.barrier_share
         );
     }
+    if args.compare {
+        print_comparison(&rows, probe, engine.barriers_per_step(), args.steps, act_bytes, act_extra_split);
+    }
     Ok(())
+}
+
+fn print_comparison(rows: &[Row], probe: f64, barriers: u32, steps: u32, act_bytes: u64, act_extra: u64) {
+    println!("\n## megakernel vs the same step as {barriers} kernels in a CUDA graph\n");
+    println!(
+        "| position | variant | tok/s | us/token (median) | us/token (min) | % of probe | grid barriers per step | \
+         launches per step | barrier wait | logits vs megakernel |"
+    );
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let Some(c) = &r.comparison else { continue };
+        let pct = |us: f64| 100.0 * r.bytes as f64 / (us * 1e-6) / probe;
+        println!(
+            "| {} | megakernel | {:.0} | {:.1} | {:.1} | {:.1}% | {barriers} | 1/{steps} | {:.1}% | |",
+            r.position,
+            1e6 / r.us_median,
+            r.us_median,
+            r.us_min,
+            pct(r.us_median),
+            100.0 * r.barrier_share
+        );
+        println!(
+            "| {} | split + graph | {:.0} | {:.1} | {:.1} | {:.1}% | 0 | {barriers} | | {} (max diff {:.1e}), {} |",
+            r.position,
+            1e6 / c.split_us,
+            c.split_us,
+            c.split_us_min,
+            pct(c.split_us),
+            if c.max_logit_diff == 0.0 { "identical" } else { "differ" },
+            c.max_logit_diff,
+            if c.same_token { "same token" } else { "DIFFERENT TOKEN" }
+        );
+    }
+    println!(
+        "\nactivations between phases (through L2, both variants): {:.1} MB per step; the split kernels \
+         also re-read each block's residual rows: +{:.0} KB",
+        act_bytes as f64 / 1e6,
+        act_extra as f64 / 1e3
+    );
 }

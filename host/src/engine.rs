@@ -6,7 +6,7 @@
 //! host-mapped ring while the kernel is still running, which is how `decode` streams.
 
 use crate::generate::{Backend, SamplingParams};
-use crate::gpu::{Gpu, HostRing};
+use crate::gpu::{CudaGraph, Gpu, HostRing};
 use crate::model::{ops, Weights};
 use anyhow::{bail, ensure, Context, Result};
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
@@ -28,6 +28,16 @@ unsafe impl DeviceCopy for DecodeParams {}
 unsafe impl DeviceCopy for AttentionTestParams {}
 unsafe impl DeviceCopy for LmHeadTestParams {}
 
+/// The decode kernel's entry point for a head_dim (one per supported size: see decode.rs).
+pub fn decode_kernel_name(head_dim: usize) -> String {
+    format!("qwen3_decode_hd{head_dim}")
+}
+
+/// The split kernels' entry point (one phase per launch, for `bench --compare`).
+pub fn phase_kernel_name(head_dim: usize) -> String {
+    format!("qwen3_phase_hd{head_dim}")
+}
+
 /// What the kernel can run: checked before any upload so bad shapes fail with a message.
 pub fn check_supported(c: &crate::model::Qwen3Config) -> Result<()> {
     ensure!(matches!(c.head_dim, 32 | 64 | 128), "the GPU kernel supports head_dim 32, 64 or 128, not {}", c.head_dim);
@@ -37,10 +47,14 @@ pub fn check_supported(c: &crate::model::Qwen3Config) -> Result<()> {
     );
     let group = c.num_attention_heads / c.num_key_value_heads;
     ensure!(group as u32 <= MAX_GROUP, "the GPU kernel supports at most {MAX_GROUP} q heads per kv head, not {group}");
-    for (name, v) in
-        [("hidden_size", c.hidden_size), ("intermediate_size", c.intermediate_size), ("q width", c.q_dim())]
-    {
+    for (name, v, max) in [
+        ("hidden_size", c.hidden_size, MAX_HIDDEN),
+        ("intermediate_size", c.intermediate_size, MAX_INTER),
+        ("q width (heads x head_dim)", c.q_dim(), MAX_Q_DIM),
+    ] {
         ensure!(v.is_multiple_of(8), "the GPU kernel needs {name} to be a multiple of 8 (16-byte rows), not {v}");
+        // The layer GEMVs hold a warp's rows in registers, sized for Qwen3-0.6B.
+        ensure!(v <= max as usize, "the GPU kernel supports {name} up to {max} (Qwen3-0.6B's), not {v}");
     }
     Ok(())
 }
@@ -112,8 +126,6 @@ pub struct GpuEngine {
     smem: u32,
     /// Bytes per weight-staging buffer (0: weights are read from global memory) and where the
     /// buffers start in dynamic shared memory.
-    stage_bytes: u32,
-    stage_offset: u32,
     eos: Vec<u32>,
     /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `generate` makes the kernel fault at this step.
     pub fault_step: Option<u32>,
@@ -139,19 +151,9 @@ impl GpuEngine {
         let (q_dim, kv_dim) = (c.q_dim() as u32, c.kv_dim() as u32);
         let group = (c.num_attention_heads / c.num_key_value_heads) as u32;
         let base_smem = decode_smem_bytes(hidden, q_dim, inter, group, head_dim).next_multiple_of(16);
-        // Weight staging: two buffers, each large enough for one block's largest phase slice
-        // (one block per SM, so each block's share of rows is ceil(rows / SMs)).
-        let blocks = gpu.sm_count();
-        let slice = |rows: u32, cols: u32| rows.div_ceil(blocks) * cols * 2;
-        let stage_bytes = slice(q_dim + 2 * kv_dim, hidden)
-            .max(slice(hidden, q_dim))
-            .max(2 * slice(inter, hidden))
-            .max(slice(hidden, inter))
-            .next_multiple_of(16);
-        let stage_bytes = if base_smem + 2 * stage_bytes <= gpu.max_shared_per_block_optin() { stage_bytes } else { 0 };
-        let smem = base_smem + 2 * stage_bytes;
+        let smem = base_smem;
 
-        let kernel = gpu.kernel("qwen3_decode")?;
+        let kernel = gpu.kernel(&decode_kernel_name(c.head_dim))?;
         if smem > 48 * 1024 {
             kernel.set_max_dynamic_smem(smem)?;
         }
@@ -160,7 +162,6 @@ impl GpuEngine {
             hidden.div_ceil(grid) <= MAX_OWN_ROWS,
             "hidden size {hidden} over {grid} blocks gives each more than {MAX_OWN_ROWS} rows of the residual stream"
         );
-        ensure!(grid == blocks || stage_bytes == 0, "expected one block per SM ({blocks}), got a grid of {grid}");
         ensure!(
             grid >= c.num_key_value_heads as u32,
             "the GPU has too few SMs ({grid}) for {} kv heads",
@@ -243,8 +244,6 @@ impl GpuEngine {
             max_ctx,
             grid,
             smem,
-            stage_bytes,
-            stage_offset: base_smem,
             gpu,
         };
         Ok(engine)
@@ -266,10 +265,6 @@ impl GpuEngine {
     }
     pub fn shared_bytes(&self) -> u32 {
         self.smem
-    }
-    /// Bytes of each weight-staging buffer (0 when weights are read from global memory).
-    pub fn stage_bytes(&self) -> u32 {
-        self.stage_bytes
     }
     pub fn max_ctx(&self) -> u32 {
         self.max_ctx
@@ -324,7 +319,7 @@ impl GpuEngine {
         &mut self,
         spec: &LaunchSpec,
         tokens: &[u32],
-        mut on_token: Option<&mut dyn FnMut(u32) -> bool>,
+        on_token: Option<&mut dyn FnMut(u32) -> bool>,
     ) -> Result<(LaunchOutcome, Vec<u32>)> {
         ensure!(spec.n_steps >= 1 && spec.prompt_len >= 1, "a launch needs at least one step and one given token");
         ensure!(tokens.len() >= spec.prompt_len as usize, "fewer tokens than prompt_len");
@@ -340,6 +335,59 @@ impl GpuEngine {
         self.tokens.index(..n_given).copy_from(&tokens[..n_given]).context("uploading tokens")?;
         self.state.copy_from(&[DecodeState::default()]).context("resetting decode state")?;
         self.ring.clear();
+        let mut params = self.params(spec)?;
+        let kernel = self.gpu.kernel(&decode_kernel_name(self.config.head_dim))?;
+        let started = Instant::now();
+        let mut args = [&mut params as *mut DecodeParams as *mut c_void];
+        // SAFETY: one argument, a DecodeParams by value, as qwen3_decode takes; every pointer
+        // in it is a live allocation of this engine sized for these dimensions.
+        unsafe { kernel.launch_cooperative(self.gpu.stream(), self.grid, DECODE_THREADS, self.smem, &mut args) }
+            .context("launching qwen3_decode")?;
+        self.stream_tokens(spec, started, on_token)
+    }
+
+    /// Captures one greedy decode step at `pos` that feeds `token` as a CUDA graph of the split
+    /// kernels (`qwen3_phase_hd*`): one launch per phase, 5 per layer plus the LM head, the
+    /// kernel boundaries in place of the megakernel's grid barriers. Each replay recomputes
+    /// the same step; `logits_out` (device f32[vocab], or 0) receives its logits.
+    pub fn split_step_graph(&mut self, pos: u32, token: u32, logits_out: u64) -> Result<CudaGraph> {
+        ensure!(pos < self.max_ctx, "position {pos} is beyond the KV cache of {} positions", self.max_ctx);
+        self.validate_tokens(&[token])?;
+        self.tokens.index(..1).copy_from(&[token]).context("uploading tokens")?;
+        self.state.copy_from(&[DecodeState::default()]).context("resetting decode state")?;
+        let spec = LaunchSpec {
+            start_pos: pos,
+            prompt_len: 1,
+            n_steps: 1,
+            flags: if logits_out != 0 { FLAG_WRITE_LOGITS } else { 0 },
+            logits_out,
+            ..Default::default()
+        };
+        let mut params = DecodeParams { ring: 0, ..self.params(&spec)? };
+        let kernel = self.gpu.kernel(&phase_kernel_name(self.config.head_dim))?;
+        if self.smem > 48 * 1024 {
+            kernel.set_max_dynamic_smem(self.smem)?;
+        }
+        let ops = 5 * self.config.num_hidden_layers as u32 + 1;
+        self.gpu.synchronize()?;
+        self.gpu.begin_capture()?;
+        let mut captured = Ok(());
+        for mut op in 0..ops {
+            let mut args = [&mut params as *mut DecodeParams as *mut c_void, &mut op as *mut u32 as *mut c_void];
+            // SAFETY: qwen3_phase takes (DecodeParams, u32) by value; every pointer in the
+            // params is a live allocation of this engine sized for these dimensions.
+            captured = unsafe { kernel.launch(self.gpu.stream(), self.grid, DECODE_THREADS, self.smem, &mut args) };
+            if captured.is_err() {
+                break;
+            }
+        }
+        let graph = self.gpu.end_capture();
+        captured.context("capturing the split kernels")?;
+        graph
+    }
+
+    /// The kernel parameters for one launch described by `spec`.
+    fn params(&self, spec: &LaunchSpec) -> Result<DecodeParams> {
         let s = spec.sampling.unwrap_or(SamplingParams::GREEDY);
         let top_k = if s.temperature > 0.0 && s.top_k == 0 && s.top_p < 1.0 { MAX_TOP_K } else { s.top_k };
         ensure!(top_k <= MAX_TOP_K, "the GPU sampler supports top-k up to {MAX_TOP_K}, not {top_k}");
@@ -348,7 +396,7 @@ impl GpuEngine {
         for (d, e) in eos.iter_mut().zip(&self.eos) {
             *d = *e;
         }
-        let mut params = DecodeParams {
+        Ok(DecodeParams {
             layers: dptr(&self.layer_table),
             embed: self.embed,
             final_norm: self.final_norm,
@@ -395,18 +443,16 @@ impl GpuEngine {
             debug_skip: spec.debug_skip,
             fault_step: spec.fault_step.unwrap_or(u32::MAX),
             phase_cycles: dptr(&self.phase_cycles),
-            stage_bytes: self.stage_bytes,
-            stage_offset: self.stage_offset,
-        };
-        let kernel = self.gpu.kernel("qwen3_decode")?;
-        let started = Instant::now();
-        let mut args = [&mut params as *mut DecodeParams as *mut c_void];
-        // SAFETY: one argument, a DecodeParams by value, as qwen3_decode takes; every pointer
-        // in it is a live allocation of this engine sized for these dimensions.
-        unsafe { kernel.launch_cooperative(self.gpu.stream(), self.grid, DECODE_THREADS, self.smem, &mut args) }
-            .context("launching qwen3_decode")?;
+        })
+    }
 
-        // Stream tokens while the kernel runs.
+    /// Streams the running launch's tokens to `on_token` and waits for it to finish.
+    fn stream_tokens(
+        &mut self,
+        spec: &LaunchSpec,
+        started: Instant,
+        mut on_token: Option<&mut dyn FnMut(u32) -> bool>,
+    ) -> Result<(LaunchOutcome, Vec<u32>)> {
         let mut seen = 0usize;
         let mut generated = Vec::new();
         let mut cancelled = false;

@@ -3,6 +3,7 @@
 //! GPU engine that launches the kernel built from `kernel/`.
 
 pub mod bench;
+pub mod compare;
 pub mod engine;
 pub mod generate;
 pub mod gpu;

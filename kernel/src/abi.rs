@@ -32,9 +32,6 @@ pub const FLAG_LM_HEAD_ON_PROMPT: u32 = 1; // run the LM head on teacher-forced 
 pub const FLAG_WRITE_LOGITS: u32 = 2; // write every step's logits to `logits_out`
 pub const FLAG_PROFILE_BARRIERS: u32 = 4; // accumulate time spent waiting in grid barriers
 pub const FLAG_PROFILE_PHASES: u32 = 16; // per-block cycles of work and wait per phase, one layer
-pub const FLAG_NO_PREFETCH: u32 = 8;
-pub const FLAG_EARLY_STAGING: u32 = 64; // issue weight copies at phase start (default: at phase end)
-pub const FLAG_NO_STAGING: u32 = 32; // read weights from global memory instead of staged copies // skip the L2 prefetch of the next phase's weights (to measure it)
 
 /// Why the kernel stopped (`DecodeState::stop_reason`).
 pub const STOP_STEPS: u32 = 1; // ran all `n_steps`
@@ -53,18 +50,29 @@ pub const MAX_TOP_K: u32 = 256;
 pub const MAX_GROUP: u32 = 4;
 /// Largest head_dim the attention phase handles (4 values per lane).
 pub const MAX_HEAD_DIM: u32 = 128;
+/// Widest rows the decode kernel's layer GEMVs hold in registers (a lane takes 16-byte chunks,
+/// a warp 256 columns per chunk): Qwen3-0.6B's hidden size, q width and MLP width.
+pub const MAX_HIDDEN: u32 = 1024;
+pub const MAX_Q_DIM: u32 = 2048;
+pub const MAX_INTER: u32 = 3072;
 /// Threads per block of the decode kernel.
 pub const DECODE_THREADS: u32 = 384; // build.rs's LAUNCH_BOUNDS must agree
 
 /// Most splits of the context per kv head in the attention phase (sizes `attn_partial`).
 pub const MAX_SPLITS: u32 = 32;
 
+/// Shared memory (f32 words) the attention phase needs with `warps` warps per block: the
+/// group's q heads, each warp's softmax state per head, 32 words of flags, the new k and v.
+pub const fn attention_smem_words(warps: u32, group: u32, head_dim: u32) -> u32 {
+    group * head_dim + warps * group * (head_dim + 2) + 32 + 2 * head_dim
+}
+
 /// Dynamic shared memory (bytes per block) `qwen3_decode` needs: the largest of the phases'
 /// needs (a vector of the widest input; the attention phase's q and per-warp state; the LM
 /// head's input plus its reduction or top-k scratch), plus `SCRATCH_WORDS`.
 pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, head_dim: u32) -> u32 {
     let warps = DECODE_THREADS / 32;
-    let attention = group * head_dim + warps * group * (head_dim + 2) + 32;
+    let attention = attention_smem_words(warps, group, head_dim);
     let lm_reduce = warps * 5 + 8;
     let lm_top_k = 256 + 6 * MAX_TOP_K + 8;
     let lm = hidden + if lm_reduce > lm_top_k { lm_reduce } else { lm_top_k };
@@ -169,10 +177,6 @@ pub struct DecodeParams {
 
     /// Diagnostics only (SKIP_*): leave stages out to see what they cost. Outputs are garbage.
     pub debug_skip: u32,
-    /// Bytes of each of the two weight-staging buffers in dynamic shared memory (0: no
-    /// staging), and where the first starts (bytes from the start of dynamic shared memory).
-    pub stage_bytes: u32,
-    pub stage_offset: u32,
     /// Test hook: the kernel traps (a device fault) when it reaches this step; u32::MAX: never.
     pub fault_step: u32,
     /// u32 `[grid, PROFILE_SLOTS]` (FLAG_PROFILE_PHASES): for layer `PROFILE_LAYER` of step

@@ -1,4 +1,4 @@
-//! `qwen3_decode`: whole decode steps of Qwen3 in one persistent cooperative kernel.
+//! `qwen3_decode_hd*`: whole decode steps of Qwen3 in one persistent cooperative kernel.
 //!
 //! Per step (token `tokens[s]` at position `start_pos + s`), per layer, five phases separated
 //! by grid barriers; every block takes part in every phase:
@@ -12,43 +12,64 @@
 //! then the final RMSNorm + LM head fused with arg-max / sampling / log-sum-exp, whose last
 //! block writes the next token, so generation continues without the host. Generated tokens are
 //! streamed to a host-mapped ring as they are chosen.
+//!
+//! Each barrier is split in two: a block announces that it is done (`grid_arrive`), then
+//! requests the weights it will multiply in the next phase (they depend on nothing the grid
+//! computes), and only then waits for the others (`grid_wait`). The barrier's latency and the
+//! weights' trip from DRAM overlap; after the wait only the input vector remains to fetch.
 
 use crate::abi::*;
 use crate::device::*;
-use crate::ops::attention::{attention_phase, split_plan, AttentionArgs};
-use crate::ops::gemv::{block_rows, gemv_rows, load_vector_to_shared, stage_rows, Rows};
+use crate::ops::attention::{attention_phase, AttentionArgs};
+use crate::ops::gemv::{block_rows, gemv_rounds, load_round, load_vector_to_shared, LaneRows};
 use crate::ops::lm_head::{lm_head_phase, LmHeadArgs, LmResult};
-use crate::ops::mlp::gate_up_silu_rows;
+use crate::ops::mlp::{gate_up_silu_rows, load_gate_up_round};
 use crate::ops::norm::{rms_norm_to_shared, NormInput};
 
-/// LM-head rows per block staged into L2 before the LM-head phase (64 rows = 128 KB of a
-/// 1024-wide head per block, about 17 MB over 132 blocks: well inside the L2).
-const LM_HEAD_PREFETCH_ROWS: u32 = 64;
+/// Register tiles of the layer GEMVs (see `gemv::LaneRows`): 16-byte chunks per lane of a row
+/// of `hidden` (<= 1024), `q_dim` (<= 2048) and `inter` (<= 3072) columns, the sizes the host
+/// accepts (`engine::check_supported`), and the q/k/v rows each warp computes at once.
+const HIDDEN_CHUNKS: usize = (MAX_HIDDEN / 256) as usize;
+const Q_CHUNKS: usize = (MAX_Q_DIM / 256) as usize;
+const INTER_CHUNKS: usize = (MAX_INTER / 256) as usize;
+const QKV_ROWS_PER_WARP: usize = 3;
 
-/// A grid barrier that, when profiling, adds the time thread 0 waited to `waited_ns`.
-#[inline(always)]
-unsafe fn barrier(p: &DecodeParams, waited_ns: &mut u64) {
-    if p.flags & FLAG_PROFILE_PHASES != 0 {
-        // The caller keeps the phase bookkeeping (see `Profile`); here only the common path.
-        grid_sync(p.barrier as *mut u32);
-    } else if p.flags & FLAG_PROFILE_BARRIERS != 0 {
-        let t0 = global_timer_ns();
-        grid_sync(p.barrier as *mut u32);
-        *waited_ns += global_timer_ns() - t0;
-    } else {
-        grid_sync(p.barrier as *mut u32);
-    }
-}
-
-/// Phase timing for FLAG_PROFILE_PHASES: cycles of work (phase start to the block's last
-/// thread done) and of waiting (from there to the barrier's release), for one layer.
-struct Profile {
+/// The grid barriers of one launch, with the optional timing: FLAG_PROFILE_BARRIERS adds the
+/// time thread 0 spends from arriving to leaving each barrier to `waited_ns`;
+/// FLAG_PROFILE_PHASES records, for one layer, SM cycles of work (phase start to the block's
+/// last thread done) and of waiting (from there to the barrier's release) per phase, plus
+/// marks inside phases (`mark`).
+struct Barriers {
+    bar: *mut u32,
+    time_waits: bool,
+    waited_ns: u64,
+    arrived_ns: u64,
+    /// Phase profiling is on for the current layer.
     on: bool,
     phase: usize,
     start: u64,
+    done: u64,
 }
 
-impl Profile {
+impl Barriers {
+    /// The barrier word `bar` (null: none, for the split kernels, where launches take the
+    /// barriers' place); `time_waits` for FLAG_PROFILE_BARRIERS.
+    #[inline(always)]
+    fn new(bar: *mut u32, time_waits: bool) -> Barriers {
+        Barriers { bar, time_waits, waited_ns: 0, arrived_ns: 0, on: false, phase: 0, start: 0, done: 0 }
+    }
+
+    /// Starts phase profiling (all threads) when `on`, from phase `phase`.
+    #[inline(always)]
+    unsafe fn profile_from(&mut self, on: bool, phase: usize) {
+        self.on = on;
+        self.phase = phase;
+        if on {
+            sync_threads();
+            self.start = clock64();
+        }
+    }
+
     /// Records the cycles since the phase started into `slot` (all threads must call it).
     #[inline(always)]
     unsafe fn mark(&self, p: &DecodeParams, slot: usize) {
@@ -62,111 +83,330 @@ impl Profile {
         }
     }
 
-    /// Ends the current phase: records its work, waits at the grid barrier, records the wait.
+    /// Ends the current phase: the block's writes are released and it counts as arrived.
+    /// Returns the token `wait` needs. All threads call it.
     #[inline(always)]
-    unsafe fn barrier(&mut self, p: &DecodeParams, waited_ns: &mut u64) {
-        if !self.on {
-            barrier(p, waited_ns);
-            return;
+    unsafe fn arrive(&mut self) -> u32 {
+        if self.on {
+            sync_threads();
+            self.done = clock64();
         }
-        sync_threads();
-        let done = clock64();
-        barrier(p, waited_ns);
-        let now = clock64();
-        if thread_idx() == 0 && self.phase < PROFILE_SLOTS / 2 {
-            let slot = (p.phase_cycles as *mut u32).add(block_idx() as usize * PROFILE_SLOTS + 2 * self.phase);
-            *slot = (done - self.start) as u32;
-            *slot.add(1) = (now - done) as u32;
+        if self.time_waits && thread_idx() == 0 {
+            self.arrived_ns = global_timer_ns();
         }
-        self.phase += 1;
-        self.start = now;
+        grid_arrive(self.bar)
+    }
+
+    /// Waits until every block has arrived; then every other block's writes are visible.
+    #[inline(always)]
+    unsafe fn wait(&mut self, p: &DecodeParams, token: u32) {
+        grid_wait(self.bar, token);
+        if self.time_waits && thread_idx() == 0 {
+            self.waited_ns += global_timer_ns() - self.arrived_ns;
+        }
+        if self.on {
+            let now = clock64();
+            if thread_idx() == 0 && self.phase < PROFILE_SLOTS / 2 {
+                let slot = (p.phase_cycles as *mut u32).add(block_idx() as usize * PROFILE_SLOTS + 2 * self.phase);
+                *slot = (self.done - self.start) as u32;
+                *slot.add(1) = (now - self.done) as u32;
+            }
+            self.phase += 1;
+            self.start = now;
+        }
     }
 }
 
-/// Starts fetching into L2 this block's rows of a bf16 matrix (`rows` x `cols`), the slice
-/// `block_rows` will give it in the phase that reads the matrix.
-#[inline(always)]
-unsafe fn prefetch_rows(on: bool, w: u64, cols: u32, rows: u32) {
-    if !on {
-        return;
-    }
-    let (r0, r1) = block_rows(rows);
-    prefetch_l2_range((w as *const u16).add((r0 * cols) as usize) as *const u8, (r1 - r0) * cols * 2);
-}
-
-/// Starts fetching into L2 the cached keys and values this block's attention split will read
-/// at position `pos` (those before `pos`; the new one is written in the phase itself).
-#[inline(always)]
-unsafe fn prefetch_kv_chunk(on: bool, p: &DecodeParams, lw: &LayerPtrs, pos: u32) {
-    if !on {
-        return;
-    }
-    let (splits, chunk, _) = split_plan(pos + 1, p.n_kv_heads, p.max_splits);
-    let (kv_head, split) = (block_idx() / splits, block_idx() % splits);
-    let p0 = split * chunk;
-    let end = (p0 + chunk).min(pos);
-    if kv_head < p.n_kv_heads && end > p0 {
-        let off = ((kv_head * p.max_ctx + p0) * p.head_dim) as usize;
-        let bytes = (end - p0) * p.head_dim * 2;
-        prefetch_l2_range((lw.k_cache as *const u16).add(off) as *const u8, bytes);
-        prefetch_l2_range((lw.v_cache as *const u16).add(off) as *const u8, bytes);
-    }
+// One entry point per head_dim (the host picks by name). A single kernel switching on
+// head_dim at run time would hold all three instantiations; measured on an H200, keeping only
+// the one that runs made the step 15% faster (951 -> 813 us at position 1).
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn qwen3_decode_hd128(p: DecodeParams) {
+    decode_checked::<4>(&p)
 }
 
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn qwen3_decode(p: DecodeParams) {
-    match p.head_dim {
-        128 => decode::<4>(&p),
-        64 => decode::<2>(&p),
-        32 => decode::<1>(&p),
-        _ => trap(),
+pub unsafe extern "ptx-kernel" fn qwen3_decode_hd64(p: DecodeParams) {
+    decode_checked::<2>(&p)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn qwen3_decode_hd32(p: DecodeParams) {
+    decode_checked::<1>(&p)
+}
+
+#[inline(always)]
+unsafe fn decode_checked<const E: usize>(p: &DecodeParams) {
+    if p.head_dim != 32 * E as u32 {
+        trap(); // the host launched the wrong entry point
+    }
+    decode::<E>(p)
+}
+
+/// What every phase of a step needs, derived once per launch.
+struct Step<'a> {
+    p: &'a DecodeParams,
+    smem: *mut f32,
+    /// 32 words for block reductions.
+    scratch: *mut f32,
+    /// The block's copy of its rows of x (megakernel), or null: read them from global memory.
+    x_own: *mut f32,
+    q_dim: u32,
+    x: *mut f32,
+    qkv: *mut f32,
+    attn: *mut f32,
+    mlp: *mut f32,
+    tokens: *mut u32,
+    layers: *const LayerPtrs,
+    /// This block's rows of the q/k/v, hidden-wide (o, down) and MLP-wide projections (empty
+    /// when the GEMVs are skipped, for diagnostics), and of the residual stream.
+    qkv_rows: (u32, u32),
+    h_rows: (u32, u32),
+    i_rows: (u32, u32),
+    own_rows: (u32, u32),
+}
+
+impl<'a> Step<'a> {
+    #[inline(always)]
+    unsafe fn new(p: &'a DecodeParams, own_copy: bool) -> Step<'a> {
+        let smem = dynamic_shared::<f32>();
+        // The last SCRATCH_WORDS words of the base region: block reductions, then this block's
+        // rows of the residual stream.
+        let q_dim = p.n_heads * p.head_dim;
+        let scratch = smem.add(
+            (decode_smem_bytes(p.hidden, q_dim, p.inter, p.n_heads / p.n_kv_heads, p.head_dim) / 4 - SCRATCH_WORDS)
+                as usize,
+        );
+        let skip_gemv = p.debug_skip & SKIP_GEMV != 0;
+        let rows_of = |n: u32| if skip_gemv { (0, 0) } else { block_rows(n) };
+        Step {
+            p,
+            smem,
+            scratch,
+            x_own: if own_copy { scratch.add(32) } else { core::ptr::null_mut() },
+            q_dim,
+            x: p.x as *mut f32,
+            qkv: p.qkv as *mut f32,
+            attn: p.attn as *mut f32,
+            mlp: p.mlp as *mut f32,
+            tokens: p.tokens as *mut u32,
+            layers: p.layers as *const LayerPtrs,
+            qkv_rows: rows_of(q_dim + 2 * p.n_kv_heads * p.head_dim),
+            h_rows: rows_of(p.hidden),
+            i_rows: rows_of(p.inter),
+            own_rows: block_rows(p.hidden),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn layer(&self, layer: u32) -> LayerPtrs {
+        *self.layers.add(layer as usize)
+    }
+
+    /// The embedding row of the token fed at `step`, whose rows this block owns go to x.
+    #[inline(always)]
+    unsafe fn embed(&self, step: u32) -> *const u16 {
+        let token = ld_cg_u32(self.tokens.add(step as usize));
+        let row = (self.p.embed as *const u16).add((token as usize) * self.p.hidden as usize);
+        let mut i = self.own_rows.0 + thread_idx();
+        while i < self.own_rows.1 {
+            let v = bf16_to_f32(*row.add(i as usize));
+            *self.x.add(i as usize) = v;
+            if !self.x_own.is_null() {
+                *self.x_own.add((i - self.own_rows.0) as usize) = v;
+            }
+            i += block_dim();
+        }
+        row
+    }
+
+    /// Block-wide: RMSNorm of the residual stream (or, in layer 0, the embedding row) with the
+    /// bf16 `weight`, into `smem[..hidden]` (or the raw input when norms are skipped).
+    #[inline(always)]
+    unsafe fn normed_input(&self, input: NormInput, weight: u64) {
+        let p = self.p;
+        if p.debug_skip & SKIP_NORM != 0 {
+            load_vector_to_shared(self.x, p.hidden, self.smem);
+        } else {
+            rms_norm_to_shared(input, weight as *const u16, p.hidden, p.eps, self.smem, self.scratch);
+        }
+    }
+
+    /// The o and down projections' output: `x[row] += v` (lane 0 of the warp that has it).
+    /// Only this block adds to its rows, so with its own copy it never reads them back.
+    #[inline(always)]
+    unsafe fn add_residual(&self, row: u32, v: f32) {
+        if lane() == 0 {
+            let sum = if self.x_own.is_null() {
+                ld_cg_f32(self.x.add(row as usize)) + v
+            } else {
+                let own = self.x_own.add((row - self.own_rows.0) as usize);
+                *own += v;
+                *own
+            };
+            *self.x.add(row as usize) = sum;
+        }
+    }
+
+    // Each GEMV phase's weights are requested by a `load_*` (into registers) before the phase
+    // runs: the megakernel does it while it waits at the barrier before the phase.
+
+    #[inline(always)]
+    unsafe fn load_qkv(&self, layer: u32) -> LaneRows<QKV_ROWS_PER_WARP, HIDDEN_CHUNKS> {
+        let (r0, r1) = self.qkv_rows;
+        load_round(self.layer(layer).wqkv as *const u16, self.p.hidden, r0, r1, 0)
+    }
+    #[inline(always)]
+    unsafe fn load_o(&self, layer: u32) -> LaneRows<1, Q_CHUNKS> {
+        load_round(self.layer(layer).wo as *const u16, self.q_dim, self.h_rows.0, self.h_rows.1, 0)
+    }
+    #[inline(always)]
+    unsafe fn load_gate_up(&self, layer: u32) -> LaneRows<4, HIDDEN_CHUNKS> {
+        let lw = self.layer(layer);
+        let (r0, r1) = self.i_rows;
+        load_gate_up_round(lw.w_gate as *const u16, lw.w_up as *const u16, self.p.hidden, r0, r1, 0)
+    }
+    #[inline(always)]
+    unsafe fn load_down(&self, layer: u32) -> LaneRows<1, INTER_CHUNKS> {
+        load_round(self.layer(layer).w_down as *const u16, self.p.inter, self.h_rows.0, self.h_rows.1, 0)
+    }
+
+    /// Phase 1: norm + q/k/v projection -> `qkv`.
+    #[inline(always)]
+    unsafe fn qkv(&self, layer: u32, input: NormInput, w: LaneRows<QKV_ROWS_PER_WARP, HIDDEN_CHUNKS>, bars: &Barriers) {
+        let lw = self.layer(layer);
+        bars.mark(self.p, 12);
+        self.normed_input(input, lw.input_norm);
+        bars.mark(self.p, 13);
+        let (r0, r1) = self.qkv_rows;
+        let qkv = self.qkv;
+        gemv_rounds(lw.wqkv as *const u16, self.p.hidden, self.smem, r0, r1, w, |row, v| {
+            if lane() == 0 {
+                *qkv.add(row as usize) = v;
+            }
+        });
+        bars.mark(self.p, 14);
+    }
+
+    /// Phase 2: q/k norm + RoPE + KV append + attention at `pos` -> `attn`.
+    #[inline(always)]
+    unsafe fn attention<const E: usize>(&self, layer: u32, pos: u32) {
+        let (p, lw) = (self.p, self.layer(layer));
+        let args = AttentionArgs {
+            qkv: self.qkv,
+            q_norm: lw.q_norm as *const u16,
+            k_norm: lw.k_norm as *const u16,
+            cos: (p.rope_cos as *const f32).add((pos * p.head_dim / 2) as usize),
+            sin: (p.rope_sin as *const f32).add((pos * p.head_dim / 2) as usize),
+            k_cache: lw.k_cache as *mut u16,
+            v_cache: lw.v_cache as *mut u16,
+            out: self.attn,
+            partial: p.attn_partial as *mut f32,
+            count: p.attn_count as *mut u32,
+            n_heads: p.n_heads,
+            n_kv_heads: p.n_kv_heads,
+            max_ctx: p.max_ctx,
+            max_splits: p.max_splits,
+            pos,
+            eps: p.eps,
+        };
+        if p.debug_skip & SKIP_ATTENTION == 0 {
+            attention_phase::<E>(&args, self.smem);
+        }
+    }
+
+    /// Phase 3: o projection + residual -> `x`.
+    #[inline(always)]
+    unsafe fn o_proj(&self, layer: u32, w: LaneRows<1, Q_CHUNKS>, bars: &Barriers) {
+        load_vector_to_shared(self.attn, self.q_dim, self.smem);
+        bars.mark(self.p, 15);
+        let (r0, r1) = self.h_rows;
+        gemv_rounds(self.layer(layer).wo as *const u16, self.q_dim, self.smem, r0, r1, w, |row, v| {
+            self.add_residual(row, v)
+        });
+    }
+
+    /// Phase 4: norm + gate/up + SiLU(gate) * up -> `mlp` (a warp computes gate row i and up
+    /// row i together).
+    #[inline(always)]
+    unsafe fn gate_up(&self, layer: u32, w: LaneRows<4, HIDDEN_CHUNKS>) {
+        let lw = self.layer(layer);
+        self.normed_input(NormInput::F32(self.x), lw.post_norm);
+        let (r0, r1) = self.i_rows;
+        let (gate, up) = (lw.w_gate as *const u16, lw.w_up as *const u16);
+        gate_up_silu_rows(gate, up, self.p.hidden, self.smem, r0, r1, w, self.mlp);
+    }
+
+    /// Phase 5: down projection + residual -> `x`.
+    #[inline(always)]
+    unsafe fn down(&self, layer: u32, w: LaneRows<1, INTER_CHUNKS>) {
+        load_vector_to_shared(self.mlp, self.p.inter, self.smem);
+        let (r0, r1) = self.h_rows;
+        gemv_rounds(self.layer(layer).w_down as *const u16, self.p.inter, self.smem, r0, r1, w, |row, v| {
+            self.add_residual(row, v)
+        });
+    }
+
+    /// The LM head runs unless `step` is teacher-forced and nobody needs its logits.
+    #[inline(always)]
+    fn wants_head(&self, step: u32) -> bool {
+        let p = self.p;
+        let teacher_forced = step + 1 < p.prompt_len;
+        p.debug_skip & SKIP_LM_HEAD == 0
+            && (!teacher_forced || p.flags & (FLAG_LM_HEAD_ON_PROMPT | FLAG_WRITE_LOGITS) != 0)
+    }
+
+    /// Final norm + LM head fused with arg-max / sampling / log-sum-exp; the block that
+    /// reduces it last finishes the step (next token, NLL, stop decision).
+    #[inline(always)]
+    unsafe fn lm_head(&self, step: u32) {
+        let p = self.p;
+        let pos = p.start_pos + step;
+        let teacher_forced = step + 1 < p.prompt_len;
+        rms_norm_to_shared(
+            NormInput::F32(self.x),
+            p.final_norm as *const u16,
+            p.hidden,
+            p.eps,
+            self.smem,
+            self.scratch,
+        );
+        let sampling = !teacher_forced && p.temperature > 0.0;
+        let args = LmHeadArgs {
+            weight: p.lm_head as *const u16,
+            vocab: p.vocab,
+            hidden: p.hidden,
+            logits_out: if p.flags & FLAG_WRITE_LOGITS != 0 && p.logits_out != 0 {
+                (p.logits_out as *mut f32).add((step as usize) * p.vocab as usize)
+            } else {
+                core::ptr::null_mut()
+            },
+            logits_scratch: if sampling && p.top_k > 0 { p.logits as *mut f32 } else { core::ptr::null_mut() },
+            partial: p.lm_partial as *mut LmPartial,
+            count: p.lm_count as *mut u32,
+            target: if teacher_forced { ld_cg_u32(self.tokens.add(step as usize + 1)) } else { u32::MAX },
+            temperature: if sampling { p.temperature } else { 0.0 },
+            top_k: p.top_k,
+            top_p: p.top_p,
+            seed: (p.seed_hi as u64) << 32 | p.seed_lo as u64,
+            pos,
+        };
+        // The normalised input stays in smem[..hidden]; the LM head's scratch follows it.
+        if let Some(r) = lm_head_phase(&args, self.smem, self.smem.add(p.hidden as usize)) {
+            finish_step(p, step, teacher_forced, &r, self.tokens, p.state as *mut DecodeState, p.ring as *mut u32);
+        }
     }
 }
 
 #[inline(always)]
 unsafe fn decode<const E: usize>(p: &DecodeParams) {
-    let smem = dynamic_shared::<f32>();
-    // The last SCRATCH_WORDS words of the base region: block reductions, then this block's
-    // rows of the residual stream (`x_own`, see below).
-    let scratch = smem.add(
-        (decode_smem_bytes(p.hidden, p.n_heads * p.head_dim, p.inter, p.n_heads / p.n_kv_heads, p.head_dim) / 4
-            - SCRATCH_WORDS) as usize,
-    );
-    let x_own = scratch.add(32);
-    let head_dim = p.head_dim;
-    let q_dim = p.n_heads * head_dim;
-    let kv_dim = p.n_kv_heads * head_dim;
-    let qkv_rows = q_dim + 2 * kv_dim;
-    let x = p.x as *mut f32;
-    let qkv = p.qkv as *mut f32;
-    let attn = p.attn as *mut f32;
-    let mlp = p.mlp as *mut f32;
-    let tokens = p.tokens as *mut u32;
+    let st = Step::new(p, true);
     let state = p.state as *mut DecodeState;
-    let layers = p.layers as *const LayerPtrs;
     let ring = p.ring as *mut u32;
-    let mut waited_ns = 0u64;
-    let seed = (p.seed_hi as u64) << 32 | p.seed_lo as u64;
-    // Weight staging: each GEMV phase's rows are copied into shared memory (buffers A and B,
-    // alternating) by `cp.async` one or two phases ahead; see `Staging`. Without it (weights
-    // too large for shared memory, or switched off), weights are prefetched into L2 instead.
-    let staging = p.stage_bytes != 0 && p.flags & FLAG_NO_STAGING == 0;
-    let prefetch = p.flags & FLAG_NO_PREFETCH == 0 && !staging;
-    // Late staging issues each copy at the end of a phase (overlapping the barrier) instead of
-    // at its start, so the copies do not queue ahead of the phase's own critical loads.
-    let late = p.flags & FLAG_EARLY_STAGING == 0;
-    let buf_a = (smem as *mut u8).add(p.stage_offset as usize) as *mut u16;
-    let buf_b = buf_a.add(p.stage_bytes as usize / 2);
-    let (qkv_r0, qkv_r1) = block_rows(qkv_rows);
-    let (h_r0, h_r1) = block_rows(p.hidden);
-    let (i_r0, i_r1) = block_rows(p.inter);
-    let up_in_a = buf_a.add(((i_r1 - i_r0) * p.hidden) as usize);
-    // Group order (cp.async groups complete in order): every wait below leaves only the newest
-    // group in flight, which is always the one staged for a later phase.
-    if staging {
-        stage_rows(buf_a, (*layers).wqkv as *const u16, p.hidden, qkv_r0, qkv_r1);
-        cp_async_commit();
-    }
+    let mut bars = Barriers::new(p.barrier as *mut u32, p.flags & FLAG_PROFILE_BARRIERS != 0);
+    // Layer 0's q/k/v weights for the first step; later ones are requested at the barrier
+    // before the phase that uses them.
+    let mut qkv_w = st.load_qkv(0);
 
     let mut step = 0;
     while step < p.n_steps {
@@ -178,269 +418,56 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
         if step == p.fault_step {
             trap(); // test hook: a device fault the host must report cleanly
         }
-        let token = ld_cg_u32(tokens.add(step as usize));
-        let embed_row = (p.embed as *const u16).add((token as usize) * p.hidden as usize);
-        // Each block owns rows [h_r0, h_r1) of the residual stream x: only it adds to them (in
-        // the o and down phases), so it keeps a copy in shared memory and never reads them back
-        // from global memory; other blocks read x from global memory for their norms.
-        let mut i = h_r0 + thread_idx();
-        while i < h_r1 {
-            let v = bf16_to_f32(*embed_row.add(i as usize));
-            *x.add(i as usize) = v;
-            *x_own.add((i - h_r0) as usize) = v;
-            i += block_dim();
-        }
+        let want_head = st.wants_head(step);
+        let embed_row = st.embed(step);
 
         let profile_step = step == p.n_steps.min(2) - 1;
         for layer in 0..p.n_layers {
-            let lw = *layers.add(layer as usize);
-            let on = p.flags & FLAG_PROFILE_PHASES != 0 && profile_step && layer == PROFILE_LAYER;
-            if on {
-                sync_threads();
-            }
-            let mut prof = Profile { on, phase: 0, start: clock64() };
+            bars.profile_from(p.flags & FLAG_PROFILE_PHASES != 0 && profile_step && layer == PROFILE_LAYER, 0);
+            // Layer 0 normalises the embedding row itself rather than waiting for x.
+            let input = if layer == 0 { NormInput::Bf16(embed_row) } else { NormInput::F32(st.x) };
+            st.qkv(layer, input, qkv_w, &bars);
+            let t = bars.arrive();
+            bars.wait(p, t);
 
-            // Each phase first asks for the next phase's weights (or KV), so DRAM streams them
-            // while this phase computes and the grid meets at the barrier.
+            st.attention::<E>(layer, pos);
+            let t = bars.arrive();
+            let o_w = st.load_o(layer);
+            bars.wait(p, t);
 
-            // 1. norm + qkv. Layer 0 reads the embedding row itself rather than waiting for x.
-            prefetch_kv_chunk(p.flags & FLAG_NO_PREFETCH == 0, p, &lw, pos);
-            if staging && !late {
-                stage_rows(buf_b, lw.wo as *const u16, q_dim, h_r0, h_r1); // for phase 3
-                cp_async_commit();
-            }
-            if staging {
-                // This phase's q/k/v rows are in A (late: they are the newest group).
-                if late {
-                    cp_async_wait_all()
-                } else {
-                    cp_async_wait_all_but_newest()
-                }
-            }
-            prof.mark(p, 12);
-            if p.debug_skip & SKIP_NORM != 0 {
-                load_vector_to_shared(x, p.hidden, smem);
-            } else if layer == 0 {
-                rms_norm_to_shared(
-                    NormInput::Bf16(embed_row),
-                    lw.input_norm as *const u16,
-                    p.hidden,
-                    p.eps,
-                    smem,
-                    scratch,
-                );
-            } else {
-                rms_norm_to_shared(NormInput::F32(x), lw.input_norm as *const u16, p.hidden, p.eps, smem, scratch);
-            }
-            prof.mark(p, 13);
-            let (r0, r1) = if p.debug_skip & SKIP_GEMV != 0 { (0, 0) } else { block_rows(qkv_rows) };
-            let rows = if staging {
-                Rows { base: buf_a, first: qkv_r0, staged: true }
-            } else {
-                Rows::global(lw.wqkv as *const u16)
-            };
-            gemv_rows(rows, p.hidden, smem, r0, r1, |row, v| {
-                if lane() == 0 {
-                    *qkv.add(row as usize) = v;
-                }
-            });
-            prof.mark(p, 14);
-            if staging && late {
-                stage_rows(buf_b, lw.wo as *const u16, q_dim, h_r0, h_r1); // for phase 3
-                cp_async_commit();
-            }
-            prof.barrier(p, &mut waited_ns);
+            st.o_proj(layer, o_w, &bars);
+            let t = bars.arrive();
+            let gate_up_w = st.load_gate_up(layer);
+            bars.wait(p, t);
 
-            // 2. attention
-            let args = AttentionArgs {
-                qkv,
-                q_norm: lw.q_norm as *const u16,
-                k_norm: lw.k_norm as *const u16,
-                cos: (p.rope_cos as *const f32).add((pos * head_dim / 2) as usize),
-                sin: (p.rope_sin as *const f32).add((pos * head_dim / 2) as usize),
-                k_cache: lw.k_cache as *mut u16,
-                v_cache: lw.v_cache as *mut u16,
-                out: attn,
-                partial: p.attn_partial as *mut f32,
-                count: p.attn_count as *mut u32,
-                n_heads: p.n_heads,
-                n_kv_heads: p.n_kv_heads,
-                max_ctx: p.max_ctx,
-                max_splits: p.max_splits,
-                pos,
-                eps: p.eps,
-            };
-            prefetch_rows(prefetch, lw.wo, q_dim, p.hidden);
-            // A is free again (phase 1 is done everywhere in this block): gate/up for phase 4.
-            let stage_gate_up = || {
-                stage_rows(buf_a, lw.w_gate as *const u16, p.hidden, i_r0, i_r1);
-                stage_rows(up_in_a, lw.w_up as *const u16, p.hidden, i_r0, i_r1);
-                cp_async_commit();
-            };
-            if staging && !late {
-                stage_gate_up();
-            }
-            if p.debug_skip & SKIP_ATTENTION == 0 {
-                attention_phase::<E>(&args, smem);
-            }
-            if staging && late {
-                stage_gate_up();
-            }
-            prof.barrier(p, &mut waited_ns);
+            st.gate_up(layer, gate_up_w);
+            let t = bars.arrive();
+            let down_w = st.load_down(layer);
+            bars.wait(p, t);
 
-            // 3. o projection + residual
-            prefetch_rows(prefetch, lw.w_gate, p.hidden, p.inter);
-            prefetch_rows(prefetch, lw.w_up, p.hidden, p.inter);
-            if staging {
-                cp_async_wait_all_but_newest(); // o rows in B (load_vector_to_shared syncs)
-            }
-            load_vector_to_shared(attn, q_dim, smem);
-            prof.mark(p, 15);
-            let (r0, r1) = if p.debug_skip & SKIP_GEMV != 0 { (0, 0) } else { block_rows(p.hidden) };
-            let rows = if staging {
-                Rows { base: buf_b, first: h_r0, staged: true }
-            } else {
-                Rows::global(lw.wo as *const u16)
-            };
-            gemv_rows(rows, q_dim, smem, r0, r1, |row, v| {
-                if lane() == 0 {
-                    let own = x_own.add((row - h_r0) as usize);
-                    let sum = *own + v;
-                    *own = sum;
-                    *x.add(row as usize) = sum;
-                }
-            });
-            prof.barrier(p, &mut waited_ns);
-
-            // 4. norm + gate/up + SiLU(gate) * up: a warp computes gate row i and up row i together.
-            prefetch_rows(prefetch, lw.w_down, p.inter, p.hidden);
-            if staging && !late {
-                stage_rows(buf_b, lw.w_down as *const u16, p.inter, h_r0, h_r1); // for phase 5
-                cp_async_commit();
-            }
-            if staging {
-                // Gate/up rows in A (the norm below syncs); late: they are the newest group.
-                if late {
-                    cp_async_wait_all()
-                } else {
-                    cp_async_wait_all_but_newest()
-                }
-            }
-            if p.debug_skip & SKIP_NORM != 0 {
-                load_vector_to_shared(x, p.hidden, smem);
-            } else {
-                let post_norm = lw.post_norm as *const u16;
-                rms_norm_to_shared(NormInput::F32(x), post_norm, p.hidden, p.eps, smem, scratch);
-            }
-            let (r0, r1) = if p.debug_skip & SKIP_GEMV != 0 { (0, 0) } else { block_rows(p.inter) };
-            let (gate, up) = if staging {
-                (Rows { base: buf_a, first: i_r0, staged: true }, Rows { base: up_in_a, first: i_r0, staged: true })
-            } else {
-                (Rows::global(lw.w_gate as *const u16), Rows::global(lw.w_up as *const u16))
-            };
-            gate_up_silu_rows(gate, up, p.hidden, smem, r0, r1, mlp);
-            if staging && late {
-                stage_rows(buf_b, lw.w_down as *const u16, p.inter, h_r0, h_r1); // for phase 5
-                cp_async_commit();
-            }
-            prof.barrier(p, &mut waited_ns);
-
-            // 5. down projection + residual
+            st.down(layer, down_w);
+            let t = bars.arrive();
+            // Next: the next layer's q/k/v, or (without an LM head in between) the next step's.
+            // (Also after the last step: every path overwrites `qkv_w`, so the compiler need
+            // not keep it alive through the LM head.)
             if layer + 1 < p.n_layers {
-                prefetch_rows(prefetch, (*layers.add(layer as usize + 1)).wqkv, p.hidden, qkv_rows);
-            } else if prefetch {
-                // The LM head (hundreds of MB) cannot be staged whole; its first rows can.
-                let (r0, r1) = block_rows(p.vocab);
-                let rows = (r1 - r0).min(LM_HEAD_PREFETCH_ROWS);
-                prefetch_l2_range(
-                    (p.lm_head as *const u16).add((r0 * p.hidden) as usize) as *const u8,
-                    rows * p.hidden * 2,
-                );
+                qkv_w = st.load_qkv(layer + 1);
+            } else if !want_head {
+                qkv_w = st.load_qkv(0);
             }
-            // Next: this step's next layer, or the next step's first layer, into A.
-            let stage_next_qkv = || {
-                if layer + 1 < p.n_layers {
-                    stage_rows(buf_a, (*layers.add(layer as usize + 1)).wqkv as *const u16, p.hidden, qkv_r0, qkv_r1);
-                } else if step + 1 < p.n_steps {
-                    stage_rows(buf_a, (*layers).wqkv as *const u16, p.hidden, qkv_r0, qkv_r1);
-                }
-                cp_async_commit(); // possibly empty: keeps the group order uniform
-            };
-            if staging && !late {
-                stage_next_qkv();
-            }
-            if staging {
-                // Down rows in B (load_vector_to_shared syncs); late: they are the newest group.
-                if late {
-                    cp_async_wait_all()
-                } else {
-                    cp_async_wait_all_but_newest()
-                }
-            }
-            load_vector_to_shared(mlp, p.inter, smem);
-            let (r0, r1) = if p.debug_skip & SKIP_GEMV != 0 { (0, 0) } else { block_rows(p.hidden) };
-            let rows = if staging {
-                Rows { base: buf_b, first: h_r0, staged: true }
-            } else {
-                Rows::global(lw.w_down as *const u16)
-            };
-            gemv_rows(rows, p.inter, smem, r0, r1, |row, v| {
-                if lane() == 0 {
-                    let own = x_own.add((row - h_r0) as usize);
-                    let sum = *own + v;
-                    *own = sum;
-                    *x.add(row as usize) = sum;
-                }
-            });
-            if staging && late {
-                stage_next_qkv();
-            }
-            prof.barrier(p, &mut waited_ns);
+            bars.wait(p, t);
         }
 
-        // Final norm + LM head, unless this is a teacher-forced step nobody needs logits of.
-        let teacher_forced = step + 1 < p.prompt_len;
-        let mut want_head = !teacher_forced || p.flags & (FLAG_LM_HEAD_ON_PROMPT | FLAG_WRITE_LOGITS) != 0;
-        if p.debug_skip & SKIP_LM_HEAD != 0 {
-            want_head = false;
-            if block_idx() == 0 && thread_idx() == 0 && !teacher_forced {
-                *tokens.add(step as usize + 1) = token;
-            }
+        if p.debug_skip & SKIP_LM_HEAD != 0 && block_idx() == 0 && thread_idx() == 0 && step + 1 >= p.prompt_len {
+            // Diagnostics without the LM head: each step feeds its own token again.
+            *st.tokens.add(step as usize + 1) = *st.tokens.add(step as usize);
         }
         if want_head {
-            let lm_on = p.flags & FLAG_PROFILE_PHASES != 0 && profile_step;
-            let mut prof = Profile { on: lm_on, phase: 5, start: clock64() };
-            rms_norm_to_shared(NormInput::F32(x), p.final_norm as *const u16, p.hidden, p.eps, smem, scratch);
-            let sampling = !teacher_forced && p.temperature > 0.0;
-            let args = LmHeadArgs {
-                weight: p.lm_head as *const u16,
-                vocab: p.vocab,
-                hidden: p.hidden,
-                logits_out: if p.flags & FLAG_WRITE_LOGITS != 0 && p.logits_out != 0 {
-                    (p.logits_out as *mut f32).add((step as usize) * p.vocab as usize)
-                } else {
-                    core::ptr::null_mut()
-                },
-                logits_scratch: if sampling && p.top_k > 0 { p.logits as *mut f32 } else { core::ptr::null_mut() },
-                partial: p.lm_partial as *mut LmPartial,
-                count: p.lm_count as *mut u32,
-                target: if teacher_forced { ld_cg_u32(tokens.add(step as usize + 1)) } else { u32::MAX },
-                temperature: if sampling { p.temperature } else { 0.0 },
-                top_k: p.top_k,
-                top_p: p.top_p,
-                seed,
-                pos,
-            };
-            // The normalised input stays in smem[..hidden]; the LM head's scratch follows it.
-            let result = lm_head_phase(&args, smem, smem.add(p.hidden as usize));
-            // The next step's first weights, while the last block reduces and the grid meets.
-            if step + 1 < p.n_steps {
-                prefetch_rows(prefetch, (*layers).wqkv, p.hidden, qkv_rows);
-            }
-            if let Some(r) = result {
-                finish_step(p, step, teacher_forced, &r, tokens, state, ring);
-            }
-            prof.barrier(p, &mut waited_ns);
+            bars.profile_from(p.flags & FLAG_PROFILE_PHASES != 0 && profile_step, 5);
+            st.lm_head(step);
+            let t = bars.arrive();
+            qkv_w = st.load_qkv(0);
+            bars.wait(p, t);
             if ld_cg_u32(&(*state).stop) != 0 {
                 step += 1;
                 break;
@@ -448,16 +475,60 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
         }
         step += 1;
     }
-    // A stop can leave the next step's first weights in flight: never exit with copies pending.
-    cp_async_wait_all();
-    if thread_idx() == 0 && p.flags & FLAG_PROFILE_BARRIERS != 0 {
-        *(p.barrier_ns as *mut u64).add(block_idx() as usize) = waited_ns;
+    if thread_idx() == 0 && bars.time_waits {
+        *(p.barrier_ns as *mut u64).add(block_idx() as usize) = bars.waited_ns;
     }
     if thread_idx() == 0 && block_idx() == 0 {
         (*state).steps_done = step;
         if (*state).stop_reason == 0 {
             (*state).stop_reason = STOP_STEPS;
         }
+    }
+}
+
+// The same step split at its barriers into separate launches (for `host bench --compare`):
+// launch `op` runs phase `op % 5` of layer `op / 5`, and `op = 5 n_layers` the LM head, for
+// one step (`n_steps` = 1) at `start_pos`. Kernel boundaries take the barriers' place; the
+// block keeps no copy of its residual rows between launches. Same math, same results.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn qwen3_phase_hd128(p: DecodeParams, op: u32) {
+    phase_checked::<4>(&p, op)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn qwen3_phase_hd64(p: DecodeParams, op: u32) {
+    phase_checked::<2>(&p, op)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn qwen3_phase_hd32(p: DecodeParams, op: u32) {
+    phase_checked::<1>(&p, op)
+}
+
+#[inline(always)]
+unsafe fn phase_checked<const E: usize>(p: &DecodeParams, op: u32) {
+    if p.head_dim != 32 * E as u32 || op > 5 * p.n_layers {
+        trap(); // the host launched the wrong entry point or op
+    }
+    let st = Step::new(p, false);
+    let (layer, phase) = (op / 5, op % 5);
+    if op == 5 * p.n_layers {
+        if st.wants_head(0) {
+            st.lm_head(0);
+        }
+        return;
+    }
+    let bars = Barriers::new(core::ptr::null_mut(), false);
+    match phase {
+        0 => {
+            let w = st.load_qkv(layer);
+            let input = if layer == 0 { NormInput::Bf16(st.embed(0)) } else { NormInput::F32(st.x) };
+            st.qkv(layer, input, w, &bars);
+        }
+        1 => st.attention::<E>(layer, p.start_pos),
+        2 => st.o_proj(layer, st.load_o(layer), &bars),
+        3 => st.gate_up(layer, st.load_gate_up(layer)),
+        _ => st.down(layer, st.load_down(layer)),
     }
 }
 

@@ -12,48 +12,28 @@ pub const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 // ---------------------------------------------------------------- unrolling
 
-/// `unroll!(4, k, { ... })`: the block four (or eight) times with `k` a constant 0, 1, ...
+/// `unroll!(4, k, { ... })`: the block four (or eight, or twelve) times with `k` a constant
+/// 0, 1, ... A const-generic count N unrolls as `unroll!(12, k, { if k < N { ... } })`.
 /// LLVM declines to unroll loops whose bodies are large, and a loop left rolled indexes its
 /// register arrays at run time, which moves them to local memory (seen: GEMV weights and `x`
 /// spilled in the hottest loop). Constant indices keep them in registers.
 #[macro_export]
 macro_rules! unroll {
     (4, $k:ident, $body:block) => {{
-        {
-            const $k: usize = 0;
-            $body
-        }
-        {
-            const $k: usize = 1;
-            $body
-        }
-        {
-            const $k: usize = 2;
-            $body
-        }
-        {
-            const $k: usize = 3;
-            $body
-        }
+        $crate::unroll!(@at $k, $body, 0, 1, 2, 3)
     }};
     (8, $k:ident, $body:block) => {{
-        $crate::unroll!(4, $k, $body);
-        {
-            const $k: usize = 4;
+        $crate::unroll!(@at $k, $body, 0, 1, 2, 3, 4, 5, 6, 7)
+    }};
+    (12, $k:ident, $body:block) => {{
+        $crate::unroll!(@at $k, $body, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    }};
+    (@at $k:ident, $body:block, $($i:literal),*) => {{
+        $({
+            #[allow(dead_code)]
+            const $k: usize = $i;
             $body
-        }
-        {
-            const $k: usize = 5;
-            $body
-        }
-        {
-            const $k: usize = 6;
-            $body
-        }
-        {
-            const $k: usize = 7;
-            $body
-        }
+        })*
     }};
 }
 
@@ -309,6 +289,12 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     r
 }
 
+/// `x` rounded to the nearest bf16 (as `f32_to_bf16` rounds), back in f32.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_to_f32(f32_to_bf16(x))
+}
+
 // ---------------------------------------------------------------- vector loads
 
 /// 16 bytes through the read-only (non-coherent) path: for data no thread of this launch
@@ -369,36 +355,6 @@ pub unsafe fn ld_cg_v4(p: *const u32) -> [u32; 4] {
          options(readonly, nostack));
     [a, b, c, d]
 }
-/// Hint the L2 to fetch the line holding `p` (no register result).
-#[inline(always)]
-pub unsafe fn prefetch_l2(p: *const u8) {
-    asm!("prefetch.global.L2 [{0}];", in(reg64) p, options(nostack, readonly));
-}
-
-/// Block-wide: starts bringing `bytes` bytes from `p` into the L2 and returns at once.
-/// Weights do not depend on activations, so a block asks for the next phase's slice before
-/// it meets the others at a barrier: DRAM keeps streaming while the grid synchronises.
-/// On sm_90 one thread issues a bulk prefetch (`cp.async.bulk.prefetch.L2`, handled by the
-/// copy engine; `p` 16-byte aligned, `bytes` a multiple of 16); elsewhere every thread
-/// prefetches lines.
-#[inline(always)]
-pub unsafe fn prefetch_l2_range(p: *const u8, bytes: u32) {
-    #[cfg(target_feature = "sm_90")]
-    {
-        if thread_idx() == 0 && bytes > 0 {
-            asm!("cp.async.bulk.prefetch.L2.global [{0}], {1};", in(reg64) p, in(reg32) bytes, options(nostack, readonly));
-        }
-    }
-    #[cfg(not(target_feature = "sm_90"))]
-    {
-        let mut off = thread_idx() * 128;
-        while off < bytes {
-            prefetch_l2(p.add(off as usize));
-            off += block_dim() * 128;
-        }
-    }
-}
-
 /// 8 bytes (4 bf16) via `.cg`: one lane's share of a 128-wide KV row.
 #[inline(always)]
 pub unsafe fn ld_cg_v2(p: *const u32) -> [u32; 2] {
@@ -411,32 +367,6 @@ pub unsafe fn ld_cg_u16(p: *const u16) -> u16 {
     let a: u16;
     asm!("ld.global.cg.u16 {0}, [{1}];", out(reg16) a, in(reg64) p, options(readonly, nostack));
     a
-}
-
-// ---------------------------------------------------------------- asynchronous copies
-
-/// `cp.async.cg.shared.global`: copies 16 bytes from global `src` to shared `dst` without
-/// passing through registers; completes asynchronously (see `cp_async_commit`/`cp_async_wait_*`).
-/// Both addresses 16-byte aligned.
-#[inline(always)]
-pub unsafe fn cp_async_16(dst: *mut u8, src: *const u8) {
-    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {0}; cp.async.cg.shared.global [s], [{1}], 16; }}",
-         in(reg64) dst, in(reg64) src, options(nostack));
-}
-/// Closes the group of this thread's `cp_async_16`s issued since the last commit.
-#[inline(always)]
-pub unsafe fn cp_async_commit() {
-    asm!("cp.async.commit_group;", options(nostack));
-}
-/// Waits until at most one of this thread's committed groups is still in flight (the newest).
-#[inline(always)]
-pub unsafe fn cp_async_wait_all_but_newest() {
-    asm!("cp.async.wait_group 1;", options(nostack));
-}
-/// Waits for all of this thread's asynchronous copies.
-#[inline(always)]
-pub unsafe fn cp_async_wait_all() {
-    asm!("cp.async.wait_all;", options(nostack));
 }
 
 // ---------------------------------------------------------------- shared-memory atomics

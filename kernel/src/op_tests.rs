@@ -5,9 +5,9 @@
 use crate::abi::*;
 use crate::device::*;
 use crate::ops::attention::{attention_phase, AttentionArgs};
-use crate::ops::gemv::{block_rows, gemv_rows, stage_rows, Rows};
+use crate::ops::gemv::{block_rows, gemv_rounds, load_round};
 use crate::ops::lm_head::{lm_head_phase, LmHeadArgs};
-use crate::ops::mlp::gate_up_silu_rows;
+use crate::ops::mlp::{gate_up_silu_rows, load_gate_up_round};
 use crate::ops::norm::{head_norm_rope, rms_norm_to_shared, NormInput};
 
 /// Copies `n` f32 from global memory into shared memory with plain loads (inputs written by
@@ -33,42 +33,38 @@ pub unsafe extern "ptx-kernel" fn test_rms_norm(x: *const f32, w: *const u16, n:
     }
 }
 
-/// `y = W x` with W bf16 `[rows, cols]`, any grid. With `staged` != 0 each block first copies
-/// its rows into shared memory with `cp.async` (as the decode kernel does) and reads them
-/// there. Shared memory: `cols * 4` bytes, rounded up to 16, plus the block's rows when staged.
+/// `y = W x` with W bf16 `[rows, cols]` (`cols` <= 3072), any grid, through the GEMV the decode
+/// kernel's layer phases use, with the register tile it uses for that width (q/k/v and
+/// gate/up: <= 1024 columns, 3 rows per warp at once; o: <= 2048; down: <= 3072).
+/// Shared memory: `cols * 4` bytes.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn test_gemv(
-    w: *const u16,
-    rows: u32,
-    cols: u32,
-    x: *const f32,
-    y: *mut f32,
-    staged: u32,
-) {
+pub unsafe extern "ptx-kernel" fn test_gemv(w: *const u16, rows: u32, cols: u32, x: *const f32, y: *mut f32) {
     let smem = dynamic_shared::<f32>();
     let (r0, r1) = block_rows(rows);
-    let buf = staging_buffer(smem, cols);
-    if staged != 0 {
-        stage_rows(buf, w, cols, r0, r1);
-        cp_async_commit();
-        cp_async_wait_all();
-    }
-    stage(x, cols, smem);
-    let src = if staged != 0 { Rows { base: buf, first: r0, staged: true } } else { Rows::global(w) };
-    gemv_rows(src, cols, smem, r0, r1, |row, v| {
+    let out = |row: u32, v: f32| {
         if lane() == 0 {
             *y.add(row as usize) = v;
         }
-    });
+    };
+    if cols <= 1024 {
+        let first = load_round::<3, 4>(w, cols, r0, r1, 0);
+        stage(x, cols, smem);
+        gemv_rounds(w, cols, smem, r0, r1, first, out);
+    } else if cols <= 2048 {
+        let first = load_round::<1, 8>(w, cols, r0, r1, 0);
+        stage(x, cols, smem);
+        gemv_rounds(w, cols, smem, r0, r1, first, out);
+    } else if cols <= 3072 {
+        let first = load_round::<1, 12>(w, cols, r0, r1, 0);
+        stage(x, cols, smem);
+        gemv_rounds(w, cols, smem, r0, r1, first, out);
+    } else {
+        trap();
+    }
 }
 
-/// Where a test kernel's staged weights go: after `words` f32, 16-byte aligned.
-unsafe fn staging_buffer(smem: *mut f32, words: u32) -> *mut u16 {
-    smem.add((words as usize).div_ceil(4) * 4) as *mut u16
-}
-
-/// `out[i] = silu(gate[i] . x) * (up[i] . x)`, any grid, staged like `test_gemv`. Shared
-/// memory: `hidden * 4` bytes rounded up to 16, plus both matrices' rows when staged.
+/// `out[i] = silu(gate[i] . x) * (up[i] . x)` (`hidden` <= 1024), any grid, as the decode
+/// kernel computes it. Shared memory: `hidden * 4` bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_gate_up_silu(
     w_gate: *const u16,
@@ -77,25 +73,15 @@ pub unsafe extern "ptx-kernel" fn test_gate_up_silu(
     hidden: u32,
     x: *const f32,
     out: *mut f32,
-    staged: u32,
 ) {
     let smem = dynamic_shared::<f32>();
     let (r0, r1) = block_rows(inter);
-    let gate_buf = staging_buffer(smem, hidden);
-    let up_buf = gate_buf.add(((r1 - r0) * hidden) as usize);
-    if staged != 0 {
-        stage_rows(gate_buf, w_gate, hidden, r0, r1);
-        stage_rows(up_buf, w_up, hidden, r0, r1);
-        cp_async_commit();
-        cp_async_wait_all();
+    if hidden > 1024 {
+        trap();
     }
+    let first = load_gate_up_round::<4>(w_gate, w_up, hidden, r0, r1, 0);
     stage(x, hidden, smem);
-    let (gate, up) = if staged != 0 {
-        (Rows { base: gate_buf, first: r0, staged: true }, Rows { base: up_buf, first: r0, staged: true })
-    } else {
-        (Rows::global(w_gate), Rows::global(w_up))
-    };
-    gate_up_silu_rows(gate, up, hidden, smem, r0, r1, out);
+    gate_up_silu_rows(w_gate, w_up, hidden, smem, r0, r1, first, out);
 }
 
 /// Per-head RMSNorm + RoPE of `n_heads` heads of `head_dim` (32, 64 or 128), one warp each.
@@ -143,7 +129,7 @@ unsafe fn head_norm_rope_heads<const E: usize>(
 }
 
 /// One attention phase (q/k norm, RoPE, KV append, split attention, last-block merge).
-/// Any grid; shared memory: `attention_smem_words(..) * 4` bytes.
+/// Any grid; shared memory: `abi::attention_smem_words(..) * 4` bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_attention(t: AttentionTestParams) {
     let args = AttentionArgs {

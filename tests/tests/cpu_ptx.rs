@@ -14,6 +14,10 @@ const ENTRIES: &[&str] = &[
     "test_bf16",
     "test_math",
     "test_host_ring",
+    // kernel/src/decode.rs: one decode entry per supported head_dim (host::engine::decode_kernel_name)
+    "qwen3_decode_hd128",
+    "qwen3_decode_hd64",
+    "qwen3_decode_hd32",
 ];
 
 fn entries(ptx: &str) -> Vec<String> {

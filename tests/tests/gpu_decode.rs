@@ -278,3 +278,20 @@ fn out_of_memory_says_how_much() {
     let err = gpu.alloc::<u8>(1 << 46, "a test buffer").unwrap_err().to_string();
     assert!(err.contains("out of GPU memory") && err.contains("free"), "{err}");
 }
+
+/// `bench --compare`'s split variant (one kernel per phase, replayed as a CUDA graph) runs the
+/// megakernel's own device functions, so one step must give bit-identical logits; checked at
+/// a short and a longer position (after random KV history), on the tiny model.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn split_kernels_match_megakernel_exactly() {
+    let w = tiny_weights(11);
+    let mut gpu = GpuEngine::new(&w, 256).unwrap();
+    gpu.randomize_kv_cache(7).unwrap();
+    for pos in [3u32, 200] {
+        let c = host::compare::compare_at(&mut gpu, pos, 2, 1).unwrap();
+        assert_eq!(c.max_logit_diff, 0.0, "position {pos}: split kernels differ from the megakernel");
+        assert!(c.same_token, "position {pos}: different arg-max");
+        assert!(c.split_us > 0.0);
+    }
+}

@@ -102,8 +102,18 @@ impl Gpu {
                 );
             }
         }
-        let module = driver::RawModule::load_ptx(qwen3_ptx::PTX)
-            .with_context(|| format!("on GPU {ordinal} ({name}, sm_{}{}), PTX built for {arch}", cc.0, cc.1))?;
+        // Developer knob: QWEN3_PTX_FILE loads another build's PTX (same ABI) into this binary,
+        // so two kernels can be compared on one card in one session.
+        let module = match std::env::var_os("QWEN3_PTX_FILE").filter(|f| !f.is_empty()) {
+            Some(file) => {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("QWEN3_PTX_FILE={}: cannot read it", file.to_string_lossy()))?;
+                driver::RawModule::load_ptx(&text)
+                    .with_context(|| format!("QWEN3_PTX_FILE={} on GPU {ordinal} ({name})", file.to_string_lossy()))?
+            }
+            None => driver::RawModule::load_ptx(qwen3_ptx::PTX)
+                .with_context(|| format!("on GPU {ordinal} ({name}, sm_{}{}), PTX built for {arch}", cc.0, cc.1))?,
+        };
         // A blocking stream (cust never makes non-blocking ones): it orders after cust's
         // synchronous copies and memsets, which run on the legacy default stream.
         let stream = Stream::new(StreamFlags::DEFAULT, None).map_err(|e| anyhow!("cuStreamCreate: {e}"))?;

@@ -44,11 +44,6 @@ const MIN_CHUNK: u32 = 32;
 /// Cached positions a warp loads at once.
 const KV_BATCH: usize = 4; // the unroll! below is written for 4
 
-/// Shared memory (f32 words) the attention phase needs with `warps` warps per block.
-pub const fn attention_smem_words(warps: u32, group: u32, head_dim: u32) -> u32 {
-    group * head_dim + warps * group * (head_dim + 2) + 32
-}
-
 /// How the context of `len` positions is cut: (splits per kv head, positions per split,
 /// splits that have work).
 #[inline(always)]
@@ -90,7 +85,7 @@ unsafe fn store_bf16_row<const E: usize>(p: *mut u16, v: [f32; E]) {
     }
 }
 
-/// One attention phase. `E` = head_dim / 32. `smem` has `attention_smem_words` f32.
+/// One attention phase. `E` = head_dim / 32. `smem` has `abi::attention_smem_words` f32.
 #[inline(always)]
 pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32) {
     let head_dim = 32 * E as u32;
@@ -108,40 +103,69 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     let q_s = smem; // [group][head_dim], pre-scaled
     let warp_state = smem.add((group * head_dim) as usize); // [nw][group][head_dim + 2]
     let flag = smem.add((group * head_dim + nw * group * (head_dim + 2)) as usize) as *mut u32;
+    // The new position's k (normalised, rotated) and v, as the block owning it computes them.
+    let k_new = smem.add((group * head_dim + nw * group * (head_dim + 2) + 32) as usize);
+    let v_new = k_new.add(head_dim as usize);
     let lane_dim = (lane() * E as u32) as usize;
     let q_dim = a.n_heads * head_dim;
     let kv_dim = a.n_kv_heads * head_dim;
     let row_off = ((kv_head * a.max_ctx) as usize) * head_dim as usize;
+    let w = warp();
+
+    // Each warp walks positions p0 + w, p0 + w + nw, ... in batches of KV_BATCH whose loads are
+    // all issued before any is used, so a long context costs a few round trips to memory per
+    // warp, not one per position. The first batch of cached positions is requested before the
+    // q/k/v work below, so at short context the whole phase costs about one round trip.
+    let mut k = [[0.0f32; E]; KV_BATCH];
+    let mut v = [[0.0f32; E]; KV_BATCH];
+    let load_batch = |p: u32, k: &mut [[f32; E]; KV_BATCH], v: &mut [[f32; E]; KV_BATCH]| {
+        crate::unroll!(4, J, {
+            let pj = p + J as u32 * nw;
+            if pj < p1 && pj != a.pos {
+                let off = row_off + (pj * head_dim) as usize + lane_dim;
+                k[J] = load_bf16_row::<E>(a.k_cache.add(off));
+                v[J] = load_bf16_row::<E>(a.v_cache.add(off));
+            }
+        });
+    };
+    let mut p = p0 + w;
+    load_batch(p, &mut k, &mut v);
 
     // Normalise and rotate this kv head's q heads; the block owning the new position also
-    // appends its k and v to the cache.
-    let w = warp();
+    // appends its k and v to the cache and keeps them in shared memory for its own use.
     let q_scale = LOG2_E * rsqrt(head_dim as f32);
     if w < group {
         let qh = kv_head * group + w;
-        let mut v = [0.0f32; E];
+        let mut x = [0.0f32; E];
         for e in 0..E {
-            v[e] = ld_cg_f32(a.qkv.add((qh * head_dim) as usize + lane_dim + e));
+            x[e] = ld_cg_f32(a.qkv.add((qh * head_dim) as usize + lane_dim + e));
         }
-        let r = head_norm_rope::<E>(v, a.q_norm, a.eps, a.cos, a.sin);
+        let r = head_norm_rope::<E>(x, a.q_norm, a.eps, a.cos, a.sin);
         for e in 0..E {
             *q_s.add((w * head_dim) as usize + lane_dim + e) = r[e] * q_scale;
         }
     } else if w == group && p1 == len {
-        let mut v = [0.0f32; E];
+        let mut x = [0.0f32; E];
         for e in 0..E {
-            v[e] = ld_cg_f32(a.qkv.add((q_dim + kv_head * head_dim) as usize + lane_dim + e));
+            x[e] = ld_cg_f32(a.qkv.add((q_dim + kv_head * head_dim) as usize + lane_dim + e));
         }
-        let r = head_norm_rope::<E>(v, a.k_norm, a.eps, a.cos, a.sin);
+        let r = head_norm_rope::<E>(x, a.k_norm, a.eps, a.cos, a.sin);
         store_bf16_row::<E>(a.k_cache.add(row_off + (a.pos * head_dim) as usize + lane_dim), r);
-    } else if w == group + 1 && p1 == len {
-        let mut v = [0.0f32; E];
         for e in 0..E {
-            v[e] = ld_cg_f32(a.qkv.add((q_dim + kv_dim + kv_head * head_dim) as usize + lane_dim + e));
+            // Rounded like the cached copy, so this block sees what later steps will read.
+            *k_new.add(lane_dim + e) = round_bf16(r[e]);
         }
-        store_bf16_row::<E>(a.v_cache.add(row_off + (a.pos * head_dim) as usize + lane_dim), v);
+    } else if w == group + 1 && p1 == len {
+        let mut x = [0.0f32; E];
+        for e in 0..E {
+            x[e] = ld_cg_f32(a.qkv.add((q_dim + kv_dim + kv_head * head_dim) as usize + lane_dim + e));
+        }
+        store_bf16_row::<E>(a.v_cache.add(row_off + (a.pos * head_dim) as usize + lane_dim), x);
+        for e in 0..E {
+            *v_new.add(lane_dim + e) = round_bf16(x[e]);
+        }
     }
-    // Orders the cache writes above before this block's reads of them below.
+    // q, k_new and v_new are ready for every warp.
     sync_threads();
 
     // Each warp: online softmax over its positions, for every q head of the group.
@@ -156,18 +180,13 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
             }
         }
     });
-    // Positions in batches of KV_BATCH per warp: all their loads are issued before any is
-    // used, so a long context costs a few round trips to memory per warp, not one per position.
-    let mut p = p0 + w;
     while p < p1 {
-        let mut k = [[0.0f32; E]; KV_BATCH];
-        let mut v = [[0.0f32; E]; KV_BATCH];
         crate::unroll!(4, J, {
-            let pj = p + J as u32 * nw;
-            if pj < p1 {
-                let off = row_off + (pj * head_dim) as usize + lane_dim;
-                k[J] = load_bf16_row::<E>(a.k_cache.add(off));
-                v[J] = load_bf16_row::<E>(a.v_cache.add(off));
+            if p + J as u32 * nw == a.pos {
+                for e in 0..E {
+                    k[J][e] = *k_new.add(lane_dim + e);
+                    v[J][e] = *v_new.add(lane_dim + e);
+                }
             }
         });
         crate::unroll!(4, J, {
@@ -192,6 +211,7 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
             }
         });
         p += KV_BATCH as u32 * nw;
+        load_batch(p, &mut k, &mut v);
     }
     let stride = (head_dim + 2) as usize;
     // A constant bound keeps m, l and acc in registers (a run-time index would spill them).

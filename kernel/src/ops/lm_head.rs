@@ -5,7 +5,7 @@
 
 use crate::abi::LmPartial;
 use crate::device::*;
-use crate::ops::gemv::{block_rows, gemv_rows, Rows};
+use crate::ops::gemv::{block_rows, gemv_stream};
 use crate::ops::sampling::{gumbel, hash3, sample_top_k, top_k_smem_words};
 
 #[derive(Clone, Copy)]
@@ -81,7 +81,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     let mut m = f32::NEG_INFINITY;
     let mut s = 0.0f32;
     let mut target_logit = f32::NEG_INFINITY;
-    gemv_rows(Rows::global(a.weight), a.hidden, xn, r0, r1, |row, logit| {
+    gemv_stream(a.weight, a.hidden, xn, r0, r1, |row, logit| {
         if lane() == 0 {
             if !a.logits_out.is_null() {
                 *a.logits_out.add(row as usize) = logit;

@@ -2,47 +2,67 @@
 //! together so neither projection needs its own pass or its own barrier.
 
 use crate::device::*;
-use crate::ops::gemv::{dot2, dot2_xregs, x_regs, Rows, XRegs};
+use crate::ops::gemv::{dot_rows, load_rows, round_row, row_or_null, LaneRows};
 
 #[inline(always)]
 pub fn silu(g: f32) -> f32 {
     g / (1.0 + exp(-g))
 }
 
-/// `out[i] = silu(gate[i] . x) * (up[i] . x)` for i in `[r0, r1)`; `x` in shared memory.
+/// Outputs a warp computes per round: two, i.e. four rows (gate and up of each).
+const PAIRS: usize = 2;
+
+/// Requests this warp's gate and up rows of round `j` of the block's outputs `[r0, r1)`:
+/// `[gate i, up i, gate i', up i']` for its two outputs `i`, `i'` (see `gemv::round_row`).
 #[inline(always)]
-pub unsafe fn gate_up_silu_rows(gate: Rows, up: Rows, hidden: u32, x: *const f32, r0: u32, r1: u32, out: *mut f32) {
-    if gate.staged {
-        gate_up_from::<true>(gate, up, hidden, x, r0, r1, out)
-    } else {
-        gate_up_from::<false>(gate, up, hidden, x, r0, r1, out)
-    }
+pub unsafe fn load_gate_up_round<const C: usize>(
+    gate: *const u16,
+    up: *const u16,
+    hidden: u32,
+    r0: u32,
+    r1: u32,
+    j: u32,
+) -> LaneRows<4, C> {
+    let mut rows = [core::ptr::null(); 4];
+    crate::unroll!(4, I, {
+        if I < PAIRS {
+            let row = round_row(r0, j, I, PAIRS);
+            rows[2 * I] = row_or_null(gate, hidden, row, r1);
+            rows[2 * I + 1] = row_or_null(up, hidden, row, r1);
+        }
+    });
+    load_rows::<4, C>(rows, hidden)
 }
 
+/// `out[i] = silu(gate[i] . x) * (up[i] . x)` for the block's outputs `[r0, r1)`; `x` in shared
+/// memory. Round 0's rows are `first` (`load_gate_up_round(.., 0)`, requested by the caller
+/// before it prepared `x`).
 #[inline(always)]
-unsafe fn gate_up_from<const S: bool>(
-    gate: Rows,
-    up: Rows,
+pub unsafe fn gate_up_silu_rows<const C: usize>(
+    gate: *const u16,
+    up: *const u16,
     hidden: u32,
     x: *const f32,
     r0: u32,
     r1: u32,
+    first: LaneRows<4, C>,
     out: *mut f32,
 ) {
-    let mut i = r0 + warp();
-    if i >= r1 {
-        return;
-    }
-    let xr = if hidden <= 1024 { x_regs(x, hidden) } else { XRegs([[0.0; 8]; 4]) };
-    while i < r1 {
-        let (g, u) = if hidden <= 1024 {
-            dot2_xregs::<S>(gate.row(i, hidden), up.row(i, hidden), &xr, hidden)
-        } else {
-            dot2::<S>(gate.row(i, hidden), up.row(i, hidden), x, hidden)
-        };
-        if lane() == 0 {
-            *out.add(i as usize) = silu(g) * u;
+    let mut rows = first;
+    let mut j = 0;
+    while round_row(r0, j, 0, PAIRS) < r1 {
+        if j > 0 {
+            rows = load_gate_up_round::<C>(gate, up, hidden, r0, r1, j);
         }
-        i += warps_per_block();
+        let s = dot_rows(&rows, x, hidden);
+        crate::unroll!(4, I, {
+            if I < PAIRS {
+                let row = round_row(r0, j, I, PAIRS);
+                if row < r1 && lane() == 0 {
+                    *out.add(row as usize) = silu(s[2 * I]) * s[2 * I + 1];
+                }
+            }
+        });
+        j += 1;
     }
 }

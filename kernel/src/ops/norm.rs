@@ -79,21 +79,29 @@ pub unsafe fn head_norm_rope<const E: usize>(
     sin: *const f32,
 ) -> [f32; E] {
     let head_dim = 32 * E as u32;
+    let half = head_dim / 2;
+    // Weight, cos and sin first: their loads then travel with the caller's load of `v` instead
+    // of waiting for the reduction below (one round trip to memory, not two).
+    let mut w = [0.0f32; E];
+    let mut c = [0.0f32; E];
+    let mut s = [0.0f32; E];
+    for e in 0..E {
+        let d = lane() * E as u32 + e as u32;
+        w[e] = bf16_to_f32(*weight.add(d as usize));
+        c[e] = *cos.add((d % half) as usize);
+        s[e] = *sin.add((d % half) as usize);
+    }
     let mut ss = 0.0f32;
     for e in 0..E {
         ss = fma(v[e], v[e], ss);
     }
     let scale = rsqrt(warp_sum(ss) / head_dim as f32 + eps);
     let mut out = [0.0f32; E];
-    let half = head_dim / 2;
     for e in 0..E {
         let d = lane() * E as u32 + e as u32;
-        let n = v[e] * scale * bf16_to_f32(*weight.add(d as usize));
+        let n = v[e] * scale * w[e];
         let partner = shfl_xor_f32(n, 16);
-        let i = d % half;
-        let c = *cos.add(i as usize);
-        let s = *sin.add(i as usize);
-        out[e] = if d < half { n * c - partner * s } else { n * c + partner * s };
+        out[e] = if d < half { n * c[e] - partner * s[e] } else { n * c[e] + partner * s[e] };
     }
     out
 }

@@ -1,0 +1,97 @@
+//! `host bench --compare`: the megakernel against the same decode step split at its barriers
+//! into separate kernels (`qwen3_phase_hd*`, one launch per phase: 5 per layer plus the LM
+//! head) replayed as one CUDA graph per token, which is what a framework that captures its
+//! step in a CUDA graph runs. Both variants run the same device functions on the same grid,
+//! so they must agree exactly; that is checked before anything is timed.
+
+use crate::engine::abi::FLAG_WRITE_LOGITS;
+use crate::engine::{GpuEngine, LaunchSpec};
+use crate::generate::SamplingParams;
+use anyhow::{ensure, Context, Result};
+use std::time::Instant;
+
+/// One position's comparison.
+pub struct Comparison {
+    pub position: u32,
+    /// Median us per token of the split kernels replayed as a graph (one replay per token).
+    pub split_us: f64,
+    pub split_us_min: f64,
+    /// Largest |logit difference| between the two variants for the same step (0 = identical),
+    /// and whether their arg-max tokens agree.
+    pub max_logit_diff: f32,
+    pub same_token: bool,
+}
+
+/// Runs one step at `position` both ways and compares the logits, then times `reps` batches
+/// of `steps` graph replays.
+pub fn compare_at(engine: &mut GpuEngine, position: u32, steps: u32, reps: u32) -> Result<Comparison> {
+    let vocab = engine.config.vocab_size;
+    let token = 1u32;
+    let mega_logits = engine.gpu().alloc::<f32>(vocab, "comparison logits")?;
+    let split_logits = engine.gpu().alloc::<f32>(vocab, "comparison logits")?;
+    let spec = LaunchSpec {
+        start_pos: position,
+        prompt_len: 1,
+        n_steps: 1,
+        flags: FLAG_WRITE_LOGITS,
+        sampling: Some(SamplingParams::GREEDY),
+        logits_out: mega_logits.as_device_ptr().as_raw(),
+        ..Default::default()
+    };
+    engine.launch(&spec, &[token], None).context("megakernel step for the comparison")?;
+    let graph = engine.split_step_graph(position, token, split_logits.as_device_ptr().as_raw())?;
+    graph.launch(engine.gpu().stream())?;
+    engine.gpu().synchronize().context("split-kernel step for the comparison")?;
+    let a = engine.gpu().download(&mega_logits)?;
+    let b = engine.gpu().download(&split_logits)?;
+    let max_logit_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let same_token = argmax(&a) == argmax(&b);
+    ensure!(a.iter().all(|v| v.is_finite()), "the megakernel's logits are not finite");
+
+    // Timed as a decoder would run it: one replay per token, no logits written.
+    let graph = engine.split_step_graph(position, token, 0)?;
+    graph.launch(engine.gpu().stream())?; // warm-up
+    engine.gpu().synchronize()?;
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            graph.launch(engine.gpu().stream())?;
+        }
+        engine.gpu().synchronize()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e6 / steps as f64);
+    }
+    let split_us_min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    Ok(Comparison { position, split_us: times[times.len() / 2], split_us_min, max_logit_diff, same_token })
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Bytes of activations one decode step moves between phases through the L2 (written once,
+/// read by the blocks that need them), the same in both variants: every block reads the whole
+/// input vector of each GEMV phase (x twice per layer, the attention output, the MLP
+/// activation), plus the writes, the attention's q/k/v reads and the LM head's input. The split
+/// variant also re-reads each block's residual rows, which the megakernel keeps in shared
+/// memory: `extra_split`.
+pub fn intermediate_bytes(engine: &GpuEngine) -> (u64, u64) {
+    let c = &engine.config;
+    let grid = engine.grid() as u64;
+    let (h, i, q, kv, d) =
+        (c.hidden_size as u64, c.intermediate_size as u64, c.q_dim() as u64, c.kv_dim() as u64, c.head_dim as u64);
+    let group = (c.num_attention_heads / c.num_key_value_heads) as u64;
+    let per_layer_reads = grid * (2 * h + q + i) + grid * (group + 2) * d;
+    let per_layer_writes = (q + 2 * kv) + q + h + i + h;
+    let layers = c.num_hidden_layers as u64;
+    let total = 4 * (layers * (per_layer_reads + per_layer_writes) + grid * h);
+    let extra_split = 4 * layers * 2 * h;
+    (total, extra_split)
+}
