@@ -55,25 +55,24 @@ pub fn split_plan(len: u32, n_kv_heads: u32, max_splits: u32) -> (u32, u32, u32)
     (splits, chunk, len.div_ceil(chunk))
 }
 
+/// A lane's `E` bf16 values of a cached row, still packed (E = 4: two words; 2: one; 1: the
+/// low half of one): half the registers of f32, so two batches can be in flight.
 #[inline(always)]
-unsafe fn load_bf16_row<const E: usize>(p: *const u16) -> [f32; E] {
-    let mut out = [0.0f32; E];
+unsafe fn load_bf16_raw<const E: usize>(p: *const u16) -> [u32; 2] {
     if E == 4 {
-        let w = ld_cg_v2(p as *const u32);
-        let (a, b) = bf16x2_to_f32(w[0]);
-        let (c, d) = bf16x2_to_f32(w[1]);
-        out[0] = a;
-        out[1] = b;
-        out[2] = c;
-        out[3] = d;
+        ld_cg_v2(p as *const u32)
     } else if E == 2 {
-        let (a, b) = bf16x2_to_f32(ld_cg_u32(p as *const u32));
-        out[0] = a;
-        out[1] = b;
+        [ld_cg_u32(p as *const u32), 0]
     } else {
-        for e in 0..E {
-            out[e] = bf16_to_f32(ld_cg_u16(p.add(e)));
-        }
+        [ld_cg_u16(p) as u32, 0]
+    }
+}
+
+#[inline(always)]
+fn unpack_bf16<const E: usize>(w: [u32; 2]) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    for e in 0..E {
+        out[e] = bf16_to_f32((w[e / 2] >> (16 * (e % 2))) as u16);
     }
     out
 }
@@ -116,15 +115,15 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     // all issued before any is used, so a long context costs a few round trips to memory per
     // warp, not one per position. The first batch of cached positions is requested before the
     // q/k/v work below, so at short context the whole phase costs about one round trip.
-    let mut k = [[0.0f32; E]; KV_BATCH];
-    let mut v = [[0.0f32; E]; KV_BATCH];
-    let load_batch = |p: u32, k: &mut [[f32; E]; KV_BATCH], v: &mut [[f32; E]; KV_BATCH]| {
+    let mut k = [[0u32; 2]; KV_BATCH];
+    let mut v = [[0u32; 2]; KV_BATCH];
+    let load_batch = |p: u32, k: &mut [[u32; 2]; KV_BATCH], v: &mut [[u32; 2]; KV_BATCH]| {
         crate::unroll!(4, J, {
             let pj = p + J as u32 * nw;
             if pj < p1 && pj != a.pos {
                 let off = row_off + (pj * head_dim) as usize + lane_dim;
-                k[J] = load_bf16_row::<E>(a.k_cache.add(off));
-                v[J] = load_bf16_row::<E>(a.v_cache.add(off));
+                k[J] = load_bf16_raw::<E>(a.k_cache.add(off));
+                v[J] = load_bf16_raw::<E>(a.v_cache.add(off));
             }
         });
     };
@@ -181,21 +180,26 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
         }
     });
     while p < p1 {
+        // The next batch is requested before this one is used: two batches in flight.
+        let mut k_next = [[0u32; 2]; KV_BATCH];
+        let mut v_next = [[0u32; 2]; KV_BATCH];
+        load_batch(p + KV_BATCH as u32 * nw, &mut k_next, &mut v_next);
         crate::unroll!(4, J, {
-            if p + J as u32 * nw == a.pos {
-                for e in 0..E {
-                    k[J][e] = *k_new.add(lane_dim + e);
-                    v[J][e] = *v_new.add(lane_dim + e);
+            let pj = p + J as u32 * nw;
+            if pj < p1 {
+                // The new position's k and v come from shared memory (this block wrote them).
+                let (mut kf, mut vf) = (unpack_bf16::<E>(k[J]), unpack_bf16::<E>(v[J]));
+                if pj == a.pos {
+                    for e in 0..E {
+                        kf[e] = *k_new.add(lane_dim + e);
+                        vf[e] = *v_new.add(lane_dim + e);
+                    }
                 }
-            }
-        });
-        crate::unroll!(4, J, {
-            if p + J as u32 * nw < p1 {
                 crate::unroll!(4, G, {
                     if (G as u32) < group {
                         let mut s = 0.0f32;
                         for e in 0..E {
-                            s = fma(q[G][e], k[J][e], s);
+                            s = fma(q[G][e], kf[e], s);
                         }
                         let s = warp_sum(s);
                         let m_new = fmaxf(m[G], s);
@@ -203,7 +207,7 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
                         let pr = exp2(s - m_new);
                         l[G] = fma(l[G], corr, pr);
                         for e in 0..E {
-                            acc[G][e] = fma(acc[G][e], corr, pr * v[J][e]);
+                            acc[G][e] = fma(acc[G][e], corr, pr * vf[e]);
                         }
                         m[G] = m_new;
                     }
@@ -211,7 +215,8 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
             }
         });
         p += KV_BATCH as u32 * nw;
-        load_batch(p, &mut k, &mut v);
+        k = k_next;
+        v = v_next;
     }
     let stride = (head_dim + 2) as usize;
     // A constant bound keeps m, l and acc in registers (a run-time index would spill them).
