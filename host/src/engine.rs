@@ -471,8 +471,10 @@ impl GpuEngine {
             }
         };
         // A step takes well under 10 ms even at 40k context; a launch far past that is stuck
-        // (a barrier that never completes), and waiting longer would only hide it.
-        let watchdog = Duration::from_secs(30) + Duration::from_millis(20) * spec.n_steps;
+        // (a barrier that never completes), and waiting longer would only hide it. Tools that
+        // slow kernels down a hundredfold (compute-sanitizer) set QWEN3_WATCHDOG_SECS.
+        let base = std::env::var("QWEN3_WATCHDOG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+        let watchdog = Duration::from_secs(base) + Duration::from_millis(20) * spec.n_steps;
         loop {
             let status = self.gpu.stream_done();
             // Tokens published before a fault still reach the caller.
