@@ -96,8 +96,7 @@ fn print_phases(engine: &mut GpuEngine, spec: &LaunchSpec, token: &[u32], positi
     let mean_slot =
         |slot: usize| (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + slot] as f64 / mhz).sum::<f64>() / blocks as f64;
     println!(
-        "inside q/k/v: weights ready {:.2}, norm done {:.2}, GEMV done {:.2}; o proj input loaded {:.2} (us from phase start)\n",
-        mean_slot(12),
+        "inside q/k/v: norm done {:.2}, GEMV done {:.2}; o proj input loaded {:.2} (us from phase start)\n",
         mean_slot(13),
         mean_slot(14),
         mean_slot(15)

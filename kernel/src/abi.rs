@@ -183,7 +183,7 @@ pub struct DecodeParams {
     /// `min(1, n_steps - 1)`, SM cycles each block spent working and waiting in each phase:
     /// `[2 * phase]` work, `[2 * phase + 1]` wait; phases 0..5 are q/k/v, attention, o, gate/up,
     /// down, and the LM head (recorded in the same step). Slots 12.. hold cycles from a phase's
-    /// start to marks inside it: 12 q/k/v after the weight wait, 13 after its norm, 14 after its
+    /// start to marks inside it: 13 q/k/v after its norm, 14 after its
     /// GEMV; 15 the o projection after loading its input.
     pub phase_cycles: u64,
 }

@@ -275,7 +275,6 @@ impl<'a> Step<'a> {
     #[inline(always)]
     unsafe fn qkv(&self, layer: u32, input: NormInput, w: LaneRows<QKV_ROWS_PER_WARP, HIDDEN_CHUNKS>, bars: &Barriers) {
         let lw = self.layer(layer);
-        bars.mark(self.p, 12);
         self.normed_input(input, lw.input_norm);
         bars.mark(self.p, 13);
         let (r0, r1) = self.qkv_rows;
