@@ -216,13 +216,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "## bench: {name}, {} blocks x {} threads, {} grid barriers per step, {} steps per launch, median of {}{}\n",
+        "## bench: {name}, {} blocks x {} threads, {} grid barriers per step, {} steps per launch, median of {}\n",
         engine.grid(),
         engine.threads(),
         engine.barriers_per_step(),
         args.steps,
-        args.reps,
-        ""
+        args.reps
     );
     if args.skip != 0 {
         println!("DIAGNOSTIC RUN: stages left out (mask {}); these are not decode speeds\n", args.skip);
