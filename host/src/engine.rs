@@ -1,5 +1,5 @@
 //! The GPU decode engine: uploads a checkpoint, owns the KV cache and work buffers, and runs
-//! the `qwen3_decode` megakernel (kernel/src/decode.rs) with cooperative launches.
+//! the `qwen3_decode_hd*` megakernel (kernel/src/decode.rs) with cooperative launches.
 //!
 //! One launch runs many decode steps: the prompt is fed one position per step, then each
 //! chosen token feeds the next step on the device. Generated tokens arrive through a pinned
@@ -124,8 +124,6 @@ pub struct GpuEngine {
     max_ctx: u32,
     grid: u32,
     smem: u32,
-    /// Bytes per weight-staging buffer (0: weights are read from global memory) and where the
-    /// buffers start in dynamic shared memory.
     eos: Vec<u32>,
     /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `generate` makes the kernel fault at this step.
     pub fault_step: Option<u32>,

@@ -67,7 +67,7 @@ pub const fn attention_smem_words(warps: u32, group: u32, head_dim: u32) -> u32 
     group * head_dim + warps * group * (head_dim + 2) + 32 + 2 * head_dim
 }
 
-/// Dynamic shared memory (bytes per block) `qwen3_decode` needs: the largest of the phases'
+/// Dynamic shared memory (bytes per block) `qwen3_decode_hd*` needs: the largest of the phases'
 /// needs (a vector of the widest input; the attention phase's q and per-warp state; the LM
 /// head's input plus its reduction or top-k scratch), plus `SCRATCH_WORDS`.
 pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, head_dim: u32) -> u32 {
@@ -94,7 +94,7 @@ pub const SCRATCH_WORDS: u32 = 32 + MAX_OWN_ROWS;
 /// Most rows of the hidden state one block may own (`ceil(hidden / grid)`).
 pub const MAX_OWN_ROWS: u32 = 64;
 
-/// Everything one launch of `qwen3_decode` needs. Passed by value as the only parameter.
+/// Everything one launch of `qwen3_decode_hd*` (or `qwen3_phase_hd*`) needs. Passed by value as the only parameter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DecodeParams {
@@ -195,7 +195,7 @@ pub const PROFILE_SLOTS: usize = 16;
 pub const SKIP_GEMV: u32 = 1; // the q/k/v, o, gate/up and down projections
 pub const SKIP_ATTENTION: u32 = 2; // the attention phase
 pub const SKIP_LM_HEAD: u32 = 4; // the final norm + LM head (each step feeds its own token again)
-pub const SKIP_NORM: u32 = 8; // the RMSNorms (the input is staged unnormalised)
+pub const SKIP_NORM: u32 = 8; // the RMSNorms (the input is copied unnormalised)
 
 /// One block's LM-head result.
 #[repr(C)]
