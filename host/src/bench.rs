@@ -60,7 +60,7 @@ pub fn synthetic_weights(seed: u64) -> Result<Weights> {
     w
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }

@@ -4,9 +4,11 @@
 //! step in a CUDA graph runs. Both variants run the same device functions on the same grid,
 //! so they must agree exactly; that is checked before anything is timed.
 
+use crate::bench::median;
 use crate::engine::abi::FLAG_WRITE_LOGITS;
 use crate::engine::{GpuEngine, LaunchSpec};
 use crate::generate::SamplingParams;
+use crate::model::ops;
 use anyhow::{ensure, Context, Result};
 use std::time::Instant;
 
@@ -45,7 +47,7 @@ pub fn compare_at(engine: &mut GpuEngine, position: u32, steps: u32, reps: u32) 
     let a = engine.gpu().download(&mega_logits)?;
     let b = engine.gpu().download(&split_logits)?;
     let max_logit_diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-    let same_token = argmax(&a) == argmax(&b);
+    let same_token = ops::argmax(&a) == ops::argmax(&b);
     ensure!(a.iter().all(|v| v.is_finite()), "the megakernel's logits are not finite");
 
     // Timed as a decoder would run it: one replay per token, no logits written.
@@ -62,18 +64,7 @@ pub fn compare_at(engine: &mut GpuEngine, position: u32, steps: u32, reps: u32) 
         times.push(t0.elapsed().as_secs_f64() * 1e6 / steps as f64);
     }
     let split_us_min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-    times.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    Ok(Comparison { position, split_us: times[times.len() / 2], split_us_min, max_logit_diff, same_token })
-}
-
-fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
+    Ok(Comparison { position, split_us: median(&mut times), split_us_min, max_logit_diff, same_token })
 }
 
 /// Bytes of activations one decode step moves between phases through the L2 (written once,
