@@ -288,21 +288,33 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     }
     let qh = kv_head * group + w;
     let base = a.partial.add((qh * a.max_splits) as usize * stride);
-    let mut big_m = f32::NEG_INFINITY;
-    for s in 0..active {
-        big_m = fmaxf(big_m, ld_cg_f32(base.add(s as usize * stride)));
-    }
-    let mut big_l = 0.0f32;
+    // Every split's (max, sum) at once, lane s taking split s (active <= MAX_SPLITS = 32).
+    let s = lane().min(active - 1);
+    let (m_s, l_s) = (ld_cg_f32(base.add(s as usize * stride)), ld_cg_f32(base.add(s as usize * stride + 1)));
+    let m_s = if lane() < active { m_s } else { f32::NEG_INFINITY };
+    let big_m = warp_max(m_s);
+    let f_s = if lane() < active { exp2(m_s - big_m) } else { 0.0 };
+    let inv = 1.0 / warp_sum(l_s * f_s);
+    // Then the weighted values, eight splits' loads in flight at a time (a split past `active`
+    // reads the last one again, weighted 0).
     let mut big_acc = [0.0f32; E];
-    for s in 0..active {
-        let pp = base.add(s as usize * stride);
-        let f = exp2(ld_cg_f32(pp) - big_m);
-        big_l = fma(ld_cg_f32(pp.add(1)), f, big_l);
-        for e in 0..E {
-            big_acc[e] = fma(ld_cg_f32(pp.add(2 + lane_dim + e)), f, big_acc[e]);
-        }
+    let mut s0 = 0;
+    while s0 < active {
+        let mut vals = [[0.0f32; E]; 8];
+        crate::unroll!(8, J, {
+            let pp = base.add(((s0 + J as u32).min(active - 1)) as usize * stride + 2 + lane_dim);
+            for e in 0..E {
+                vals[J][e] = ld_cg_f32(pp.add(e));
+            }
+        });
+        crate::unroll!(8, J, {
+            let f = shfl_idx_f32(f_s, s0 + J as u32);
+            for e in 0..E {
+                big_acc[e] = fma(vals[J][e], f, big_acc[e]);
+            }
+        });
+        s0 += 8;
     }
-    let inv = 1.0 / big_l;
     for e in 0..E {
         *a.out.add((qh * head_dim) as usize + lane_dim + e) = big_acc[e] * inv;
     }
