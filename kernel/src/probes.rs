@@ -78,6 +78,80 @@ pub unsafe extern "ptx-kernel" fn probe_read_bandwidth(src: *const u32, n_vec4: 
     }
 }
 
+/// How DRAM streams slow a chain of dependent L2 hits (what a grid barrier, an input vector
+/// load or an attention merge is made of). Warp 0 of each block walks `hops` steps of the
+/// cycle in `hot` (4096 words; each step one `ld.global.cg` that hits L2) and writes the SM
+/// cycles per step to `out[block]`, while other warps read `rounds` bursts of 8 KiB each
+/// (16 x 16 bytes per lane, all requested before any is used, as the GEMVs load their weights)
+/// from their own `rounds * 8 KiB` of `big`. Which warps stream is `mode`: 0 none; 1 the
+/// warps on other SM sub-partitions than warp 0 (warp % 4 != 0); 2 the other warps on warp 0's
+/// sub-partition (warp % 4 == 0); 3 every other warp. For `host sync-bench --l2-latency`.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn probe_chain_under_stream(
+    big: *const u32,
+    rounds: u32,
+    hot: *const u32,
+    hops: u32,
+    mode: u32,
+    out: *mut u64,
+) {
+    let w = warp();
+    let streams = match mode {
+        1 => w % 4 != 0,
+        2 => w % 4 == 0 && w != 0,
+        3 => w != 0,
+        _ => false,
+    };
+    let region = big.add(((block_idx() * warps_per_block() + w) as usize) * (rounds as usize) * 2048);
+    let burst = |r: u32| {
+        let mut v = [[0u32; 4]; 16];
+        for (k, d) in v.iter_mut().enumerate() {
+            *d = ld_nc_v4(region.add(r as usize * 2048 + k * 128 + lane() as usize * 4));
+        }
+        v
+    };
+    let fold = |v: [[u32; 4]; 16]| {
+        let mut acc = 0u32;
+        for d in v {
+            acc ^= d[0] ^ d[1] ^ d[2] ^ d[3];
+        }
+        acc
+    };
+    let smem = dynamic_shared::<u32>();
+    sync_threads();
+    let mut acc = 0u32;
+    if streams {
+        for r in 0..rounds {
+            acc ^= fold(burst(r));
+        }
+    } else if w == 0 {
+        // Bring all of `hot` (4096 words) into L2, and let the streams get going.
+        let mut i = lane();
+        while i < 4096 {
+            acc ^= ld_cg_u32(hot.add(i as usize));
+            i += 32;
+        }
+        let mut j = lane() * 32;
+        for _ in 0..32 {
+            j = ld_cg_u32(hot.add(j as usize));
+        }
+        core::ptr::write_volatile(smem.add(lane() as usize), j);
+        let t0 = clock64();
+        for _ in 0..hops {
+            j = ld_cg_u32(hot.add(j as usize));
+        }
+        // The store needs `j`, so the clock is read after the last step arrived.
+        core::ptr::write_volatile(smem.add(lane() as usize), j);
+        let t1 = clock64();
+        if lane() == 0 {
+            *out.add(block_idx() as usize) = (t1 - t0) / hops as u64;
+        }
+    }
+    if acc == 0x9e37_79b9 {
+        *out = acc as u64;
+    }
+}
+
 // ---------------------------------------------------------------- checks of the device module
 //
 // Kernels for tests/tests/gpu_device.rs. Each exercises one piece of `device` on data the host

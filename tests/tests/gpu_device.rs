@@ -174,6 +174,24 @@ fn read_bandwidth_probe() {
     assert!(bw > 100e9 && bw < 20e12, "implausible bandwidth {bw}");
 }
 
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn l2_latency_probe() {
+    let gpu = open_gpu();
+    let rows = host::syncbench::measure_l2_latency(&gpu).unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        println!("{}: {:?} cycles per L2 hit, {:.0} GB/s streamed", r.label, r.cycles, r.streamed_gb_s);
+        let (med, lo, hi) = r.cycles;
+        // An L2 hit takes a few hundred cycles; zero means the walk never ran, a huge value that
+        // it went to DRAM or hung.
+        assert!(lo > 50 && lo <= med && med <= hi && hi < 100_000, "implausible cycles {:?} ({})", r.cycles, r.label);
+        if r.streaming_warps > 0 {
+            assert!(r.streamed_gb_s > 10.0 && r.streamed_gb_s < 20_000.0, "implausible stream {}", r.streamed_gb_s);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- the grid barrier
 
 /// Runs a barrier-visibility kernel cooperatively with `blocks` blocks of 256 threads for
