@@ -239,19 +239,26 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     // Merge the warps: warp g takes q head g of the group.
     if w < group {
         let qh = kv_head * group + w;
-        let mut big_m = f32::NEG_INFINITY;
-        for ww in 0..nw {
-            big_m = fmaxf(big_m, *warp_state.add((ww * group + w) as usize * stride));
-        }
-        let mut big_l = 0.0f32;
+        // Every warp's (max, sum) at once, lane ww taking warp ww (nw <= 32).
+        let st_w = warp_state.add((lane().min(nw - 1) * group + w) as usize * stride);
+        let m_w = if lane() < nw { *st_w } else { f32::NEG_INFINITY };
+        let big_m = warp_max(m_w);
+        let f_w = if lane() < nw { exp2(m_w - big_m) } else { 0.0 };
+        let big_l = warp_sum(*st_w.add(1) * f_w);
+        // Then the weighted values, four warps' at a time (a constant count, so their loads
+        // from shared memory are issued together).
         let mut big_acc = [0.0f32; E];
-        for ww in 0..nw {
-            let st = warp_state.add((ww * group + w) as usize * stride);
-            let f = exp2(*st - big_m);
-            big_l = fma(*st.add(1), f, big_l);
-            for e in 0..E {
-                big_acc[e] = fma(*st.add(2 + lane_dim + e), f, big_acc[e]);
-            }
+        let mut w0 = 0;
+        while w0 < nw {
+            crate::unroll!(4, J, {
+                let ww = (w0 + J as u32).min(nw - 1);
+                let f = shfl_idx_f32(f_w, w0 + J as u32);
+                let st = warp_state.add((ww * group + w) as usize * stride + 2 + lane_dim);
+                for e in 0..E {
+                    big_acc[e] = fma(*st.add(e), f, big_acc[e]);
+                }
+            });
+            w0 += 4;
         }
         if active == 1 {
             let inv = 1.0 / big_l;
