@@ -89,8 +89,11 @@ pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, 
 }
 
 /// Words at the end of the decode kernel's base shared memory: 32 for block reductions, then
-/// room for the block's own rows of the residual stream (at most `MAX_OWN_ROWS`).
-pub const SCRATCH_WORDS: u32 = 32 + MAX_OWN_ROWS;
+/// room for the block's own rows of the residual stream (at most `MAX_OWN_ROWS`), then the
+/// barriers' timestamps (`TIMER_WORDS`, 8-byte aligned: two words of slack).
+pub const SCRATCH_WORDS: u32 = 32 + MAX_OWN_ROWS + TIMER_WORDS + 2;
+/// Five u64 timestamps of the decode kernel's barrier and phase profiling.
+pub const TIMER_WORDS: u32 = 10;
 /// Most rows of the hidden state one block may own (`ceil(hidden / grid)`).
 pub const MAX_OWN_ROWS: u32 = 64;
 

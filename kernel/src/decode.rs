@@ -35,38 +35,48 @@ const INTER_CHUNKS: usize = (MAX_INTER / 256) as usize;
 const QKV_ROWS_PER_WARP: usize = 3;
 
 /// The grid barriers of one launch, with the optional timing: FLAG_PROFILE_BARRIERS adds the
-/// time thread 0 spends from arriving to leaving each barrier to `waited_ns`;
+/// time thread 0 spends from arriving to leaving each barrier to a per-block total;
 /// FLAG_PROFILE_PHASES records, for one layer, SM cycles of work (phase start to the block's
 /// last thread done) and of waiting (from there to the barrier's release) per phase, plus
-/// marks inside phases (`mark`).
+/// marks inside phases (`mark`). Thread 0 keeps the timestamps in shared memory (`timers`),
+/// not in registers: every barrier of every layer would otherwise carry them.
 struct Barriers {
     bar: *mut u32,
     time_waits: bool,
-    waited_ns: u64,
-    arrived_ns: u64,
     /// Phase profiling is on for the current layer.
     on: bool,
-    phase: usize,
-    start: u64,
-    done: u64,
+    /// `[T_*]`, shared memory, thread 0 only.
+    timers: *mut u64,
 }
+
+const T_START: usize = 0; // the current phase's start (clock64)
+const T_DONE: usize = 1; // the block's arrival at the barrier ending it (clock64)
+const T_ARRIVED: usize = 2; // thread 0's arrival (globaltimer)
+const T_WAITED: usize = 3; // total ns waited in barriers
+const T_PHASE: usize = 4; // the current phase's index
 
 impl Barriers {
     /// The barrier word `bar` (null: none, for the split kernels, where launches take the
-    /// barriers' place); `time_waits` for FLAG_PROFILE_BARRIERS.
+    /// barriers' place); `time_waits` for FLAG_PROFILE_BARRIERS; `timers` TIMER_WORDS words of
+    /// shared memory, 8-byte aligned.
     #[inline(always)]
-    fn new(bar: *mut u32, time_waits: bool) -> Barriers {
-        Barriers { bar, time_waits, waited_ns: 0, arrived_ns: 0, on: false, phase: 0, start: 0, done: 0 }
+    unsafe fn new(bar: *mut u32, time_waits: bool, timers: *mut u64) -> Barriers {
+        if thread_idx() == 0 {
+            *timers.add(T_WAITED) = 0;
+        }
+        Barriers { bar, time_waits, on: false, timers }
     }
 
     /// Starts phase profiling (all threads) when `on`, from phase `phase`.
     #[inline(always)]
     unsafe fn profile_from(&mut self, on: bool, phase: usize) {
         self.on = on;
-        self.phase = phase;
         if on {
             sync_threads();
-            self.start = clock64();
+            if thread_idx() == 0 {
+                *self.timers.add(T_PHASE) = phase as u64;
+                *self.timers.add(T_START) = clock64();
+            }
         }
     }
 
@@ -75,10 +85,10 @@ impl Barriers {
     unsafe fn mark(&self, p: &DecodeParams, slot: usize) {
         if self.on {
             sync_threads();
-            let t = clock64();
             if thread_idx() == 0 {
+                let t = clock64();
                 *(p.phase_cycles as *mut u32).add(block_idx() as usize * PROFILE_SLOTS + slot) =
-                    (t - self.start) as u32;
+                    (t - *self.timers.add(T_START)) as u32;
             }
         }
     }
@@ -89,10 +99,12 @@ impl Barriers {
     unsafe fn arrive(&mut self) -> u32 {
         if self.on {
             sync_threads();
-            self.done = clock64();
+            if thread_idx() == 0 {
+                *self.timers.add(T_DONE) = clock64();
+            }
         }
         if self.time_waits && thread_idx() == 0 {
-            self.arrived_ns = global_timer_ns();
+            *self.timers.add(T_ARRIVED) = global_timer_ns();
         }
         grid_arrive(self.bar)
     }
@@ -101,18 +113,23 @@ impl Barriers {
     #[inline(always)]
     unsafe fn wait(&mut self, p: &DecodeParams, token: u32) {
         grid_wait(self.bar, token);
-        if self.time_waits && thread_idx() == 0 {
-            self.waited_ns += global_timer_ns() - self.arrived_ns;
+        if thread_idx() != 0 {
+            return;
+        }
+        let t = self.timers;
+        if self.time_waits {
+            *t.add(T_WAITED) += global_timer_ns() - *t.add(T_ARRIVED);
         }
         if self.on {
             let now = clock64();
-            if thread_idx() == 0 && self.phase < PROFILE_SLOTS / 2 {
-                let slot = (p.phase_cycles as *mut u32).add(block_idx() as usize * PROFILE_SLOTS + 2 * self.phase);
-                *slot = (self.done - self.start) as u32;
-                *slot.add(1) = (now - self.done) as u32;
+            let phase = *t.add(T_PHASE) as usize;
+            if phase < PROFILE_SLOTS / 2 {
+                let slot = (p.phase_cycles as *mut u32).add(block_idx() as usize * PROFILE_SLOTS + 2 * phase);
+                *slot = (*t.add(T_DONE) - *t.add(T_START)) as u32;
+                *slot.add(1) = (now - *t.add(T_DONE)) as u32;
             }
-            self.phase += 1;
-            self.start = now;
+            *t.add(T_PHASE) = phase as u64 + 1;
+            *t.add(T_START) = now;
         }
     }
 }
@@ -196,6 +213,13 @@ impl<'a> Step<'a> {
             i_rows: rows_of(p.inter),
             own_rows: block_rows(p.hidden),
         }
+    }
+
+    /// The barriers' timestamps: TIMER_WORDS words after the block's rows of x, 8-byte aligned.
+    #[inline(always)]
+    fn timers(&self) -> *mut u64 {
+        let after = self.scratch.wrapping_add(32 + MAX_OWN_ROWS as usize) as usize;
+        ((after + 7) & !7) as *mut u64
     }
 
     #[inline(always)]
@@ -402,7 +426,7 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
     let st = Step::new(p, true);
     let state = p.state as *mut DecodeState;
     let ring = p.ring as *mut u32;
-    let mut bars = Barriers::new(p.barrier as *mut u32, p.flags & FLAG_PROFILE_BARRIERS != 0);
+    let mut bars = Barriers::new(p.barrier as *mut u32, p.flags & FLAG_PROFILE_BARRIERS != 0, st.timers());
     // Layer 0's q/k/v weights for the first step; later ones are requested at the barrier
     // before the phase that uses them.
     let mut qkv_w = st.load_qkv(0);
@@ -475,7 +499,7 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
         step += 1;
     }
     if thread_idx() == 0 && bars.time_waits {
-        *(p.barrier_ns as *mut u64).add(block_idx() as usize) = bars.waited_ns;
+        *(p.barrier_ns as *mut u64).add(block_idx() as usize) = *bars.timers.add(T_WAITED);
     }
     if thread_idx() == 0 && block_idx() == 0 {
         (*state).steps_done = step;
@@ -517,7 +541,7 @@ unsafe fn phase_checked<const E: usize>(p: &DecodeParams, op: u32) {
         }
         return;
     }
-    let bars = Barriers::new(core::ptr::null_mut(), false);
+    let bars = Barriers::new(core::ptr::null_mut(), false, st.timers());
     match phase {
         0 => {
             let w = st.load_qkv(layer);
