@@ -95,6 +95,9 @@ pub fn run(args: SyncBenchArgs) -> Result<()> {
     if args.reps == 0 {
         bail!("--reps must be at least 1");
     }
+    if args.l2_latency && args.json {
+        bail!("--l2-latency prints a markdown table only; run it without --json");
+    }
     // Every kernel in kernel/ carries `.maxntid 512` (build.rs), so no block may be larger.
     if args.threads == 0 || args.threads > 512 || !args.threads.is_multiple_of(32) {
         bail!("--threads must be a multiple of 32 between 32 and 512");
@@ -259,15 +262,25 @@ pub fn measure_l2_latency(gpu: &Gpu) -> Result<Vec<L2Latency>> {
     let hot = gpu.upload(&hot_v, "L2-resident cycle")?;
     let out = gpu.alloc::<u64>(blocks as usize, "cycles per step")?;
     let k = gpu.kernel("probe_chain_under_stream")?;
-    let modes =
-        [(0u32, "none", 0u32), (2, "2, on warp 0's sub-partition", 2), (1, "9, on the other sub-partitions", 9), (3, "11, all others", 11)];
+    let modes = [
+        (0u32, "none", 0u32),
+        (2, "2, on warp 0's sub-partition", 2),
+        (1, "9, on the other sub-partitions", 9),
+        (3, "11, all others", 11),
+    ];
     let mut rows = Vec::new();
     for (mode, label, streaming_warps) in modes {
         let mut ms = 0.0;
         // The first run warms up (module load, the cycle into L2); the last one counts.
         for _ in 0..3 {
-            let (mut pb, mut pr, mut ph, mut hp, mut m, mut po) =
-                (big.as_device_ptr().as_raw(), rounds, hot.as_device_ptr().as_raw(), hops, mode, out.as_device_ptr().as_raw());
+            let (mut pb, mut pr, mut ph, mut hp, mut m, mut po) = (
+                big.as_device_ptr().as_raw(),
+                rounds,
+                hot.as_device_ptr().as_raw(),
+                hops,
+                mode,
+                out.as_device_ptr().as_raw(),
+            );
             let mut a = [
                 &mut pb as *mut u64 as *mut c_void,
                 &mut pr as *mut u32 as *mut c_void,
