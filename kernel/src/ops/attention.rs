@@ -57,6 +57,26 @@ pub fn split_plan(len: u32, n_kv_heads: u32, max_splits: u32) -> (u32, u32, u32)
     (splits, chunk, len.div_ceil(chunk))
 }
 
+/// A lane's `E` consecutive f32 written earlier in this launch (q/k/v), in one load.
+#[inline(always)]
+unsafe fn ld_cg_f32s<const E: usize>(p: *const f32) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    if E == 4 {
+        let v = ld_cg_f32x4(p);
+        for e in 0..E {
+            out[e] = v[e];
+        }
+    } else if E == 2 {
+        let v = ld_cg_v2(p as *const u32);
+        for e in 0..E {
+            out[e] = f32::from_bits(v[e]);
+        }
+    } else {
+        out[0] = ld_cg_f32(p);
+    }
+    out
+}
+
 /// A lane's `E` bf16 values of a cached row, still packed (E = 4: two words; 2: one; 1: the
 /// low half of one): half the registers of f32, so two batches can be in flight.
 #[inline(always)]
@@ -137,19 +157,13 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     let q_scale = LOG2_E * rsqrt(head_dim as f32);
     if w < group {
         let qh = kv_head * group + w;
-        let mut x = [0.0f32; E];
-        for e in 0..E {
-            x[e] = ld_cg_f32(a.qkv.add((qh * head_dim) as usize + lane_dim + e));
-        }
+        let x = ld_cg_f32s::<E>(a.qkv.add((qh * head_dim) as usize + lane_dim));
         let r = head_norm_rope::<E>(x, a.q_norm, a.eps, a.cos, a.sin);
         for e in 0..E {
             *q_s.add((w * head_dim) as usize + lane_dim + e) = r[e] * q_scale;
         }
     } else if w == group && p1 == len {
-        let mut x = [0.0f32; E];
-        for e in 0..E {
-            x[e] = ld_cg_f32(a.qkv.add((q_dim + kv_head * head_dim) as usize + lane_dim + e));
-        }
+        let x = ld_cg_f32s::<E>(a.qkv.add((q_dim + kv_head * head_dim) as usize + lane_dim));
         let r = head_norm_rope::<E>(x, a.k_norm, a.eps, a.cos, a.sin);
         store_bf16_row::<E>(a.k_cache.add(row_off + (a.pos * head_dim) as usize + lane_dim), r);
         for e in 0..E {
@@ -157,10 +171,7 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
             *k_new.add(lane_dim + e) = round_bf16(r[e]);
         }
     } else if w == group + 1 && p1 == len {
-        let mut x = [0.0f32; E];
-        for e in 0..E {
-            x[e] = ld_cg_f32(a.qkv.add((q_dim + kv_dim + kv_head * head_dim) as usize + lane_dim + e));
-        }
+        let x = ld_cg_f32s::<E>(a.qkv.add((q_dim + kv_dim + kv_head * head_dim) as usize + lane_dim));
         store_bf16_row::<E>(a.v_cache.add(row_off + (a.pos * head_dim) as usize + lane_dim), x);
         for e in 0..E {
             *v_new.add(lane_dim + e) = round_bf16(x[e]);

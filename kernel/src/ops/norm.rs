@@ -81,16 +81,12 @@ pub unsafe fn head_norm_rope<const E: usize>(
     let head_dim = 32 * E as u32;
     let half = head_dim / 2;
     // Weight, cos and sin first: their loads then travel with the caller's load of `v` instead
-    // of waiting for the reduction below (one round trip to memory, not two).
-    let mut w = [0.0f32; E];
-    let mut c = [0.0f32; E];
-    let mut s = [0.0f32; E];
-    for e in 0..E {
-        let d = lane() * E as u32 + e as u32;
-        w[e] = bf16_to_f32(*weight.add(d as usize));
-        c[e] = *cos.add((d % half) as usize);
-        s[e] = *sin.add((d % half) as usize);
-    }
+    // of waiting for the reduction below (one round trip to memory, not two). A lane's E dims
+    // are consecutive and never straddle the halves, so each is one vector load.
+    let d0 = lane() * E as u32;
+    let w = ld_bf16s::<E>(weight.add(d0 as usize));
+    let c = ld_f32s::<E>(cos.add((d0 % half) as usize));
+    let s = ld_f32s::<E>(sin.add((d0 % half) as usize));
     let mut ss = 0.0f32;
     for e in 0..E {
         ss = fma(v[e], v[e], ss);
@@ -102,6 +98,45 @@ pub unsafe fn head_norm_rope<const E: usize>(
         let n = v[e] * scale * w[e];
         let partner = shfl_xor_f32(n, 16);
         out[e] = if d < half { n * c[e] - partner * s[e] } else { n * c[e] + partner * s[e] };
+    }
+    out
+}
+
+/// `E` (1, 2 or 4) consecutive read-only f32 at `p` (aligned to their size) in one load.
+#[inline(always)]
+unsafe fn ld_f32s<const E: usize>(p: *const f32) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    if E == 4 {
+        let v = ld_nc_v4(p as *const u32);
+        for e in 0..E {
+            out[e] = f32::from_bits(v[e]);
+        }
+    } else if E == 2 {
+        let v = ld_nc_v2(p as *const u32);
+        for e in 0..E {
+            out[e] = f32::from_bits(v[e]);
+        }
+    } else {
+        out[0] = *p;
+    }
+    out
+}
+
+/// `E` (1, 2 or 4) consecutive read-only bf16 at `p` (aligned to their size), as f32.
+#[inline(always)]
+unsafe fn ld_bf16s<const E: usize>(p: *const u16) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    if E == 4 {
+        let v = bf16x4_to_f32(ld_nc_v2(p as *const u32));
+        for e in 0..E {
+            out[e] = v[e];
+        }
+    } else if E == 2 {
+        let (a, b) = bf16x2_to_f32(*(p as *const u32));
+        out[0] = a;
+        out[E - 1] = b;
+    } else {
+        out[0] = bf16_to_f32(*p);
     }
     out
 }
