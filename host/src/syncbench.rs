@@ -33,7 +33,7 @@ pub struct SyncBenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Also measure an L2 round trip while other warps of the same blocks stream from DRAM
-    /// (probe_chain_under_stream; allocates about 0.8 GB). Markdown only.
+    /// (probe_chain_under_stream; allocates about 0.6 GB). Markdown only.
     #[arg(long)]
     pub l2_latency: bool,
 }
