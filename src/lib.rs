@@ -11,3 +11,6 @@ pub const ARCH: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel.arch"));
 pub fn ptxas_report() -> &'static str {
     option_env!("QWEN3_PTXAS_REPORT").unwrap_or("")
 }
+
+/// ptxas's `-v` report on `PTX` when the build assembled it (`PTXAS` set, as in CI), else empty.
+pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas-report.txt"));

@@ -53,3 +53,41 @@ fn ptx_targets_the_recorded_arch() {
     assert!(qwen3_ptx::PTX.lines().any(|l| l.trim().starts_with(".version ")), "no .version line");
     assert!(!qwen3_ptx::PTX.contains('\0'), "the PTX contains a NUL byte (cuModuleLoadData needs a C string)");
 }
+
+/// Spill stores ptxas reports for `entry`, if the report covers it.
+fn spill_stores(report: &str, entry: &str) -> Option<u32> {
+    let mut lines = report.lines().skip_while(|l| !l.contains(&format!("Function properties for {entry}")));
+    lines.next()?;
+    let props = lines.next()?;
+    let before = props.split(" bytes spill stores").next()?;
+    before.rsplit(',').next()?.trim().parse().ok()
+}
+
+/// Every spill in the decode kernel has cost time on the GPU (docs/performance.md, session 3:
+/// changes that added spills slowed phases they did not touch), so the build holds the kernels
+/// to a budget: measure on a GPU before raising it.
+#[test]
+fn kernels_stay_within_their_spill_budget() {
+    const DECODE_BUDGET: u32 = 128; // bytes of spill stores per decode entry (96 at the time of writing, head_dim 128)
+    let report = qwen3_ptx::PTXAS_REPORT;
+    if report.is_empty() {
+        assert!(std::env::var_os("CI").is_none(), "CI must assemble the PTX (set PTXAS) so spills are checked");
+        eprintln!("PTX not assembled (PTXAS unset): spill budget not checked");
+        return;
+    }
+    for hd in [128, 64, 32] {
+        let decode = format!("qwen3_decode_hd{hd}");
+        let spills = spill_stores(report, &decode).unwrap_or_else(|| panic!("no ptxas figures for {decode}"));
+        assert!(spills <= DECODE_BUDGET, "{decode} spills {spills} bytes, over its budget of {DECODE_BUDGET}");
+        let phase = format!("qwen3_phase_hd{hd}");
+        let spills = spill_stores(report, &phase).unwrap_or_else(|| panic!("no ptxas figures for {phase}"));
+        assert_eq!(spills, 0, "{phase} spills {spills} bytes (it has never spilled)");
+    }
+}
+
+#[test]
+fn spill_figures_parse() {
+    let report = "ptxas info    : Function properties for k\n    104 bytes stack frame, 96 bytes spill stores, 168 bytes spill loads\n";
+    assert_eq!(spill_stores(report, "k"), Some(96));
+    assert_eq!(spill_stores(report, "other"), None);
+}
