@@ -71,7 +71,11 @@ fn kernels_stay_within_their_spill_budget() {
     const DECODE_BUDGET: u32 = 128; // bytes of spill stores per decode entry (96 at the time of writing, head_dim 128)
     let report = qwen3_ptx::PTXAS_REPORT;
     if report.is_empty() {
-        assert!(std::env::var_os("CI").is_none(), "CI must assemble the PTX (set PTXAS) so spills are checked");
+        // .ci/run sets QWEN3_CHECK_SPILLS along with PTXAS; elsewhere ptxas may not exist.
+        assert!(
+            std::env::var_os("QWEN3_CHECK_SPILLS").is_none(),
+            "QWEN3_CHECK_SPILLS is set but the PTX was not assembled: set PTXAS to a ptxas binary"
+        );
         eprintln!("PTX not assembled (PTXAS unset): spill budget not checked");
         return;
     }
