@@ -58,8 +58,10 @@ pub const MAX_INTER: u32 = 3072;
 /// Threads per block of the decode kernel.
 pub const DECODE_THREADS: u32 = 384; // build.rs's LAUNCH_BOUNDS must agree
 
-/// Most splits of the context per kv head in the attention phase (sizes `attn_partial`).
+/// Most splits of the context per kv head in the attention phase (sizes `attn_partial`). The
+/// merge of the splits holds one per lane of a warp, so at most 32.
 pub const MAX_SPLITS: u32 = 32;
+const _: () = assert!(MAX_SPLITS <= 32);
 
 /// Shared memory (f32 words) the attention phase needs with `warps` warps per block: the
 /// group's q heads, each warp's softmax state per head, 32 words of flags, the new k and v.

@@ -33,6 +33,7 @@ pub struct AttentionArgs {
     pub n_heads: u32,
     pub n_kv_heads: u32,
     pub max_ctx: u32,
+    /// At most 32 (`abi::MAX_SPLITS`): the merge holds one split per lane.
     pub max_splits: u32,
     pub pos: u32,
     pub eps: f32,
