@@ -295,6 +295,14 @@ pub fn round_bf16(x: f32) -> f32 {
     bf16_to_f32(f32_to_bf16(x))
 }
 
+/// Four packed bf16 (two words) as f32.
+#[inline(always)]
+pub fn bf16x4_to_f32(w: [u32; 2]) -> [f32; 4] {
+    let (a, b) = bf16x2_to_f32(w[0]);
+    let (c, d) = bf16x2_to_f32(w[1]);
+    [a, b, c, d]
+}
+
 // ---------------------------------------------------------------- vector loads
 
 /// 16 bytes through the read-only (non-coherent) path: for data no thread of this launch
@@ -367,6 +375,66 @@ pub unsafe fn ld_cg_u16(p: *const u16) -> u16 {
     let a: u16;
     asm!("ld.global.cg.u16 {0}, [{1}];", out(reg16) a, in(reg64) p, options(readonly, nostack));
     a
+}
+
+/// `E` (1, 2 or 4) consecutive f32 written earlier in this launch, aligned to their size, in
+/// one load through L2 (a lane's share of an attention head).
+#[inline(always)]
+pub unsafe fn ld_cg_f32s<const E: usize>(p: *const f32) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    if E == 4 {
+        let v = ld_cg_f32x4(p);
+        for e in 0..E {
+            out[e] = v[e];
+        }
+    } else if E == 2 {
+        let v = ld_cg_v2(p as *const u32);
+        for e in 0..E {
+            out[e] = f32::from_bits(v[e]);
+        }
+    } else {
+        out[0] = ld_cg_f32(p);
+    }
+    out
+}
+
+/// `E` (1, 2 or 4) consecutive read-only f32 at `p` (aligned to their size) in one load.
+#[inline(always)]
+pub unsafe fn ld_nc_f32s<const E: usize>(p: *const f32) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    if E == 4 {
+        let v = ld_nc_v4(p as *const u32);
+        for e in 0..E {
+            out[e] = f32::from_bits(v[e]);
+        }
+    } else if E == 2 {
+        let v = ld_nc_v2(p as *const u32);
+        for e in 0..E {
+            out[e] = f32::from_bits(v[e]);
+        }
+    } else {
+        out[0] = *p;
+    }
+    out
+}
+
+/// `E` (1, 2 or 4) consecutive read-only bf16 at `p` (aligned to their size), as f32.
+#[inline(always)]
+pub unsafe fn ld_nc_bf16s<const E: usize>(p: *const u16) -> [f32; E] {
+    let mut out = [0.0f32; E];
+    if E == 4 {
+        let v = bf16x4_to_f32(ld_nc_v2(p as *const u32));
+        for e in 0..E {
+            out[e] = v[e];
+        }
+    } else if E == 2 {
+        let (a, b) = bf16x2_to_f32(*(p as *const u32));
+        out[0] = a;
+        out[E - 1] = b;
+    } else {
+        out[0] = bf16_to_f32(*p);
+    }
+    out
 }
 
 // ---------------------------------------------------------------- shared-memory atomics

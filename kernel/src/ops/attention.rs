@@ -58,26 +58,6 @@ pub fn split_plan(len: u32, n_kv_heads: u32, max_splits: u32) -> (u32, u32, u32)
     (splits, chunk, len.div_ceil(chunk))
 }
 
-/// A lane's `E` consecutive f32 written earlier in this launch (q/k/v), in one load.
-#[inline(always)]
-unsafe fn ld_cg_f32s<const E: usize>(p: *const f32) -> [f32; E] {
-    let mut out = [0.0f32; E];
-    if E == 4 {
-        let v = ld_cg_f32x4(p);
-        for e in 0..E {
-            out[e] = v[e];
-        }
-    } else if E == 2 {
-        let v = ld_cg_v2(p as *const u32);
-        for e in 0..E {
-            out[e] = f32::from_bits(v[e]);
-        }
-    } else {
-        out[0] = ld_cg_f32(p);
-    }
-    out
-}
-
 /// A lane's `E` bf16 values of a cached row, still packed (E = 4: two words; 2: one; 1: the
 /// low half of one): half the registers of f32, so two batches can be in flight.
 #[inline(always)]

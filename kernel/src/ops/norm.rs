@@ -59,13 +59,6 @@ pub unsafe fn rms_norm_to_shared(
     sync_threads();
 }
 
-#[inline(always)]
-fn bf16x4_to_f32(w: [u32; 2]) -> [f32; 4] {
-    let (a, b) = bf16x2_to_f32(w[0]);
-    let (c, d) = bf16x2_to_f32(w[1]);
-    [a, b, c, d]
-}
-
 /// One attention head, held by one warp with `E` consecutive values per lane (head_dim = 32*E):
 /// RMSNorm with `weight`, then RoPE rotate-half with this position's `cos`/`sin` rows
 /// (head_dim/2 values each). Lane `l` holds dims `l*E..l*E+E`, so the partner of a dim in the
@@ -84,9 +77,9 @@ pub unsafe fn head_norm_rope<const E: usize>(
     // of waiting for the reduction below (one round trip to memory, not two). A lane's E dims
     // are consecutive and never straddle the halves, so each is one vector load.
     let d0 = lane() * E as u32;
-    let w = ld_bf16s::<E>(weight.add(d0 as usize));
-    let c = ld_f32s::<E>(cos.add((d0 % half) as usize));
-    let s = ld_f32s::<E>(sin.add((d0 % half) as usize));
+    let w = ld_nc_bf16s::<E>(weight.add(d0 as usize));
+    let c = ld_nc_f32s::<E>(cos.add((d0 % half) as usize));
+    let s = ld_nc_f32s::<E>(sin.add((d0 % half) as usize));
     let mut ss = 0.0f32;
     for e in 0..E {
         ss = fma(v[e], v[e], ss);
@@ -98,45 +91,6 @@ pub unsafe fn head_norm_rope<const E: usize>(
         let n = v[e] * scale * w[e];
         let partner = shfl_xor_f32(n, 16);
         out[e] = if d < half { n * c[e] - partner * s[e] } else { n * c[e] + partner * s[e] };
-    }
-    out
-}
-
-/// `E` (1, 2 or 4) consecutive read-only f32 at `p` (aligned to their size) in one load.
-#[inline(always)]
-unsafe fn ld_f32s<const E: usize>(p: *const f32) -> [f32; E] {
-    let mut out = [0.0f32; E];
-    if E == 4 {
-        let v = ld_nc_v4(p as *const u32);
-        for e in 0..E {
-            out[e] = f32::from_bits(v[e]);
-        }
-    } else if E == 2 {
-        let v = ld_nc_v2(p as *const u32);
-        for e in 0..E {
-            out[e] = f32::from_bits(v[e]);
-        }
-    } else {
-        out[0] = *p;
-    }
-    out
-}
-
-/// `E` (1, 2 or 4) consecutive read-only bf16 at `p` (aligned to their size), as f32.
-#[inline(always)]
-unsafe fn ld_bf16s<const E: usize>(p: *const u16) -> [f32; E] {
-    let mut out = [0.0f32; E];
-    if E == 4 {
-        let v = bf16x4_to_f32(ld_nc_v2(p as *const u32));
-        for e in 0..E {
-            out[e] = v[e];
-        }
-    } else if E == 2 {
-        let (a, b) = bf16x2_to_f32(*(p as *const u32));
-        out[0] = a;
-        out[E - 1] = b;
-    } else {
-        out[0] = bf16_to_f32(*p);
     }
     out
 }
