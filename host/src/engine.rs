@@ -455,9 +455,13 @@ impl GpuEngine {
         let mut generated = Vec::new();
         let mut cancelled = false;
         let mut drain = |ring: &HostRing, generated: &mut Vec<u32>, seen: &mut usize, cancelled: &mut bool| {
-            let count = ring.read(RING_COUNT) as usize;
-            while *seen < count {
-                let t = ring.read(RING_TOKENS + *seen);
+            // Slots fill in order, each with token + 1; zero is not yet written.
+            while RING_TOKENS + *seen < ring.len() {
+                let slot = ring.read(RING_TOKENS + *seen);
+                if slot == 0 {
+                    break;
+                }
+                let t = slot - 1;
                 generated.push(t);
                 *seen += 1;
                 if let Some(cb) = on_token.as_mut() {

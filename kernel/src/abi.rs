@@ -39,8 +39,10 @@ pub const STOP_EOS: u32 = 2; // generated an end-of-sequence token
 pub const STOP_CANCELLED: u32 = 3; // the host raised the cancel flag in the ring
 
 /// Layout of the host-mapped ring the kernel streams generated tokens into (u32 words).
-pub const RING_COUNT: usize = 0; // number of tokens published so far (release-stored last)
-pub const RING_CANCEL: usize = 1; // the host writes 1 here to stop after the current token
+/// Word 0 is unused. Generated token `i` is stored as `token + 1` in word `RING_TOKENS + i`, one
+/// relaxed store with no fence; the host clears the ring before a launch and reads slots in
+/// order until it finds a zero.
+pub const RING_CANCEL: usize = 1; // the host writes 1 here to stop after the current token or the next
 pub const RING_STEP: usize = 2; // the step the kernel is on (1-based; 0 = not started), for error reports
 pub const RING_TOKENS: usize = 4; // generated tokens start here
 
@@ -94,8 +96,8 @@ pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, 
 /// room for the block's own rows of the residual stream (at most `MAX_OWN_ROWS`), then the
 /// barriers' timestamps (`TIMER_WORDS`, 8-byte aligned: two words of slack).
 pub const SCRATCH_WORDS: u32 = 32 + MAX_OWN_ROWS + TIMER_WORDS + 2;
-/// Five u64 timestamps of the decode kernel's barrier and phase profiling.
-pub const TIMER_WORDS: u32 = 10;
+/// Six u64 words of the decode kernel's barriers: five timestamps of the profiling, the sense.
+pub const TIMER_WORDS: u32 = 12;
 /// Most rows of the hidden state one block may own (`ceil(hidden / grid)`).
 pub const MAX_OWN_ROWS: u32 = 64;
 
@@ -214,7 +216,9 @@ pub struct LmPartial {
     pub best_index: u32,
     /// The logit of the teacher-forced target, if this block owns its row (else -inf).
     pub target_logit: f32,
-    pub _pad: [u32; 3],
+    /// Block 0's word for whichever block finishes the step (`LmHeadArgs::forward`).
+    pub forward: u32,
+    pub _pad: [u32; 2],
 }
 
 /// What the kernel reports back.
@@ -253,6 +257,10 @@ pub struct AttentionTestParams {
     pub eps: f32,
     pub _pad: u32,
 }
+
+/// What block 0 forwards in `test_lm_head` (trial 0): the test checks that the finishing
+/// block received it, and not another block's word.
+pub const LM_FORWARD_TEST: u32 = 0x5eed_f00d;
 
 /// Parameters of the `test_lm_head` kernel: `trials` LM-head phases on the same input, trial
 /// `t` at position `pos + t` (so sampling draws fresh noise), separated by grid barriers.

@@ -54,6 +54,7 @@ const T_DONE: usize = 1; // the block's arrival at the barrier ending it (clock6
 const T_ARRIVED: usize = 2; // thread 0's arrival (globaltimer)
 const T_WAITED: usize = 3; // total ns waited in barriers
 const T_PHASE: usize = 4; // the current phase's index
+const T_SENSE: usize = 5; // the grid barrier's sense (u32; `grid_sense`), warp 0
 
 impl Barriers {
     /// The barrier word `bar` (null: none, for the split kernels, where launches take the
@@ -61,6 +62,13 @@ impl Barriers {
     /// shared memory, 8-byte aligned.
     #[inline(always)]
     unsafe fn new(bar: *mut u32, time_waits: bool, timers: *mut u64) -> Barriers {
+        if !bar.is_null() {
+            let sense = grid_sense(bar);
+            if thread_idx() == 0 {
+                *(timers.add(T_SENSE) as *mut u32) = sense;
+            }
+            // (`wait` reads it from warp 0 only after `arrive`'s `sync_threads`.)
+        }
         if thread_idx() == 0 {
             *timers.add(T_WAITED) = 0;
         }
@@ -94,9 +102,9 @@ impl Barriers {
     }
 
     /// Ends the current phase: the block's writes are released and it counts as arrived.
-    /// Returns the token `wait` needs. All threads call it.
+    /// All threads call it.
     #[inline(always)]
-    unsafe fn arrive(&mut self) -> u32 {
+    unsafe fn arrive(&mut self) {
         if self.on {
             sync_threads();
             if thread_idx() == 0 {
@@ -106,17 +114,19 @@ impl Barriers {
         if self.time_waits && thread_idx() == 0 {
             *self.timers.add(T_ARRIVED) = global_timer_ns();
         }
-        grid_arrive(self.bar)
+        grid_arrive(self.bar);
     }
 
     /// Waits until every block has arrived; then every other block's writes are visible.
     #[inline(always)]
-    unsafe fn wait(&mut self, p: &DecodeParams, token: u32) {
-        grid_wait(self.bar, token);
+    unsafe fn wait(&mut self, p: &DecodeParams) {
+        // Warp 0's copy of the barrier's sense lives in shared memory, not in a register held
+        // through every phase.
+        let t = self.timers;
+        grid_wait_at(self.bar, t.add(T_SENSE) as *mut u32);
         if thread_idx() != 0 {
             return;
         }
-        let t = self.timers;
         if self.time_waits {
             *t.add(T_WAITED) += global_timer_ns() - *t.add(T_ARRIVED);
         }
@@ -245,14 +255,16 @@ impl<'a> Step<'a> {
     }
 
     /// Block-wide: RMSNorm of the residual stream (or, in layer 0, the embedding row) with the
-    /// bf16 `weight`, into `smem[..hidden]` (or the raw input when norms are skipped).
+    /// bf16 `weight`, into `smem[..hidden]`, less its scale, which it returns (see
+    /// `rms_norm_to_shared`; with norms skipped: the raw input, scale 1).
     #[inline(always)]
-    unsafe fn normed_input(&self, input: NormInput, weight: u64) {
+    unsafe fn normed_input(&self, input: NormInput, weight: u64) -> f32 {
         let p = self.p;
         if p.debug_skip & SKIP_NORM != 0 {
             load_vector_to_shared(self.x, p.hidden, self.smem);
+            1.0
         } else {
-            rms_norm_to_shared(input, weight as *const u16, p.hidden, p.eps, self.smem, self.scratch);
+            rms_norm_to_shared(input, weight as *const u16, p.hidden, p.eps, self.smem, self.scratch)
         }
     }
 
@@ -299,13 +311,13 @@ impl<'a> Step<'a> {
     #[inline(always)]
     unsafe fn qkv(&self, layer: u32, input: NormInput, w: LaneRows<QKV_ROWS_PER_WARP, HIDDEN_CHUNKS>, bars: &Barriers) {
         let lw = self.layer(layer);
-        self.normed_input(input, lw.input_norm);
+        let scale = self.normed_input(input, lw.input_norm);
         bars.mark(self.p, 13);
         let (r0, r1) = self.qkv_rows;
         let qkv = self.qkv;
         gemv_rounds(lw.wqkv as *const u16, self.p.hidden, self.smem, r0, r1, w, |row, v| {
             if lane() == 0 {
-                *qkv.add(row as usize) = v;
+                *qkv.add(row as usize) = v * scale;
             }
         });
         bars.mark(self.p, 14);
@@ -354,10 +366,10 @@ impl<'a> Step<'a> {
     #[inline(always)]
     unsafe fn gate_up(&self, layer: u32, w: LaneRows<4, HIDDEN_CHUNKS>) {
         let lw = self.layer(layer);
-        self.normed_input(NormInput::F32(self.x), lw.post_norm);
+        let scale = self.normed_input(NormInput::F32(self.x), lw.post_norm);
         let (r0, r1) = self.i_rows;
         let (gate, up) = (lw.w_gate as *const u16, lw.w_up as *const u16);
-        gate_up_silu_rows(gate, up, self.p.hidden, self.smem, r0, r1, w, self.mlp);
+        gate_up_silu_rows(gate, up, self.p.hidden, self.smem, scale, r0, r1, w, self.mlp);
     }
 
     /// Phase 5: down projection + residual -> `x`.
@@ -386,7 +398,7 @@ impl<'a> Step<'a> {
         let p = self.p;
         let pos = p.start_pos + step;
         let teacher_forced = step + 1 < p.prompt_len;
-        rms_norm_to_shared(
+        let xn_scale = rms_norm_to_shared(
             NormInput::F32(self.x),
             p.final_norm as *const u16,
             p.hidden,
@@ -394,6 +406,15 @@ impl<'a> Step<'a> {
             self.smem,
             self.scratch,
         );
+        // The host's cancel flag crosses PCIe (a microsecond or more): block 0 requests it now
+        // and hands it, with its LM-head partial, to the block that finishes the step. (Every
+        // block reading it cost 80 us per step on an H100: the reads queue.)
+        let ring = p.ring as *mut u32;
+        let cancel = if !teacher_forced && !ring.is_null() && block_idx() == 0 && thread_idx() == 0 {
+            ld_relaxed_sys(ring.add(RING_CANCEL))
+        } else {
+            0
+        };
         let sampling = !teacher_forced && p.temperature > 0.0;
         let args = LmHeadArgs {
             weight: p.lm_head as *const u16,
@@ -413,10 +434,12 @@ impl<'a> Step<'a> {
             top_p: p.top_p,
             seed: (p.seed_hi as u64) << 32 | p.seed_lo as u64,
             pos,
+            xn_scale,
+            forward: cancel,
         };
         // The normalised input stays in smem[..hidden]; the LM head's scratch follows it.
         if let Some(r) = lm_head_phase(&args, self.smem, self.smem.add(p.hidden as usize)) {
-            finish_step(p, step, teacher_forced, &r, self.tokens, p.state as *mut DecodeState, p.ring as *mut u32);
+            finish_step(p, step, teacher_forced, &r, self.tokens, p.state as *mut DecodeState, ring);
         }
     }
 }
@@ -436,7 +459,7 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
         let pos = p.start_pos + step;
         if block_idx() == 0 && thread_idx() == 0 && !ring.is_null() {
             // For error reports only: a fault leaves the host this word to say where it was.
-            st_release_sys(ring.add(RING_STEP), step + 1);
+            st_relaxed_sys(ring.add(RING_STEP), step + 1);
         }
         if step == p.fault_step {
             trap(); // test hook: a device fault the host must report cleanly
@@ -450,26 +473,26 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
             // Layer 0 normalises the embedding row itself rather than waiting for x.
             let input = if layer == 0 { NormInput::Bf16(embed_row) } else { NormInput::F32(st.x) };
             st.qkv(layer, input, qkv_w, &bars);
-            let t = bars.arrive();
-            bars.wait(p, t);
+            bars.arrive();
+            bars.wait(p);
 
             st.attention::<E>(layer, pos);
-            let t = bars.arrive();
+            bars.arrive();
             let o_w = st.load_o(layer);
-            bars.wait(p, t);
+            bars.wait(p);
 
             st.o_proj(layer, o_w, &bars);
-            let t = bars.arrive();
+            bars.arrive();
             let gate_up_w = st.load_gate_up(layer);
-            bars.wait(p, t);
+            bars.wait(p);
 
             st.gate_up(layer, gate_up_w);
-            let t = bars.arrive();
+            bars.arrive();
             let down_w = st.load_down(layer);
-            bars.wait(p, t);
+            bars.wait(p);
 
             st.down(layer, down_w);
-            let t = bars.arrive();
+            bars.arrive();
             // Next: the next layer's q/k/v, or (without an LM head in between) the next step's.
             // (Also after the last step: every path overwrites `qkv_w`, so the compiler need
             // not keep it alive through the LM head.)
@@ -478,7 +501,7 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
             } else if !want_head {
                 qkv_w = st.load_qkv(0);
             }
-            bars.wait(p, t);
+            bars.wait(p);
         }
 
         if p.debug_skip & SKIP_LM_HEAD != 0 && block_idx() == 0 && thread_idx() == 0 && step + 1 >= p.prompt_len {
@@ -488,9 +511,9 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
         if want_head {
             bars.profile_from(p.flags & FLAG_PROFILE_PHASES != 0 && profile_step, 5);
             st.lm_head(step);
-            let t = bars.arrive();
+            bars.arrive();
             qkv_w = st.load_qkv(0);
-            bars.wait(p, t);
+            bars.wait(p);
             if ld_cg_u32(&(*state).stop) != 0 {
                 step += 1;
                 break;
@@ -556,7 +579,8 @@ unsafe fn phase_checked<const E: usize>(p: &DecodeParams, op: u32) {
 }
 
 /// Run by the one block that reduced the LM head: records the NLL, writes and publishes the
-/// next token, and decides whether the launch stops here.
+/// next token, and decides whether the launch stops here (`r.forward`: the host's cancel flag
+/// as block 0 read it at the start of the LM head).
 #[inline(always)]
 unsafe fn finish_step(
     p: &DecodeParams,
@@ -578,8 +602,9 @@ unsafe fn finish_step(
         *tokens.add(step as usize + 1) = r.token;
         let generated = step + 1 - (p.prompt_len - 1);
         if !ring.is_null() {
-            *ring.add(RING_TOKENS + generated as usize - 1) = r.token;
-            st_release_sys(ring.add(RING_COUNT), generated);
+            // One store publishes the token (its slot is zero until then): no fence, which
+            // at system scope would hold this block, and so the step, for a PCIe round trip.
+            st_relaxed_sys(ring.add(RING_TOKENS + generated as usize - 1), r.token + 1);
         }
         // Constant indices only: a run-time index into the by-value kernel parameter would
         // make LLVM copy the whole parameter block to local memory.
@@ -588,7 +613,7 @@ unsafe fn finish_step(
                 stop = STOP_EOS;
             }
         }
-        if stop == 0 && !ring.is_null() && ld_acquire_sys(ring.add(RING_CANCEL)) != 0 {
+        if stop == 0 && r.forward != 0 {
             stop = STOP_CANCELLED;
         }
     }

@@ -25,10 +25,10 @@ unsafe fn stage(src: *const f32, n: u32, dst: *mut f32) {
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_rms_norm(x: *const f32, w: *const u16, n: u32, eps: f32, out: *mut f32) {
     let smem = dynamic_shared::<f32>();
-    rms_norm_to_shared(NormInput::F32(x), w, n, eps, smem, smem.add(n as usize));
+    let scale = rms_norm_to_shared(NormInput::F32(x), w, n, eps, smem, smem.add(n as usize));
     let mut i = thread_idx();
     while i < n {
-        *out.add(i as usize) = *smem.add(i as usize);
+        *out.add(i as usize) = *smem.add(i as usize) * scale;
         i += block_dim();
     }
 }
@@ -81,7 +81,7 @@ pub unsafe extern "ptx-kernel" fn test_gate_up_silu(
     }
     let first = load_gate_up_round::<4>(w_gate, w_up, hidden, r0, r1, 0);
     stage(x, hidden, smem);
-    gate_up_silu_rows(w_gate, w_up, hidden, smem, r0, r1, first, out);
+    gate_up_silu_rows(w_gate, w_up, hidden, smem, 1.0, r0, r1, first, out);
 }
 
 /// Per-head RMSNorm + RoPE of `n_heads` heads of `head_dim` (32, 64 or 128), one warp each.
@@ -165,6 +165,7 @@ pub unsafe extern "ptx-kernel" fn test_attention(t: AttentionTestParams) {
 pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
     let smem = dynamic_shared::<f32>();
     stage(t.xn as *const f32, t.hidden, smem);
+    let mut sense = grid_sense(t.barrier as *mut u32);
     for trial in 0..t.trials {
         let args = LmHeadArgs {
             weight: t.weight as *const u16,
@@ -180,6 +181,8 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
             top_p: t.top_p,
             seed: (t.seed_hi as u64) << 32 | t.seed_lo as u64,
             pos: t.pos + trial,
+            xn_scale: 1.0,
+            forward: if block_idx() == 0 { LM_FORWARD_TEST ^ trial } else { trial + 1 },
         };
         if let Some(r) = lm_head_phase(&args, smem, smem.add(t.hidden as usize)) {
             if thread_idx() == 0 {
@@ -187,9 +190,10 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
                 if trial == 0 {
                     *(t.lse_out as *mut f32) = r.log_sum_exp;
                     *(t.lse_out as *mut f32).add(1) = r.target_logit;
+                    *(t.lse_out as *mut u32).add(2) = r.forward;
                 }
             }
         }
-        grid_sync(t.barrier as *mut u32);
+        sense = grid_sync(t.barrier as *mut u32, sense);
     }
 }

@@ -16,12 +16,13 @@ pub unsafe extern "ptx-kernel" fn probe_barrier_visibility(
 ) {
     let nb = grid_dim();
     let me = block_idx();
+    let mut sense = grid_sense(bar);
     for round in 1..=rounds {
         if thread_idx() == 0 {
             // A plain (weak) store: the barrier alone must make it visible.
             core::ptr::write_volatile(slots.add(me as usize), round);
         }
-        grid_sync(bar);
+        sense = grid_sync(bar, sense);
         let mut bad = 0u32;
         let mut b = thread_idx();
         while b < nb {
@@ -34,15 +35,16 @@ pub unsafe extern "ptx-kernel" fn probe_barrier_visibility(
             atomic_add_relaxed(errors, bad);
         }
         // Nobody may overwrite a slot for the next round before everyone has checked it.
-        grid_sync(bar);
+        sense = grid_sync(bar, sense);
     }
 }
 
 /// `syncs` consecutive grid barriers and nothing else: the barrier's own cost.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn probe_grid_syncs(bar: *mut u32, syncs: u32) {
+    let mut sense = grid_sense(bar);
     for _ in 0..syncs {
-        grid_sync(bar);
+        sense = grid_sync(bar, sense);
     }
 }
 
@@ -172,11 +174,12 @@ pub unsafe extern "ptx-kernel" fn probe_split_barrier_visibility(
     let nb = grid_dim();
     let me = block_idx();
     let gtid = (me * block_dim() + thread_idx()) as usize;
+    let mut sense = grid_sense(bar);
     for round in 1..=rounds {
         if thread_idx() == 0 {
             core::ptr::write_volatile(slots.add(me as usize), round);
         }
-        let token = grid_arrive(bar);
+        grid_arrive(bar);
         // Independent work while the other blocks arrive; a varying amount per block, so
         // blocks reach `grid_wait` at different times.
         let mut x = round ^ gtid as u32;
@@ -184,7 +187,7 @@ pub unsafe extern "ptx-kernel" fn probe_split_barrier_visibility(
             x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
         }
         core::ptr::write_volatile(scratch.add(gtid), x);
-        grid_wait(bar, token);
+        sense = grid_wait(bar, sense);
         let mut bad = 0u32;
         let mut b = thread_idx();
         while b < nb {
@@ -196,7 +199,7 @@ pub unsafe extern "ptx-kernel" fn probe_split_barrier_visibility(
         if bad != 0 {
             atomic_add_relaxed(errors, bad);
         }
-        grid_sync(bar);
+        sense = grid_sync(bar, sense);
     }
 }
 

@@ -327,6 +327,8 @@ struct LmHeadRun {
     tokens: Vec<u32>,
     lse: f32,
     target_logit: f32,
+    /// What the finishing block got from block 0 (`LmHeadArgs::forward`).
+    forward: u32,
     logits: Vec<f32>,
 }
 
@@ -352,7 +354,7 @@ fn run_lm_head(
     let count = gpu.alloc::<u32>(1, "count").unwrap();
     let barrier = gpu.alloc::<u32>(1, "barrier").unwrap();
     let tokens = gpu.upload(&vec![u32::MAX; trials as usize], "tokens").unwrap();
-    let lse = gpu.alloc::<f32>(2, "lse").unwrap();
+    let lse = gpu.alloc::<f32>(3, "lse").unwrap();
     let mut t = LmHeadTestParams {
         xn: dptr(&dx),
         weight: dptr(&dw),
@@ -380,8 +382,15 @@ fn run_lm_head(
     let mut args = [&mut t as *mut _ as *mut c_void];
     unsafe { k.launch_cooperative(gpu.stream(), grid, OP_TEST_THREADS, smem, &mut args).unwrap() };
     finish(gpu, "test_lm_head");
+    assert_eq!(download(&count), [0], "LM-head counter not reset");
     let l = download(&lse);
-    LmHeadRun { tokens: download(&tokens), lse: l[0], target_logit: l[1], logits: download(&logits) }
+    LmHeadRun {
+        tokens: download(&tokens),
+        lse: l[0],
+        target_logit: l[1],
+        forward: l[2].to_bits(),
+        logits: download(&logits),
+    }
 }
 
 fn log_sum_exp(v: &[f32]) -> f64 {
@@ -412,6 +421,7 @@ fn lm_head_argmax_and_log_sum_exp_match_cpu() {
     }
     let lse_err = (r.lse as f64 - log_sum_exp(&want)).abs();
     assert!(lse_err < 1e-3, "log-sum-exp off by {lse_err}");
+    assert_eq!(r.forward, LM_FORWARD_TEST, "the finishing block did not get block 0's forwarded word");
     assert!(
         (r.target_logit - want[target as usize]).abs() < 1e-4,
         "target logit {} vs {}",

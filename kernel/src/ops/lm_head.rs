@@ -28,6 +28,11 @@ pub struct LmHeadArgs {
     pub top_p: f32,
     pub seed: u64,
     pub pos: u32,
+    /// What the logits are scaled by: the final norm's scale (`norm::rms_norm_to_shared`).
+    pub xn_scale: f32,
+    /// A word block 0 (thread 0) hands to the block that finishes the step, through its
+    /// partial: the decode loop's copy of the host's cancel flag.
+    pub forward: u32,
 }
 
 /// What the last block decided.
@@ -37,6 +42,8 @@ pub struct LmResult {
     /// ln(sum(exp(logits))) and the target's logit (-inf if no target).
     pub log_sum_exp: f32,
     pub target_logit: f32,
+    /// Block 0's `LmHeadArgs::forward`.
+    pub forward: u32,
 }
 
 /// Shared memory (f32 words) the LM-head phase needs besides the normalised input.
@@ -69,7 +76,42 @@ fn lse_merge(m: f32, s: f32, m2: f32, s2: f32) -> (f32, f32) {
     (mm, s * exp(m - mm) + s2 * exp(m2 - mm))
 }
 
-/// The LM head for input `xn` (shared memory, normalised). Returns `Some` on every thread of
+/// A reduction record of the LM head: the best score and its row, the online log-sum-exp
+/// state, the target's logit.
+#[derive(Clone, Copy)]
+struct Record {
+    best: f32,
+    best_i: u32,
+    max: f32,
+    sum_exp: f32,
+    target: f32,
+}
+
+impl Record {
+    const EMPTY: Record =
+        Record { best: f32::NEG_INFINITY, best_i: u32::MAX, max: f32::NEG_INFINITY, sum_exp: 0.0, target: f32::NEG_INFINITY };
+
+    #[inline(always)]
+    fn merge(&mut self, o: &Record) {
+        if better(o.best, o.best_i, self.best, self.best_i) {
+            self.best = o.best;
+            self.best_i = o.best_i;
+        }
+        (self.max, self.sum_exp) = lse_merge(self.max, self.sum_exp, o.max, o.sum_exp);
+        self.target = fmaxf(self.target, o.target);
+    }
+
+    /// Every lane's record merged across the warp; every lane gets the result.
+    #[inline(always)]
+    fn warp_merge(&self) -> Record {
+        let (best, best_i) = warp_argmax(self.best, self.best_i);
+        let max = warp_max(self.max);
+        let scaled = if self.max == f32::NEG_INFINITY { 0.0 } else { self.sum_exp * exp(self.max - max) };
+        Record { best, best_i, max, sum_exp: warp_sum(scaled), target: warp_max(self.target) }
+    }
+}
+
+/// The LM head for input `xn` (shared memory; normalised once times `a.xn_scale`). Returns `Some` on every thread of
 /// the last block to finish, `None` elsewhere. `smem` holds `lm_head_smem_words` words.
 #[inline(always)]
 pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> Option<LmResult> {
@@ -81,7 +123,8 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     let mut m = f32::NEG_INFINITY;
     let mut s = 0.0f32;
     let mut target_logit = f32::NEG_INFINITY;
-    gemv_stream(a.weight, a.hidden, xn, r0, r1, |row, logit| {
+    let mut on_row = |row: u32, dot: f32| {
+        let logit = dot * a.xn_scale;
         if lane() == 0 {
             if !a.logits_out.is_null() {
                 *a.logits_out.add(row as usize) = logit;
@@ -99,9 +142,10 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         if row == a.target {
             target_logit = logit;
         }
-    });
+    };
+    gemv_stream(a.weight, a.hidden, xn, r0, r1, &mut on_row);
 
-    // Block reduction: one record per warp, merged by thread 0.
+    // Block reduction: one record per warp, merged across the lanes of warp 0.
     let w = warp() as usize;
     let rec = smem; // [warps][5]
     if lane() == 0 {
@@ -113,33 +157,30 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     }
     sync_threads();
     let flag = rec.add(warps_per_block() as usize * 5) as *mut u32;
-    if thread_idx() == 0 {
-        let mut p = LmPartial {
-            max: f32::NEG_INFINITY,
-            sum_exp: 0.0,
-            best: f32::NEG_INFINITY,
-            best_index: u32::MAX,
-            target_logit: f32::NEG_INFINITY,
-            _pad: [0; 3],
-        };
-        for ww in 0..warps_per_block() as usize {
-            let (bv, bi) = (*rec.add(ww * 5), *(rec.add(ww * 5 + 1) as *const u32));
-            if better(bv, bi, p.best, p.best_index) {
-                p.best = bv;
-                p.best_index = bi;
+    if warp() == 0 {
+        let mut r = Record::EMPTY;
+        if lane() < warps_per_block() {
+            let l = lane() as usize * 5;
+            r = Record { best: *rec.add(l), best_i: *(rec.add(l + 1) as *const u32), max: *rec.add(l + 2), sum_exp: *rec.add(l + 3), target: *rec.add(l + 4) };
+        }
+        let r = r.warp_merge();
+        if lane() == 0 {
+            *a.partial.add(block_idx() as usize) = LmPartial {
+                max: r.max,
+                sum_exp: r.sum_exp,
+                best: r.best,
+                best_index: r.best_i,
+                target_logit: r.target,
+                forward: a.forward,
+                _pad: [0; 2],
+            };
+            let old = atomic_add_acq_rel(a.count, 1);
+            let last = old == grid_dim() - 1;
+            if last {
+                *a.count = 0;
             }
-            let (mm, ss) = lse_merge(p.max, p.sum_exp, *rec.add(ww * 5 + 2), *rec.add(ww * 5 + 3));
-            p.max = mm;
-            p.sum_exp = ss;
-            p.target_logit = fmaxf(p.target_logit, *rec.add(ww * 5 + 4));
+            *flag = last as u32;
         }
-        *a.partial.add(block_idx() as usize) = p;
-        let old = atomic_add_acq_rel(a.count, 1);
-        let last = old == grid_dim() - 1;
-        if last {
-            *a.count = 0;
-        }
-        *flag = last as u32;
     }
     sync_threads();
     if *flag == 0 {
@@ -147,42 +188,53 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     }
     sync_threads();
 
-    // Last block: merge every block's partial (warp 0), then pick the token.
-    let out = smem as *mut u32; // [0] token, [1] lse bits, [2] target bits
+    // Last block: merge every block's partial (warp 0), then pick the token. Lane l takes
+    // blocks l, l + 32, ..., eight per lane per round trip (all 256 of a round requested
+    // before any is used).
+    let out = smem as *mut u32; // [0] token, [1] lse bits, [2] target bits, [3] forward
     if warp() == 0 {
-        let mut bv = f32::NEG_INFINITY;
-        let mut bi = u32::MAX;
-        let mut mm = f32::NEG_INFINITY;
-        let mut ss = 0.0f32;
-        let mut tl = f32::NEG_INFINITY;
-        let mut b = lane();
-        while b < grid_dim() {
-            let p = a.partial.add(b as usize) as *const f32;
-            let (pv, pi) = (ld_cg_f32(p.add(2)), ld_cg_u32(p.add(3) as *const u32));
-            if better(pv, pi, bv, bi) {
-                bv = pv;
-                bi = pi;
-            }
-            let (m2, s2) = lse_merge(mm, ss, ld_cg_f32(p), ld_cg_f32(p.add(1)));
-            mm = m2;
-            ss = s2;
-            tl = fmaxf(tl, ld_cg_f32(p.add(4)));
-            b += 32;
+        let forward = ld_cg_u32(&(*a.partial).forward);
+        let mut r = Record::EMPTY;
+        let mut b0 = 0;
+        while b0 < grid_dim() {
+            let mut parts = [[0u32; 5]; 8];
+            crate::unroll!(8, J, {
+                let b = b0 + lane() + 32 * J as u32;
+                if b < grid_dim() {
+                    let p = a.partial.add(b as usize) as *const u32;
+                    let v = ld_cg_v4(p);
+                    parts[J] = [v[0], v[1], v[2], v[3], ld_cg_u32(p.add(4))];
+                }
+            });
+            crate::unroll!(8, J, {
+                if b0 + lane() + 32 * (J as u32) < grid_dim() {
+                    let q = parts[J];
+                    r.merge(&Record {
+                        max: f32::from_bits(q[0]),
+                        sum_exp: f32::from_bits(q[1]),
+                        best: f32::from_bits(q[2]),
+                        best_i: q[3],
+                        target: f32::from_bits(q[4]),
+                    });
+                }
+            });
+            b0 += 256;
         }
-        let (_, bi) = warp_argmax(bv, bi);
-        let big_m = warp_max(mm);
-        let scaled = if mm == f32::NEG_INFINITY { 0.0 } else { ss * exp(mm - big_m) };
-        let total = warp_sum(scaled);
-        let tl = warp_max(tl);
+        let r = r.warp_merge();
         if lane() == 0 {
-            *out = bi;
-            *out.add(1) = (big_m + ln(total)).to_bits();
-            *out.add(2) = tl.to_bits();
+            *out = r.best_i;
+            *out.add(1) = (r.max + ln(r.sum_exp)).to_bits();
+            *out.add(2) = r.target.to_bits();
+            *out.add(3) = forward;
         }
     }
     sync_threads();
-    let mut result =
-        LmResult { token: *out, log_sum_exp: f32::from_bits(*out.add(1)), target_logit: f32::from_bits(*out.add(2)) };
+    let mut result = LmResult {
+        token: *out,
+        log_sum_exp: f32::from_bits(*out.add(1)),
+        target_logit: f32::from_bits(*out.add(2)),
+        forward: *out.add(3),
+    };
     sync_threads();
     if a.temperature > 0.0 && a.top_k > 0 {
         let u = crate::ops::sampling::uniform(hash3(a.seed, a.pos, u32::MAX));

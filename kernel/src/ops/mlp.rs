@@ -34,15 +34,16 @@ pub unsafe fn load_gate_up_round<const C: usize>(
     load_rows::<4, C>(rows, hidden)
 }
 
-/// `out[i] = silu(gate[i] . x) * (up[i] . x)` for the block's outputs `[r0, r1)`; `x` in shared
-/// memory. Round 0's rows are `first` (`load_gate_up_round(.., 0)`, requested by the caller
-/// before it prepared `x`).
+/// `out[i] = silu(s gate[i] . x) * (s up[i] . x)` for the block's outputs `[r0, r1)`; `x` in
+/// shared memory, `s` = `x_scale` (the norm's, see `norm::rms_norm_to_shared`). Round 0's rows
+/// are `first` (`load_gate_up_round(.., 0)`, requested by the caller before it prepared `x`).
 #[inline(always)]
 pub unsafe fn gate_up_silu_rows<const C: usize>(
     gate: *const u16,
     up: *const u16,
     hidden: u32,
     x: *const f32,
+    x_scale: f32,
     r0: u32,
     r1: u32,
     first: LaneRows<4, C>,
@@ -59,7 +60,7 @@ pub unsafe fn gate_up_silu_rows<const C: usize>(
             if I < PAIRS {
                 let row = round_row(r0, j, I, PAIRS);
                 if row < r1 && lane() == 0 {
-                    *out.add(row as usize) = silu(s[2 * I]) * s[2 * I + 1];
+                    *out.add(row as usize) = silu(s[2 * I] * x_scale) * (s[2 * I + 1] * x_scale);
                 }
             }
         });

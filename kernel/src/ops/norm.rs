@@ -10,11 +10,15 @@ pub enum NormInput {
     Bf16(*const u16),
 }
 
-/// Block-wide RMSNorm of the `n` values of `input` into shared memory `out`, times the bf16
-/// `weight`: `out = (x * w) * 1/sqrt(mean(x^2) + eps)`. Each thread loads four values and
-/// their four weights together, so the whole norm costs one memory round trip and two block
-/// barriers. `n` must be a multiple of 4; `scratch` holds one f32 per warp and is not reused
-/// before a later grid barrier. Ends with `sync_threads`, so `out` is ready for every thread.
+/// Block-wide RMSNorm of the `n` values of `input`, times the bf16 `weight`, in two parts:
+/// `out` (shared memory) gets `x * w`, and the return value is the scale
+/// `1/sqrt(mean(x^2) + eps)` that turns it into the norm. The caller applies the scale to what
+/// it computes from `out` (a GEMV's dot products): that saves a pass over `out` and a block
+/// barrier, and the scale's reduction overlaps the caller's first loads from `out`. Each
+/// thread loads four values and their four weights together, so the whole norm costs one
+/// memory round trip and one block barrier. `n` must be a multiple of 4; `scratch` holds one
+/// f32 per warp and is not reused before a later grid barrier. Ends with `sync_threads`, so
+/// `out` is ready for every thread; every thread gets the same scale.
 #[inline(always)]
 pub unsafe fn rms_norm_to_shared(
     input: NormInput,
@@ -23,7 +27,7 @@ pub unsafe fn rms_norm_to_shared(
     eps: f32,
     out: *mut f32,
     scratch: *mut f32,
-) {
+) -> f32 {
     let mut sum_sq = 0.0f32;
     let mut i = thread_idx() * 4;
     while i < n {
@@ -48,15 +52,7 @@ pub unsafe fn rms_norm_to_shared(
     for k in 0..warps_per_block() {
         total += *scratch.add(k as usize);
     }
-    let scale = rsqrt(total / n as f32 + eps);
-    let mut i = thread_idx() * 4;
-    while i < n {
-        for k in 0..4 {
-            *out.add(i as usize + k) *= scale;
-        }
-        i += block_dim() * 4;
-    }
-    sync_threads();
+    rsqrt(total / n as f32 + eps)
 }
 
 /// One attention head, held by one warp with `E` consecutive values per lane (head_dim = 32*E):
