@@ -45,6 +45,11 @@ pub fn check_supported(c: &crate::model::Qwen3Config) -> Result<()> {
         c.num_attention_heads.is_multiple_of(c.num_key_value_heads),
         "num_attention_heads must be a multiple of num_key_value_heads"
     );
+    ensure!(
+        c.num_hidden_layers as u32 <= MAX_LAYERS,
+        "the GPU kernel supports at most {MAX_LAYERS} layers, not {}",
+        c.num_hidden_layers
+    );
     let group = c.num_attention_heads / c.num_key_value_heads;
     ensure!(group as u32 <= MAX_GROUP, "the GPU kernel supports at most {MAX_GROUP} q heads per kv head, not {group}");
     for (name, v, max) in [

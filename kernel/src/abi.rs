@@ -71,6 +71,12 @@ pub const fn attention_smem_words(warps: u32, group: u32, head_dim: u32) -> u32 
     group * head_dim + warps * group * (head_dim + 2) + 32 + 2 * head_dim
 }
 
+/// Shared-memory words a GEMV input vector of `n` values takes (`ops::gemv::x_index`: halves
+/// of chunks in runs of 256 words).
+pub const fn gemv_vector_words(n: u32) -> u32 {
+    n.div_ceil(256) * 256
+}
+
 /// Dynamic shared memory (bytes per block) `qwen3_decode_hd*` needs: the largest of the phases'
 /// needs (a vector of the widest input; the attention phase's q and per-warp state; the LM
 /// head's input plus its reduction or top-k scratch), plus `SCRATCH_WORDS`.
@@ -79,9 +85,9 @@ pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, 
     let attention = attention_smem_words(warps, group, head_dim);
     let lm_reduce = warps * 5 + 8;
     let lm_top_k = 256 + 6 * MAX_TOP_K + 8;
-    let lm = hidden + if lm_reduce > lm_top_k { lm_reduce } else { lm_top_k };
-    let mut words = hidden;
-    let others = [q_dim, inter, attention, lm];
+    let lm = gemv_vector_words(hidden) + if lm_reduce > lm_top_k { lm_reduce } else { lm_top_k };
+    let mut words = gemv_vector_words(hidden);
+    let others = [gemv_vector_words(q_dim), gemv_vector_words(inter), attention, lm];
     let mut i = 0;
     while i < others.len() {
         if others[i] > words {
@@ -94,8 +100,12 @@ pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, 
 
 /// Words at the end of the decode kernel's base shared memory: 32 for block reductions, then
 /// room for the block's own rows of the residual stream (at most `MAX_OWN_ROWS`), then the
-/// barriers' timestamps (`TIMER_WORDS`, 8-byte aligned: two words of slack).
-pub const SCRATCH_WORDS: u32 = 32 + MAX_OWN_ROWS + TIMER_WORDS + 2;
+/// barriers' timestamps (`TIMER_WORDS`, 8-byte aligned: two words of slack), then the layers'
+/// pointers (`LayerPtrs[MAX_LAYERS]`).
+pub const SCRATCH_WORDS: u32 = 32 + MAX_OWN_ROWS + TIMER_WORDS + 2 + MAX_LAYERS * LAYER_PTRS_WORDS;
+/// Most layers the decode kernel takes: it keeps every layer's `LayerPtrs` in shared memory.
+pub const MAX_LAYERS: u32 = 64;
+pub const LAYER_PTRS_WORDS: u32 = (core::mem::size_of::<LayerPtrs>() / 4) as u32;
 /// Six u64 words of the decode kernel's barriers: five timestamps of the profiling, the sense.
 pub const TIMER_WORDS: u32 = 12;
 /// Most rows of the hidden state one block may own (`ceil(hidden / grid)`).

@@ -524,6 +524,23 @@ pub unsafe fn fence_acq_rel_gpu() {
     asm!("fence.acq_rel.gpu;", options(nostack));
 }
 
+/// `prefetch.global.L2`: brings the line holding `p` into L2; nothing comes back, nothing
+/// waits for it.
+#[inline(always)]
+pub unsafe fn prefetch_l2<T>(p: *const T) {
+    asm!("prefetch.global.L2 [{0}];", in(reg64) p, options(nostack, readonly));
+}
+
+/// `v` through an `asm!` mov the compiler cannot see through: a value that is the same in
+/// every iteration of a loop is then not hoisted out of it (and held in a register through
+/// the whole loop) by computations on it.
+#[inline(always)]
+pub fn opaque(v: u32) -> u32 {
+    let r: u32;
+    unsafe { asm!("mov.u32 {0}, {1};", out(reg32) r, in(reg32) v, options(nostack)) };
+    r
+}
+
 /// `red.add.release.gpu`: an add whose result nobody waits for; releases this thread's
 /// earlier writes (and, after a `bar.sync`, its block's) to whoever acquires the sum.
 #[inline(always)]

@@ -5,7 +5,7 @@
 use crate::abi::*;
 use crate::device::*;
 use crate::ops::attention::{attention_phase, AttentionArgs};
-use crate::ops::gemv::{block_rows, gemv_rounds, load_round};
+use crate::ops::gemv::{block_rows, gemv_rounds, load_round, x_index};
 use crate::ops::lm_head::{lm_head_phase, LmHeadArgs};
 use crate::ops::mlp::{gate_up_silu_rows, load_gate_up_round};
 use crate::ops::norm::{head_norm_rope, rms_norm_to_shared, NormInput};
@@ -15,20 +15,20 @@ use crate::ops::norm::{head_norm_rope, rms_norm_to_shared, NormInput};
 unsafe fn stage(src: *const f32, n: u32, dst: *mut f32) {
     let mut i = thread_idx();
     while i < n {
-        *dst.add(i as usize) = *src.add(i as usize);
+        *dst.add(x_index(i)) = *src.add(i as usize);
         i += block_dim();
     }
     sync_threads();
 }
 
-/// `out = rms_norm(x) * w`, one block. Shared memory: `(n + 32) * 4` bytes.
+/// `out = rms_norm(x) * w`, one block. Shared memory: `(gemv_vector_words(n) + 32) * 4` bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_rms_norm(x: *const f32, w: *const u16, n: u32, eps: f32, out: *mut f32) {
     let smem = dynamic_shared::<f32>();
-    let scale = rms_norm_to_shared(NormInput::F32(x), w, n, eps, smem, smem.add(n as usize));
+    let scale = rms_norm_to_shared(NormInput::F32(x), w, n, eps, smem, smem.add(gemv_vector_words(n) as usize));
     let mut i = thread_idx();
     while i < n {
-        *out.add(i as usize) = *smem.add(i as usize) * scale;
+        *out.add(i as usize) = *smem.add(x_index(i)) * scale;
         i += block_dim();
     }
 }
@@ -36,7 +36,7 @@ pub unsafe extern "ptx-kernel" fn test_rms_norm(x: *const f32, w: *const u16, n:
 /// `y = W x` with W bf16 `[rows, cols]` (`cols` <= 3072), any grid, through the GEMV the decode
 /// kernel's layer phases use, with the register tile it uses for that width (q/k/v and
 /// gate/up: <= 1024 columns, 3 rows per warp at once; o: <= 2048; down: <= 3072).
-/// Shared memory: `cols * 4` bytes.
+/// Shared memory: `gemv_vector_words(cols) * 4` bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_gemv(w: *const u16, rows: u32, cols: u32, x: *const f32, y: *mut f32) {
     let smem = dynamic_shared::<f32>();
@@ -64,7 +64,7 @@ pub unsafe extern "ptx-kernel" fn test_gemv(w: *const u16, rows: u32, cols: u32,
 }
 
 /// `out[i] = silu(gate[i] . x) * (up[i] . x)` (`hidden` <= 1024), any grid, as the decode
-/// kernel computes it. Shared memory: `hidden * 4` bytes.
+/// kernel computes it. Shared memory: `gemv_vector_words(hidden) * 4` bytes.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_gate_up_silu(
     w_gate: *const u16,
@@ -151,12 +151,12 @@ pub unsafe extern "ptx-kernel" fn test_attention(t: AttentionTestParams) {
         eps: t.eps,
     };
     let smem = dynamic_shared::<f32>();
-    match t.head_dim {
+    let _ = match t.head_dim {
         128 => attention_phase::<4>(&args, smem),
         64 => attention_phase::<2>(&args, smem),
         32 => attention_phase::<1>(&args, smem),
         _ => trap(),
-    }
+    };
 }
 
 /// `trials` LM-head phases (cooperative launch: grid barriers between trials). Shared memory:
@@ -184,7 +184,7 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
             xn_scale: 1.0,
             forward: if block_idx() == 0 { LM_FORWARD_TEST ^ trial } else { trial + 1 },
         };
-        if let Some(r) = lm_head_phase(&args, smem, smem.add(t.hidden as usize)) {
+        if let Some(r) = lm_head_phase(&args, smem, smem.add(gemv_vector_words(t.hidden) as usize)) {
             if thread_idx() == 0 {
                 *(t.tokens_out as *mut u32).add(trial as usize) = r.token;
                 if trial == 0 {

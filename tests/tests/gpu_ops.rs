@@ -89,7 +89,7 @@ fn rms_norm_matches_cpu() {
             &mut eps as *mut _ as _,
             &mut po as *mut _ as _,
         ];
-        launch(&gpu, "test_rms_norm", 1, ((n + 32) * 4) as u32, &mut args);
+        launch(&gpu, "test_rms_norm", 1, (gemv_vector_words(n as u32) + 32) * 4, &mut args);
         let err = rel_err(&download(&out), &ops::rms_norm(&x, &w, 1e-6));
         assert!(err < 1e-5, "rms_norm n={n}: relative error {err}");
     }
@@ -117,7 +117,7 @@ fn gemv_matches_cpu() {
                 &mut px as *mut _ as _,
                 &mut py as *mut _ as _,
             ];
-            launch(&gpu, "test_gemv", grid, (cols * 4) as u32, &mut args);
+            launch(&gpu, "test_gemv", grid, gemv_vector_words(cols as u32) * 4, &mut args);
             let err = rel_err(&download(&dy), &want);
             assert!(err < 1e-5, "gemv {rows}x{cols} on {grid} blocks: relative error {err}");
         }
@@ -151,7 +151,7 @@ fn gate_up_silu_matches_cpu() {
                 &mut px as *mut _ as _,
                 &mut po as *mut _ as _,
             ];
-            launch(&gpu, "test_gate_up_silu", grid, (hidden * 4) as u32, &mut args);
+            launch(&gpu, "test_gate_up_silu", grid, gemv_vector_words(hidden as u32) * 4, &mut args);
             let err = rel_err(&download(&out), &want);
             assert!(err < 1e-5, "gate/up/silu {inter}x{hidden} on {grid} blocks: relative error {err}");
         }
@@ -376,7 +376,7 @@ fn run_lm_head(
         pos: 0,
         trials,
     };
-    let smem = (hidden as u32 + 256 + 6 * MAX_TOP_K + 8 + 32) * 4;
+    let smem = (gemv_vector_words(hidden as u32) + 256 + 6 * MAX_TOP_K + 8 + 32) * 4;
     let k = gpu.kernel("test_lm_head").unwrap();
     k.set_max_dynamic_smem(smem).unwrap();
     let mut args = [&mut t as *mut _ as *mut c_void];

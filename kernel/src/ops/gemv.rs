@@ -14,6 +14,21 @@ use crate::device::*;
 #[derive(Clone, Copy)]
 struct F32x4([f32; 4]);
 
+/// Where element `i` of a GEMV's input vector lives in shared memory. Chunk `c` (columns
+/// `8c..8c+8`, the 16 bytes of bf16 weights a lane loads at once) is split in halves, and the
+/// halves of 32 consecutive chunks are stored as two runs of 128 words: the first halves, then
+/// the second. A lane `l` reading chunk `l + 32k` then finds its two halves at constant
+/// offsets (`256k` and `256k + 128` words) from word `4l`, and a warp's loads are contiguous
+/// 512-byte runs, free of bank conflicts. (Stored plainly, each of those 16-byte loads took
+/// twice its shared-memory cycles: ncu counted 78M excess wavefronts in an 8-step launch.)
+/// The vector takes `abi::gemv_vector_words(n)` words. Writers store four values at a time
+/// (`i` a multiple of 4: four consecutive words here too).
+#[inline(always)]
+pub fn x_index(i: u32) -> usize {
+    let c = i >> 3;
+    (((c >> 5) << 8) + (((i >> 2) & 1) << 7) + ((c & 31) << 2) + (i & 3)) as usize
+}
+
 /// The contiguous range of `rows` owned by this block: blocks take equal slices, so a block's
 /// weights for a phase are one contiguous region of memory.
 #[inline(always)]
@@ -93,8 +108,8 @@ pub unsafe fn dot_rows<const R: usize, const C: usize>(w: &LaneRows<R, C>, x: *c
     crate::unroll!(12, K, {
         let c = lane() + 32 * K as u32;
         if K < C && c < chunks {
-            let a = *(x.add((c * 8) as usize) as *const F32x4);
-            let b = *(x.add((c * 8 + 4) as usize) as *const F32x4);
+            let a = *(x.add(x_index(c * 8)) as *const F32x4);
+            let b = *(x.add(x_index(c * 8 + 4)) as *const F32x4);
             let xs = [a.0[0], a.0[1], a.0[2], a.0[3], b.0[0], b.0[1], b.0[2], b.0[3]];
             crate::unroll!(4, RI, {
                 if RI < R {
@@ -173,13 +188,13 @@ pub unsafe fn gemv_stream<F: FnMut(u32, f32)>(w: *const u16, cols: u32, x: *cons
 }
 
 /// Copies `n` f32 from global memory (written earlier in this launch, so read via L2) into
-/// shared memory, block-wide. Ends with `sync_threads`.
+/// shared memory in the GEMV's layout (`x_index`), block-wide. Ends with `sync_threads`.
 #[inline(always)]
 pub unsafe fn load_vector_to_shared(src: *const f32, n: u32, dst: *mut f32) {
     let mut i = thread_idx() * 4;
     while i < n {
         let v = ld_cg_f32x4(src.add(i as usize));
-        *(dst.add(i as usize) as *mut F32x4) = F32x4(v);
+        *(dst.add(x_index(i)) as *mut F32x4) = F32x4(v);
         i += block_dim() * 4;
     }
     sync_threads();

@@ -1,6 +1,7 @@
 //! RMSNorm, as Qwen3 computes it: in f32, `x * 1/sqrt(mean(x^2) + eps)`, then times the weight.
 
 use crate::device::*;
+use crate::ops::gemv::x_index;
 
 /// Where the vector to normalise lives: f32 written earlier in this launch (read via L2), or a
 /// bf16 row of the embedding.
@@ -11,7 +12,8 @@ pub enum NormInput {
 }
 
 /// Block-wide RMSNorm of the `n` values of `input`, times the bf16 `weight`, in two parts:
-/// `out` (shared memory) gets `x * w`, and the return value is the scale
+/// `out` (shared memory, in the GEMV's layout: `gemv::x_index`) gets `x * w`, and the return
+/// value is the scale
 /// `1/sqrt(mean(x^2) + eps)` that turns it into the norm. The caller applies the scale to what
 /// it computes from `out` (a GEMV's dot products): that saves a pass over `out` and a block
 /// barrier, and the scale's reduction overlaps the caller's first loads from `out`. Each
@@ -36,8 +38,9 @@ pub unsafe fn rms_norm_to_shared(
             NormInput::Bf16(p) => bf16x4_to_f32(ld_nc_v2(p.add(i as usize) as *const u32)),
         };
         let w = bf16x4_to_f32(ld_nc_v2(weight.add(i as usize) as *const u32));
+        let o = out.add(x_index(i));
         for k in 0..4 {
-            *out.add(i as usize + k) = x[k] * w[k];
+            *o.add(k) = x[k] * w[k];
             sum_sq = fma(x[k], x[k], sum_sq);
         }
         i += block_dim() * 4;
