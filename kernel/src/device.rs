@@ -85,6 +85,12 @@ pub fn sync_threads() {
     unsafe { nvptx::_syncthreads() }
 }
 
+/// `bar.warp.sync`: the lanes of the warp meet here; orders their shared-memory accesses.
+#[inline(always)]
+pub fn sync_warp() {
+    unsafe { asm!("bar.warp.sync 0xffffffff;", options(nostack)) }
+}
+
 /// `bar.sync id, threads`: waits for `threads` threads (a multiple of 32) of the block at
 /// named barrier `id` (1..15; 0 is `sync_threads`'s); orders shared-memory accesses among them.
 #[inline(always)]
@@ -617,6 +623,8 @@ pub unsafe fn grid_wait_at(bar: *mut u32, sense: *mut u32) {
     if warp() == 0 {
         let s = *sense;
         while ld_acquire(bar) & SENSE == s {}
+        // Every lane has read the old sense before lane 0 replaces it.
+        sync_warp();
         if lane() == 0 {
             *sense = s ^ SENSE;
         }
