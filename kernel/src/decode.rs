@@ -190,6 +190,7 @@ struct Step<'a> {
     attn: *mut f32,
     mlp: *mut f32,
     tokens: *mut u32,
+    /// Every layer's `LayerPtrs`, in shared memory.
     layers: *const LayerPtrs,
     /// This block's rows of the q/k/v, hidden-wide (o, down) and MLP-wide projections (empty
     /// when the GEMVs are skipped, for diagnostics), and of the residual stream.
@@ -280,8 +281,8 @@ impl<'a> Step<'a> {
     }
 
     /// Block-wide: RMSNorm of the residual stream (or, in layer 0, the embedding row) with the
-    /// bf16 `weight`, into `smem[..hidden]`, less its scale, which it returns (see
-    /// `rms_norm_to_shared`; with norms skipped: the raw input, scale 1).
+    /// bf16 `weight`, into the start of `smem` (in the GEMV's layout), less its scale, which it
+    /// returns (see `rms_norm_to_shared`; with norms skipped: the raw input, scale 1).
     #[inline(always)]
     unsafe fn normed_input(&self, input: NormInput, weight: u64) -> f32 {
         let p = self.p;

@@ -570,9 +570,9 @@ pub unsafe fn red_add_release(p: *mut u32, v: u32) {
 /// word's old value, because its warp 0 reads the sense once (`grid_sense`) before the block's
 /// first arrival, when no barrier can complete without it, and then flips its copy at every
 /// barrier. The last block to arrive thus starts waiting at once rather than after an
-/// atomic's round trip to L2 (H100: 7 us per decode step of 141 barriers). Spreading the
-/// arrivals over 4 or 8 counters on separate lines was slower (+6 and +12 us): contention on
-/// one word is not what a barrier costs here.
+/// atomic's round trip to L2 (H100, a decode step of 141 barriers: 806 -> 800 us at position
+/// 1). Spreading the arrivals over 4 or 8 counters on separate lines was slower (812 and
+/// 815–818 us): contention on one word is not what a barrier costs here.
 ///
 /// Ordering: `bar.sync` orders the block's writes before thread 0's release add (release is
 /// cumulative), the acquire loads make every other block's released writes visible to

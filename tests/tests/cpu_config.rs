@@ -132,3 +132,15 @@ fn generation_config_defaults_and_errors() {
     let g = GenerationConfig::from_json_str(r#"{"eos_token_id": 5}"#).unwrap();
     assert_eq!(g.eos_token_ids, vec![5]);
 }
+
+#[test]
+fn gpu_kernel_limits_are_checked_before_anything_runs() {
+    use host::engine::check_supported;
+    check_supported(&Qwen3Config::qwen3_0_6b()).expect("Qwen3-0.6B is what the kernel is for");
+    // The kernel keeps every layer's pointers in shared memory: at most MAX_LAYERS.
+    let deep = Qwen3Config { num_hidden_layers: 65, ..Qwen3Config::qwen3_0_6b() };
+    let err = format!("{:#}", check_supported(&deep).unwrap_err());
+    assert!(err.contains("at most 64 layers, not 65"), "{err}");
+    let ok = Qwen3Config { num_hidden_layers: 64, ..Qwen3Config::qwen3_0_6b() };
+    check_supported(&ok).expect("64 layers fit");
+}

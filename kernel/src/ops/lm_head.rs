@@ -111,8 +111,9 @@ impl Record {
     }
 }
 
-/// The LM head for input `xn` (shared memory; normalised once times `a.xn_scale`). Returns `Some` on every thread of
-/// the last block to finish, `None` elsewhere. `smem` holds `lm_head_smem_words` words.
+/// The LM head for input `xn` (shared memory, in the GEMV's layout; the normalised input once
+/// scaled by `a.xn_scale`). Returns `Some` on every thread of the last block to finish, `None`
+/// elsewhere. `smem` holds `lm_head_smem_words` words.
 #[inline(always)]
 pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> Option<LmResult> {
     let gumbel_sampling = a.temperature > 0.0 && a.top_k == 0;
@@ -123,7 +124,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     let mut m = f32::NEG_INFINITY;
     let mut s = 0.0f32;
     let mut target_logit = f32::NEG_INFINITY;
-    let mut on_row = |row: u32, dot: f32| {
+    gemv_stream(a.weight, a.hidden, xn, r0, r1, |row, dot| {
         let logit = dot * a.xn_scale;
         if lane() == 0 {
             if !a.logits_out.is_null() {
@@ -142,8 +143,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         if row == a.target {
             target_logit = logit;
         }
-    };
-    gemv_stream(a.weight, a.hidden, xn, r0, r1, &mut on_row);
+    });
 
     // Block reduction: one record per warp, merged across the lanes of warp 0.
     let w = warp() as usize;
