@@ -75,7 +75,8 @@ struct Row {
     comparison: Option<crate::compare::Comparison>,
 }
 
-/// One profiled launch; prints per phase the mean and max work per block and the mean wait.
+/// One profiled launch; prints per phase the min, median, mean and max work per block and the
+/// mean wait, then the slowest blocks of the LM head.
 fn print_phases(engine: &mut GpuEngine, spec: &LaunchSpec, token: &[u32], position: u32) -> Result<()> {
     let profiled = LaunchSpec { flags: spec.flags | FLAG_PROFILE_PHASES, ..*spec };
     engine.launch(&profiled, token, None)?;
@@ -90,10 +91,10 @@ fn print_phases(engine: &mut GpuEngine, spec: &LaunchSpec, token: &[u32], positi
         let work: Vec<f64> = (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + 2 * i] as f64 / mhz).collect();
         let wait: Vec<f64> = (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + 2 * i + 1] as f64 / mhz).collect();
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let mut sorted = work.clone();
-        sorted.sort_by(f64::total_cmp);
-        let (min, median, max) = (sorted[0], sorted[blocks / 2], sorted[blocks - 1]);
-        println!("| {name} | {min:.2} | {median:.2} | {:.2} | {max:.2} | {:.2} |", mean(&work), mean(&wait));
+        let min = work.iter().cloned().fold(f64::INFINITY, f64::min);
+        let max = work.iter().cloned().fold(0.0, f64::max);
+        let mid = median(&mut work.clone());
+        println!("| {name} | {min:.2} | {mid:.2} | {:.2} | {max:.2} | {:.2} |", mean(&work), mean(&wait));
     }
     // Which blocks hold up the LM head (the last one to finish also reduces every partial).
     let lm = names.len() - 1;
