@@ -64,7 +64,13 @@ for exe in "${tests[@]}"; do
     strip_copy "$exe" "$out/tests/$name"
     add_manifest "tests/$name"
 done
+# Fixtures the GPU tests read (the golden tiny checkpoint and HF's outputs on it): the bundle
+# carries them, and run-gpu-tests.sh points the tests at its own copy, so the bundle runs
+# anywhere, not only inside a checkout.
+mkdir -p "$out/fixtures"
+cp -r tests/fixtures/golden "$out/fixtures/golden"
 cp scripts/run-gpu-tests.sh "$out/run-gpu-tests.sh"
+cp scripts/hf_logits.py "$out/hf_logits.py"
 cp scripts/sanitize.sh "$out/sanitize.sh"
 chmod +x "$out/run-gpu-tests.sh" "$out/sanitize.sh" "$out/host" "$out"/tests/*
 

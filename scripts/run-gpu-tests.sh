@@ -26,9 +26,13 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1'; then
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 
-# Tests that read repository files resolve them from the repository root when the bundle sits
-# inside a checkout (bundle/ at its top).
-if [ -f "$here/../Cargo.toml" ]; then cd "$here/.."; else cd "$here"; fi
+# Tests that read fixtures find the bundle's own copy (QWEN3_TEST_FIXTURES), wherever the
+# bundle was copied to; the test binaries' compiled-in source paths exist only on the build
+# machine.
+if [ -z "${QWEN3_TEST_FIXTURES:-}" ] && [ -d "$here/fixtures" ]; then
+    export QWEN3_TEST_FIXTURES="$here/fixtures"
+fi
+cd "$here"
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
 passed=0 failed=0 ignored=0 bad_bins=()

@@ -6,7 +6,8 @@
 # MODEL_DIR defaults to a tiny synthetic checkpoint made here (head_dim 32; racecheck on long
 # full-size runs takes too long for a session). With SANITIZE_FULL_MODEL=DIR (a full-size
 # `host synth` checkpoint) the four tools also run a short decode with the head_dim-128 kernel
-# Qwen3-0.6B uses, and memcheck runs `bench --compare` once (the split kernels). Prints one
+# Qwen3-0.6B uses, memcheck, racecheck and synccheck a long-context one (1200 positions, 300
+# for racecheck), and memcheck runs `bench --compare` once (the split kernels). Prints one
 # summary line per run and a total; exits non-zero if any run reported errors or did not
 # finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_TIMEOUT (s) bounds each run.
 set -u
@@ -20,9 +21,11 @@ model=${1:-/tmp/qwen3-sanitize-tiny}
     --heads 4 --kv-heads 2 --head-dim 32 --vocab 512 >/dev/null
 ops=$(ls tests/gpu_ops-* 2>/dev/null | head -1)
 [ -n "$ops" ] || ops=./gpu_ops
+device=$(ls tests/gpu_device-* 2>/dev/null | head -1)
 ids() { seq -s, 1 "$1" | awk -F, '{for(i=1;i<=NF;i++) printf "%s%d", (i>1?",":""), $i % 500}'; }
 tools=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
 bad=0
+lines=()
 run() { # name, command...
     local name=$1; shift
     local log; log=$(mktemp)
@@ -33,10 +36,12 @@ run() { # name, command...
     if [ $rc -ne 0 ] || ! grep -qE "ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards displayed \(0 errors, 0 warnings\)" "$log"; then
         bad=$((bad + 1))
         echo "FAIL  $name (exit $rc): ${summary:-no summary}"
+        lines+=("FAIL  $name (exit $rc): ${summary:-no summary}")
         grep -E "^=========" "$log" | head -20
         grep -vE "^=========" "$log" | tail -3
     else
         echo "ok    $name: $summary"
+        lines+=("ok    $name: $summary")
     fi
     rm -f "$log"
 }
@@ -55,6 +60,9 @@ for tool in $tools; do
         ./host decode --model "$model" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json
     run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
         "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties
+    # The grid barrier as the decode kernel uses it (sense in shared memory).
+    [ -n "$device" ] && QWEN3_BARRIER_ROUNDS=1000 run "$tool grid barrier (sense in shared memory, 2000 uses)" \
+        "$san" --tool "$tool" "${extra[@]}" "$device" --ignored --test-threads=1 grid_barrier_with_sense_in_shared_memory
 done
 if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
     for tool in $tools; do
@@ -62,9 +70,21 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
         [ "$tool" = racecheck ] && extra=(--racecheck-report all)
         run "$tool full-size decode (3 prompt + 2 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
             ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json
+        # Long context on the head_dim-128 kernel: several splits per kv head, so the cross-block
+        # merge (and, above 8 splits, its two-warp form) runs. initcheck is left to the tiny model.
+        [ "$tool" = initcheck ] && continue
+        [ "${SANITIZE_QUICK:-0}" = 1 ] && [ "$tool" != memcheck ] && continue
+        long=1200
+        [ "$tool" = racecheck ] && long=300
+        run "$tool full-size decode ($long-token context)" "$san" --tool "$tool" "${extra[@]}" \
+            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json
     done
     [[ " $tools " == *" memcheck "* ]] && run "memcheck full-size bench --compare (megakernel + split kernels)" "$san" --tool memcheck \
         ./host bench --model "$SANITIZE_FULL_MODEL" --positions 5 --steps 2 --reps 1 --compare
 fi
-echo "sanitizer runs with errors: $bad"
+# The summary again, one line per run, last (the end of a long log is what gets read).
+echo
+echo "== compute-sanitizer summary"
+printf '%s\n' "${lines[@]}"
+echo "sanitizer runs: ${#lines[@]}, with errors: $bad"
 [ $bad -eq 0 ]

@@ -1,15 +1,17 @@
 //! `host bench`: decode speed of the megakernel at several context positions, reported against
 //! the HBM read bandwidth measured by a probe kernel in the same process.
 //!
-//! For each position P the engine generates `--steps` tokens greedily starting at P (the KV
-//! cache before P holds random bf16 data, so attention reads real-looking values, never
-//! zeros). Bytes per token = every weight once + the KV cache up to the mid-point of the
+//! For each position P the engine generates `--steps` tokens starting at P (the KV cache
+//! before P holds random bf16 data, so attention reads real-looking values, never zeros),
+//! choosing them as `--sampling` says: by default as `decode` does, with the checkpoint's
+//! generation_config. Bytes per token = every weight once + the KV cache up to the mid-point of the
 //! launch. Each figure is the median (and min) over `--reps` launches after a warm-up.
 
 use crate::engine::abi::{FLAG_PROFILE_BARRIERS, FLAG_PROFILE_PHASES, PROFILE_LAYER, PROFILE_SLOTS};
 use crate::engine::{GpuEngine, LaunchSpec};
 use crate::generate::SamplingParams;
 use crate::gpu::measure_read_bandwidth;
+use crate::model::config::GenerationConfig;
 use crate::model::synth::{write_checkpoint, SynthSpec};
 use crate::model::{checkpoint, Weights};
 use anyhow::{bail, ensure, Result};
@@ -45,17 +47,44 @@ pub struct BenchArgs {
     /// replayed as one CUDA graph per token, and compare (same logits first, then speed).
     #[arg(long)]
     pub compare: bool,
+    /// How tokens are chosen: `greedy`, `default` (the checkpoint's generation_config, as
+    /// `decode` uses it), or `T,K,P` (temperature, top-k, top-p; 0 for K means no top-k).
+    /// Repeat the flag to time several in one run.
+    #[arg(long, default_value = "default", action = clap::ArgAction::Append)]
+    pub sampling: Vec<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
 }
 
+/// One `--sampling` value: its label and the parameters.
+fn parse_sampling(s: &str, defaults: &GenerationConfig) -> Result<(String, SamplingParams)> {
+    let p = match s {
+        "greedy" => SamplingParams::GREEDY,
+        "default" => defaults.sampling(0),
+        _ => {
+            let parts: Vec<&str> = s.split(',').collect();
+            ensure!(parts.len() == 3, "--sampling takes greedy, default or T,K,P; got {s:?}");
+            let temperature: f32 =
+                parts[0].trim().parse().map_err(|_| anyhow::anyhow!("--sampling {s:?}: bad temperature"))?;
+            let top_k: u32 = parts[1].trim().parse().map_err(|_| anyhow::anyhow!("--sampling {s:?}: bad top-k"))?;
+            let top_p: f32 = parts[2].trim().parse().map_err(|_| anyhow::anyhow!("--sampling {s:?}: bad top-p"))?;
+            ensure!(temperature >= 0.0 && temperature.is_finite(), "--sampling {s:?}: temperature must be >= 0");
+            ensure!(top_p > 0.0 && top_p <= 1.0, "--sampling {s:?}: top-p must be in (0, 1]");
+            SamplingParams { temperature, top_k, top_p, seed: 0 }
+        }
+    };
+    let label =
+        if p.is_greedy() { "greedy".to_string() } else { format!("T={} k={} p={}", p.temperature, p.top_k, p.top_p) };
+    Ok((if s == "default" { format!("default ({label})") } else { label }, p))
+}
+
 /// Random Qwen3-0.6B-shaped weights: written to a temporary folder by the same code as
 /// `host synth`, loaded back through the checkpoint loader, then deleted.
-pub fn synthetic_weights(seed: u64) -> Result<Weights> {
+pub fn synthetic_weights(seed: u64) -> Result<(Weights, GenerationConfig)> {
     let dir = std::env::temp_dir().join(format!("qwen3-bench-synth-{}", std::process::id()));
     write_checkpoint(&dir, &SynthSpec::qwen3_0_6b(seed))?;
-    let w = checkpoint::load(&dir, false);
+    let w = checkpoint::load(&dir, false).and_then(|w| Ok((w, GenerationConfig::from_model_dir(&dir)?)));
     std::fs::remove_dir_all(&dir).ok();
     w
 }
@@ -67,6 +96,7 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
 
 /// One row of the table.
 struct Row {
+    sampling: String,
     position: u32,
     us_median: f64,
     us_min: f64,
@@ -117,12 +147,13 @@ fn print_phases(engine: &mut GpuEngine, spec: &LaunchSpec, token: &[u32], positi
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.steps >= 1 && args.reps >= 1, "--steps and --reps must be at least 1");
     ensure!(!args.positions.is_empty(), "--positions is empty");
-    let weights = if args.synthetic {
+    let (weights, gen_config) = if args.synthetic {
         synthetic_weights(1)?
     } else {
         let dir = checkpoint::resolve_model_dir(args.model.as_deref())?;
-        checkpoint::load(&dir, !args.json)?
+        (checkpoint::load(&dir, !args.json)?, GenerationConfig::from_model_dir(&dir)?)
     };
+    let samplings = args.sampling.iter().map(|s| parse_sampling(s, &gen_config)).collect::<Result<Vec<_>>>()?;
     let max_pos = *args.positions.iter().max().unwrap();
     let max_ctx = (max_pos + args.steps + 1) as usize;
     if max_ctx > weights.config.max_position_embeddings {
@@ -139,13 +170,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let probe = measure_read_bandwidth(engine.gpu(), 2 << 30)?;
 
     let mut rows = Vec::new();
-    for &p in &args.positions {
+    for ((label, sampling), &p) in samplings.iter().flat_map(|s| args.positions.iter().map(move |p| (s, p))) {
         let spec = LaunchSpec {
             start_pos: p,
             prompt_len: 1,
             n_steps: args.steps,
-            sampling: Some(SamplingParams::GREEDY),
-
+            sampling: Some(*sampling),
             debug_skip: args.skip,
             ..Default::default()
         };
@@ -176,7 +206,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         let comparison =
             if args.compare { Some(crate::compare::compare_at(&mut engine, p, args.steps, args.reps)?) } else { None };
-        rows.push(Row { position: p, us_median, us_min, bytes, barrier_share, comparison });
+        rows.push(Row { sampling: label.clone(), position: p, us_median, us_min, bytes, barrier_share, comparison });
     }
     let (act_bytes, act_extra_split) = crate::compare::intermediate_bytes(&engine);
 
@@ -198,6 +228,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     })
                 });
                 json!({
+                    "sampling": r.sampling,
                     "position": r.position,
                     "tokens_per_s": 1e6 / r.us_median,
                     "us_per_token_median": r.us_median,
@@ -237,12 +268,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("DIAGNOSTIC RUN: stages left out (mask {}); these are not decode speeds\n", args.skip);
     }
     println!("read bandwidth probe: {:.0} GB/s\n", probe / 1e9);
-    println!("| position | tok/s | us/token (median) | us/token (min) | MB/token | GB/s | % of probe | barrier wait |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| sampling | position | tok/s | us/token (median) | us/token (min) | MB/token | GB/s | % of probe | barrier wait |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let gbs = r.bytes as f64 / (r.us_median * 1e-6) / 1e9;
         println!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1}% | {:.1}% |",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1}% | {:.1}% |",
+            r.sampling,
             r.position,
             1e6 / r.us_median,
             r.us_median,

@@ -113,6 +113,8 @@ pub struct GpuEngine {
     attn_partial: DeviceBuffer<f32>,
     attn_count: DeviceBuffer<u32>,
     lm_partial: DeviceBuffer<LmPartial>,
+    /// Each block's 32 best logits (top-k / top-p sampling).
+    lm_candidates: DeviceBuffer<u64>,
     logits: DeviceBuffer<f32>,
     lm_count: DeviceBuffer<u32>,
     barrier: DeviceBuffer<u32>,
@@ -225,6 +227,7 @@ impl GpuEngine {
             attn_partial: gpu.alloc(n_heads * MAX_SPLITS as usize * (c.head_dim + 2), "attention partials")?,
             attn_count: gpu.alloc(c.num_key_value_heads, "attention counters")?,
             lm_partial: gpu.alloc(grid as usize, "LM-head partials")?,
+            lm_candidates: gpu.alloc(grid as usize * 32, "LM-head sampling candidates")?,
             logits: gpu.alloc(c.vocab_size, "logits")?,
             lm_count: gpu.alloc(1, "LM-head counter")?,
             barrier: gpu.alloc(1, "grid barrier")?,
@@ -392,7 +395,8 @@ impl GpuEngine {
     /// The kernel parameters for one launch described by `spec`.
     fn params(&self, spec: &LaunchSpec) -> Result<DecodeParams> {
         let s = spec.sampling.unwrap_or(SamplingParams::GREEDY);
-        let top_k = if s.temperature > 0.0 && s.top_k == 0 && s.top_p < 1.0 { MAX_TOP_K } else { s.top_k };
+        // top-k 0 with top-p < 1 is top-p alone, which the kernel draws from exactly.
+        let top_k = s.top_k;
         ensure!(top_k <= MAX_TOP_K, "the GPU sampler supports top-k up to {MAX_TOP_K}, not {top_k}");
         let c = &self.config;
         let mut eos = [0u32; 4];
@@ -446,6 +450,7 @@ impl GpuEngine {
             debug_skip: spec.debug_skip,
             fault_step: spec.fault_step.unwrap_or(u32::MAX),
             phase_cycles: dptr(&self.phase_cycles),
+            lm_candidates: dptr(&self.lm_candidates),
         })
     }
 

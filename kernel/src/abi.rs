@@ -83,9 +83,7 @@ pub const fn gemv_vector_words(n: u32) -> u32 {
 pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, head_dim: u32) -> u32 {
     let warps = DECODE_THREADS / 32;
     let attention = attention_smem_words(warps, group, head_dim);
-    let lm_reduce = warps * 5 + 8;
-    let lm_top_k = 256 + 6 * MAX_TOP_K + 8;
-    let lm = gemv_vector_words(hidden) + if lm_reduce > lm_top_k { lm_reduce } else { lm_top_k };
+    let lm = gemv_vector_words(hidden) + lm_head_words(warps);
     let mut words = gemv_vector_words(hidden);
     let others = [gemv_vector_words(q_dim), gemv_vector_words(inter), attention, lm];
     let mut i = 0;
@@ -96,6 +94,23 @@ pub const fn decode_smem_bytes(hidden: u32, q_dim: u32, inter: u32, group: u32, 
         i += 1;
     }
     (words + SCRATCH_WORDS) * 4
+}
+
+/// Shared memory (words) the LM head needs besides its input, with `warps` warps: one record
+/// per warp (5 words) and 8 more, then a list of 32 u64 candidates per warp (top-k / top-p);
+/// or the one-block finishes of sampling (top-k's radix select over up to MAX_TOP_K
+/// candidates, top-p's 256-bin histogram of u64). The kernel checks that this covers
+/// `ops::lm_head::lm_head_smem_words`.
+pub const fn lm_head_words(warps: u32) -> u32 {
+    let reduce = ((warps * 5 + 8 + 1) & !1) + 64 * warps;
+    let top_k = 256 + 6 * MAX_TOP_K + 8;
+    let top_p = 2 * 256 + 8;
+    let finish = if top_k > top_p { top_k } else { top_p };
+    if reduce > finish {
+        reduce
+    } else {
+        finish
+    }
 }
 
 /// Words at the end of the decode kernel's base shared memory: 32 for block reductions, then
@@ -203,6 +218,10 @@ pub struct DecodeParams {
     /// start to marks inside it: 13 q/k/v after its norm, 14 after its
     /// GEMV; 15 the o projection after loading its input.
     pub phase_cycles: u64,
+    /// u64 `[grid, 32]`: each block's 32 best logits for top-k / top-p sampling (candidate
+    /// keys, `ops::sampling::candidate_key`). (Last, so that the layout before it stays that
+    /// of earlier kernels, which `QWEN3_PTX_FILE` can still load for comparison.)
+    pub lm_candidates: u64,
 }
 
 pub const PROFILE_LAYER: u32 = 1;
@@ -298,6 +317,8 @@ pub struct LmHeadTestParams {
     pub seed_hi: u32,
     pub pos: u32,
     pub trials: u32,
+    /// u64 `[grid, 32]`: the blocks' candidate lists (top-k / top-p).
+    pub candidates: u64,
 }
 
 /// Threads per block of the op test kernels (the same as the decode kernel's).

@@ -22,7 +22,7 @@ use crate::abi::*;
 use crate::device::*;
 use crate::ops::attention::{attention_phase, attention_prefetch, AttentionArgs};
 use crate::ops::gemv::{block_rows, gemv_rounds, load_round, load_vector_to_shared, LaneRows};
-use crate::ops::lm_head::{lm_head_phase, LmHeadArgs, LmResult};
+use crate::ops::lm_head::{lm_head_phase, sampling_needs_all_logits, LmHeadArgs, LmResult};
 use crate::ops::mlp::{gate_up_silu_rows, load_gate_up_round};
 use crate::ops::norm::{rms_norm_to_shared, NormInput};
 
@@ -69,11 +69,7 @@ impl Barriers {
     #[inline(always)]
     unsafe fn new(bar: *mut u32, time_waits: bool, timers: *mut u64) -> Barriers {
         if !bar.is_null() {
-            let sense = grid_sense(bar);
-            if thread_idx() == 0 {
-                *(timers.add(T_SENSE) as *mut u32) = sense;
-            }
-            // (`wait` reads it from warp 0 only after `arrive`'s `sync_threads`.)
+            grid_sense_at(bar, timers.add(T_SENSE) as *mut u32);
         }
         if thread_idx() == 0 {
             *timers.add(T_WAITED) = 0;
@@ -464,7 +460,12 @@ impl<'a> Step<'a> {
             } else {
                 core::ptr::null_mut()
             },
-            logits_scratch: if sampling && p.top_k > 0 { p.logits as *mut f32 } else { core::ptr::null_mut() },
+            logits_scratch: if sampling && sampling_needs_all_logits(p.temperature, p.top_k, p.top_p) {
+                p.logits as *mut f32
+            } else {
+                core::ptr::null_mut()
+            },
+            candidates: p.lm_candidates as *mut u64,
             partial: p.lm_partial as *mut LmPartial,
             count: p.lm_count as *mut u32,
             target: if teacher_forced { ld_cg_u32(self.tokens.add(step as usize + 1)) } else { u32::MAX },

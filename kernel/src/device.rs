@@ -12,7 +12,7 @@ pub const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 // ---------------------------------------------------------------- unrolling
 
-/// `unroll!(4, k, { ... })`: the block four (or eight, or twelve) times with `k` a constant
+/// `unroll!(4, k, { ... })`: the block four (or eight, twelve, sixteen) times with `k` a constant
 /// 0, 1, ... A const-generic count N unrolls as `unroll!(12, k, { if k < N { ... } })`.
 /// LLVM declines to unroll loops whose bodies are large, and a loop left rolled indexes its
 /// register arrays at run time, which moves them to local memory (seen: GEMV weights and `x`
@@ -27,6 +27,9 @@ macro_rules! unroll {
     }};
     (12, $k:ident, $body:block) => {{
         $crate::unroll!(@at $k, $body, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    }};
+    (16, $k:ident, $body:block) => {{
+        $crate::unroll!(@at $k, $body, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
     }};
     (@at $k:ident, $body:block, $($i:literal),*) => {{
         $({
@@ -85,17 +88,21 @@ pub fn sync_threads() {
     unsafe { nvptx::_syncthreads() }
 }
 
+// `bar.warp.sync` goes through LLVM's NVVM intrinsic, which LLVM knows to be *convergent*, for
+// the reason the shuffles below do: an `asm!` barrier is an ordinary call to LLVM, which may
+// duplicate it into both arms of an `if` (it did so with a named `bar.sync`, whose warps then
+// met at two different instructions of an aligned barrier: undefined behaviour, and
+// compute-sanitizer's synccheck stopped the kernel there).
+#[allow(improper_ctypes)]
+extern "C" {
+    #[link_name = "llvm.nvvm.bar.warp.sync"]
+    fn nvvm_bar_warp_sync(mask: u32);
+}
+
 /// `bar.warp.sync`: the lanes of the warp meet here; orders their shared-memory accesses.
 #[inline(always)]
 pub fn sync_warp() {
-    unsafe { asm!("bar.warp.sync 0xffffffff;", options(nostack)) }
-}
-
-/// `bar.sync id, threads`: waits for `threads` threads (a multiple of 32) of the block at
-/// named barrier `id` (1..15; 0 is `sync_threads`'s); orders shared-memory accesses among them.
-#[inline(always)]
-pub fn sync_threads_named(id: u32, threads: u32) {
-    unsafe { asm!("bar.sync {0}, {1};", in(reg32) id, in(reg32) threads, options(nostack)) }
+    unsafe { nvvm_bar_warp_sync(0xffff_ffff) }
 }
 
 /// The dynamic shared memory of this launch (its size is the launch's `shared_mem_bytes`).
@@ -147,6 +154,14 @@ extern "C" {
     fn nvvm_shfl_bfly_i32(mask: u32, v: u32, lane_mask: u32, clamp: u32) -> u32;
     #[link_name = "llvm.nvvm.shfl.sync.idx.f32"]
     fn nvvm_shfl_idx_f32(mask: u32, v: f32, src: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.shfl.sync.idx.i32"]
+    fn nvvm_shfl_idx_i32(mask: u32, v: u32, src: u32, clamp: u32) -> u32;
+    #[link_name = "llvm.nvvm.shfl.sync.up.f32"]
+    fn nvvm_shfl_up_f32(mask: u32, v: f32, delta: u32, clamp: u32) -> f32;
+    #[link_name = "llvm.nvvm.shfl.sync.up.i32"]
+    fn nvvm_shfl_up_i32(mask: u32, v: u32, delta: u32, clamp: u32) -> u32;
+    #[link_name = "llvm.nvvm.vote.ballot.sync"]
+    fn nvvm_ballot(mask: u32, pred: bool) -> u32;
 }
 
 /// Value of `v` held by lane `lane ^ mask`; all 32 lanes must call it together.
@@ -164,12 +179,65 @@ pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {
     unsafe { nvvm_shfl_idx_f32(0xffff_ffff, v, src, 0x1f) }
 }
 
+#[inline(always)]
+pub fn shfl_idx_u32(v: u32, src: u32) -> u32 {
+    unsafe { nvvm_shfl_idx_i32(0xffff_ffff, v, src, 0x1f) }
+}
+#[inline(always)]
+pub fn shfl_idx_u64(v: u64, src: u32) -> u64 {
+    (shfl_idx_u32((v >> 32) as u32, src) as u64) << 32 | shfl_idx_u32(v as u32, src) as u64
+}
+#[inline(always)]
+pub fn shfl_xor_u64(v: u64, mask: u32) -> u64 {
+    (shfl_xor_u32((v >> 32) as u32, mask) as u64) << 32 | shfl_xor_u32(v as u32, mask) as u64
+}
+/// Value of `v` held by lane `lane - delta` (lanes below `delta` keep their own); all 32 lanes
+/// must call it together.
+#[inline(always)]
+pub fn shfl_up_f32(v: f32, delta: u32) -> f32 {
+    unsafe { nvvm_shfl_up_f32(0xffff_ffff, v, delta, 0) }
+}
+#[inline(always)]
+pub fn shfl_up_u64(v: u64, delta: u32) -> u64 {
+    let hi = unsafe { nvvm_shfl_up_i32(0xffff_ffff, (v >> 32) as u32, delta, 0) };
+    let lo = unsafe { nvvm_shfl_up_i32(0xffff_ffff, v as u32, delta, 0) };
+    (hi as u64) << 32 | lo as u64
+}
+/// Bit `l` set where lane `l`'s `pred` is true; all 32 lanes must call it together.
+#[inline(always)]
+pub fn ballot(pred: bool) -> u32 {
+    unsafe { nvvm_ballot(0xffff_ffff, pred) }
+}
+/// Inclusive prefix sum over the lanes (lane `l` gets `v_0 + ... + v_l`), in a fixed order.
+#[inline(always)]
+pub fn warp_prefix_sum(mut v: f32) -> f32 {
+    let mut d = 1;
+    while d < WARP_SIZE {
+        let o = shfl_up_f32(v, d);
+        if lane() >= d {
+            v += o;
+        }
+        d <<= 1;
+    }
+    v
+}
+
 /// Sum over the 32 lanes; every lane gets the result.
 #[inline(always)]
 pub fn warp_sum(mut v: f32) -> f32 {
     let mut m = 16;
     while m > 0 {
         v += shfl_xor_f32(v, m);
+        m >>= 1;
+    }
+    v
+}
+/// Integer sum over the 32 lanes (the same in any order); every lane gets the result.
+#[inline(always)]
+pub fn warp_sum_u64(mut v: u64) -> u64 {
+    let mut m = 16;
+    while m > 0 {
+        v = v.wrapping_add(shfl_xor_u64(v, m));
         m >>= 1;
     }
     v
@@ -362,6 +430,12 @@ pub unsafe fn ld_cg_f32(p: *const f32) -> f32 {
     a
 }
 #[inline(always)]
+pub unsafe fn ld_cg_u64(p: *const u64) -> u64 {
+    let a: u64;
+    asm!("ld.global.cg.u64 {0}, [{1}];", out(reg64) a, in(reg64) p, options(readonly, nostack));
+    a
+}
+#[inline(always)]
 pub unsafe fn ld_cg_u32(p: *const u32) -> u32 {
     let a: u32;
     asm!("ld.global.cg.u32 {0}, [{1}];", out(reg32) a, in(reg64) p, options(readonly, nostack));
@@ -460,6 +534,15 @@ pub unsafe fn shared_atomic_add(p: *mut u32, v: u32) -> u32 {
     asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {1}; atom.shared.add.u32 {0}, [s], {2}; }}",
          out(reg32) old, in(reg64) a, in(reg32) v, options(nostack));
     old
+}
+
+/// `atom.shared.add.u64`: integer sums are the same in any order, so a histogram of weights
+/// added this way is deterministic.
+#[inline(always)]
+pub unsafe fn shared_atomic_add_u64(p: *mut u64, v: u64) {
+    let a = p as u64;
+    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {0}; red.shared.add.u64 [s], {1}; }}",
+         in(reg64) a, in(reg64) v, options(nostack));
 }
 
 // ---------------------------------------------------------------- GPU-scope atomics
@@ -587,6 +670,17 @@ pub unsafe fn grid_sense(bar: *mut u32) -> u32 {
         ld_acquire(bar) & SENSE
     } else {
         0
+    }
+}
+
+/// `grid_sense` into `*sense` (shared memory), the form `grid_wait_at` reads: all threads call
+/// it before the block's first arrival; the `sync_threads` of that arrival publishes it to
+/// warp 0.
+#[inline(always)]
+pub unsafe fn grid_sense_at(bar: *mut u32, sense: *mut u32) {
+    let s = grid_sense(bar);
+    if thread_idx() == 0 {
+        *sense = s;
     }
 }
 

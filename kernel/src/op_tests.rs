@@ -173,6 +173,7 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
             hidden: t.hidden,
             logits_out: if trial == 0 { t.logits_out as *mut f32 } else { core::ptr::null_mut() },
             logits_scratch: t.logits_scratch as *mut f32,
+            candidates: t.candidates as *mut u64,
             partial: t.partial as *mut LmPartial,
             count: t.count as *mut u32,
             target: t.target,

@@ -203,6 +203,54 @@ pub unsafe extern "ptx-kernel" fn probe_split_barrier_visibility(
     }
 }
 
+/// As `probe_split_barrier_visibility`, with the barrier exactly as the decode kernel uses it:
+/// the sense in shared memory (`grid_sense_at`, `grid_wait_at`; one u32 of dynamic shared
+/// memory), `grid_arrive` and the wait apart. Besides the slots, each round also checks the
+/// block's own shared memory: every thread writes its word before the barrier and reads its
+/// neighbour warp's after it, so a wait that let some warps through early would show.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn probe_barrier_at_visibility(
+    bar: *mut u32,
+    slots: *mut u32,
+    errors: *mut u32,
+    rounds: u32,
+) {
+    let nb = grid_dim();
+    let me = block_idx();
+    let smem = dynamic_shared::<u32>(); // [0] the sense, [1 + t] thread t's word
+    let sense = smem;
+    let words = smem.add(1);
+    grid_sense_at(bar, sense);
+    for round in 1..=rounds {
+        if thread_idx() == 0 {
+            core::ptr::write_volatile(slots.add(me as usize), round);
+        }
+        *words.add(thread_idx() as usize) = round ^ thread_idx();
+        grid_arrive(bar);
+        // A varying delay per block, so blocks reach the wait at different times.
+        nanosleep((me * 37 + round * 11) % 512);
+        grid_wait_at(bar, sense);
+        let mut bad = 0u32;
+        let mut b = thread_idx();
+        while b < nb {
+            if ld_cg_u32(slots.add(b as usize)) != round {
+                bad += 1;
+            }
+            b += block_dim();
+        }
+        let other = (thread_idx() + WARP_SIZE) % block_dim();
+        if *words.add(other as usize) != round ^ other {
+            bad += 1;
+        }
+        if bad != 0 {
+            atomic_add_relaxed(errors, bad);
+        }
+        // Nobody overwrites a slot or a word for the next round before everyone has read it.
+        grid_arrive(bar);
+        grid_wait_at(bar, sense);
+    }
+}
+
 /// Warp reductions: warp `w` of the grid reduces `v[32w .. 32w+32]` (and the indices
 /// `idx[32w ..]` for the arg-max). Lane 0 writes `sum[w]`, `max[w]`, `amax_v[w]`, `amax_i[w]`.
 /// Every lane's results are compared with lane 0's: a lane that disagrees counts in `errors`.

@@ -5,6 +5,7 @@ const ENTRIES: &[&str] = &[
     // kernel/src/probes.rs: sync-bench, bandwidth, and the device-module checks
     "probe_barrier_visibility",
     "probe_split_barrier_visibility",
+    "probe_barrier_at_visibility",
     "probe_grid_syncs",
     "probe_empty",
     "probe_read_bandwidth",
@@ -98,4 +99,27 @@ fn spill_figures_parse() {
     let report = "ptxas info    : Function properties for k\n    104 bytes stack frame, 96 bytes spill stores, 168 bytes spill loads\n";
     assert_eq!(spill_stores(report, "k"), Some(96));
     assert_eq!(spill_stores(report, "other"), None);
+}
+
+/// Every block barrier in the PTX is the whole block's `bar.sync 0`: no named barriers with a
+/// thread count. A named barrier among some warps, with the others gone ahead to the next
+/// `bar.sync 0`, is legal on the hardware, but LLVM duplicated one into both arms of an `if`
+/// (so its warps met at two different instructions of an aligned barrier: undefined
+/// behaviour, and compute-sanitizer's synccheck stopped the kernel) and racecheck could not
+/// follow it; the attention merge now holds all warps at one `bar.sync 0` instead.
+#[test]
+fn block_barriers_are_whole_block_barriers() {
+    let mut function = String::new();
+    let mut block_barriers = 0;
+    for line in qwen3_ptx::PTX.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix(".visible .entry ").or_else(|| t.strip_prefix(".entry ")) {
+            function = rest.split('(').next().unwrap().trim().to_string();
+        }
+        let Some(args) = t.strip_prefix("bar.sync").or_else(|| t.strip_prefix("barrier.sync")) else { continue };
+        let args = args.trim_start_matches(".aligned").trim().trim_end_matches(';').trim();
+        assert_eq!(args, "0", "{function}: `{t}` is not a whole-block barrier");
+        block_barriers += 1;
+    }
+    assert!(block_barriers > 100, "only {block_barriers} block barriers found: is the PTX parsed right?");
 }

@@ -128,7 +128,9 @@ fn golden_fixture_matches_hf() {
     let fixtures = std::env::var("QWEN3_TEST_FIXTURES")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures").to_string());
     let root = Path::new(&fixtures).join("golden");
-    let w = Arc::new(checkpoint::load(&root.join("tiny-qwen3"), false).unwrap());
+    let w = Arc::new(checkpoint::load(&root.join("tiny-qwen3"), false).unwrap_or_else(|e| {
+        panic!("{e:#}\n(set QWEN3_TEST_FIXTURES to a copy of tests/fixtures; the bundle's run-gpu-tests.sh does)")
+    }));
     let g: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("tiny_logits.json")).unwrap()).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {

@@ -194,13 +194,30 @@ fn l2_latency_probe() {
 
 // ---------------------------------------------------------------- the grid barrier
 
+/// Which barrier-visibility kernel `barrier_check` runs.
+#[derive(Clone, Copy, PartialEq)]
+enum BarrierKind {
+    /// `grid_sync`, the sense in a register.
+    Sync,
+    /// `grid_arrive`, other work, `grid_wait`.
+    Split,
+    /// The decode kernel's form: the sense in shared memory (`grid_wait_at`).
+    SenseInShared,
+}
+
 /// Runs a barrier-visibility kernel cooperatively with `blocks` blocks of 256 threads for
 /// `rounds` rounds and checks: no stale slot seen, every slot at `rounds`, the barrier word's
 /// low 31 bits back at zero.
-fn barrier_check(gpu: &Gpu, split: bool, blocks: u32, rounds: u32) {
-    let name = if split { "probe_split_barrier_visibility" } else { "probe_barrier_visibility" };
+fn barrier_check(gpu: &Gpu, kind: BarrierKind, blocks: u32, rounds: u32) {
+    let name = match kind {
+        BarrierKind::Sync => "probe_barrier_visibility",
+        BarrierKind::Split => "probe_split_barrier_visibility",
+        BarrierKind::SenseInShared => "probe_barrier_at_visibility",
+    };
     let k = gpu.kernel(name).unwrap();
     let threads = 256;
+    // probe_barrier_at_visibility: the sense, then one word per thread.
+    let smem = if kind == BarrierKind::SenseInShared { 4 * (1 + threads) } else { 0 };
     let bar = gpu.alloc::<u32>(1, "bar").unwrap();
     let slots = gpu.alloc::<u32>(blocks as usize, "slots").unwrap();
     let errors = gpu.alloc::<u32>(1, "errors").unwrap();
@@ -208,10 +225,10 @@ fn barrier_check(gpu: &Gpu, split: bool, blocks: u32, rounds: u32) {
     let (mut b, mut s, mut e, mut x, mut r) = (dptr(&bar), dptr(&slots), dptr(&errors), dptr(&scratch), rounds);
     let t0 = Instant::now();
     unsafe {
-        if split {
-            k.launch_cooperative(gpu.stream(), blocks, threads, 0, &mut args!(b, s, e, x, r)).unwrap();
+        if kind == BarrierKind::Split {
+            k.launch_cooperative(gpu.stream(), blocks, threads, smem, &mut args!(b, s, e, x, r)).unwrap();
         } else {
-            k.launch_cooperative(gpu.stream(), blocks, threads, 0, &mut args!(b, s, e, r)).unwrap();
+            k.launch_cooperative(gpu.stream(), blocks, threads, smem, &mut args!(b, s, e, r)).unwrap();
         }
     }
     if let Err(err) = gpu.synchronize_timeout(WAIT) {
@@ -239,7 +256,7 @@ fn grid_barrier_one_block_per_sm() {
     let gpu = open_gpu();
     let k = gpu.kernel("probe_barrier_visibility").unwrap();
     let grid = k.cooperative_grid(256, 0, 1).unwrap();
-    barrier_check(&gpu, false, grid, 5000);
+    barrier_check(&gpu, BarrierKind::Sync, grid, 5000);
 }
 
 #[test]
@@ -252,9 +269,9 @@ fn grid_barrier_several_blocks_per_sm() {
         println!("only {fit} block(s) of 256 threads fit per SM: skipping");
         return;
     }
-    barrier_check(&gpu, false, k.cooperative_grid(256, 0, 2).unwrap(), 5000);
+    barrier_check(&gpu, BarrierKind::Sync, k.cooperative_grid(256, 0, 2).unwrap(), 5000);
     // Every block the SMs can hold at once: the most contended barrier.
-    barrier_check(&gpu, false, k.cooperative_grid(256, 0, fit.min(8)).unwrap(), 1000);
+    barrier_check(&gpu, BarrierKind::Sync, k.cooperative_grid(256, 0, fit.min(8)).unwrap(), 1000);
 }
 
 #[test]
@@ -262,7 +279,7 @@ fn grid_barrier_several_blocks_per_sm() {
 fn grid_barrier_odd_grids() {
     let gpu = open_gpu();
     for blocks in [1, 2, 7, gpu.sm_count() - 1] {
-        barrier_check(&gpu, false, blocks, 2000);
+        barrier_check(&gpu, BarrierKind::Sync, blocks, 2000);
     }
 }
 
@@ -271,11 +288,29 @@ fn grid_barrier_odd_grids() {
 fn split_grid_barrier() {
     let gpu = open_gpu();
     let k = gpu.kernel("probe_split_barrier_visibility").unwrap();
-    barrier_check(&gpu, true, k.cooperative_grid(256, 0, 1).unwrap(), 5000);
+    barrier_check(&gpu, BarrierKind::Split, k.cooperative_grid(256, 0, 1).unwrap(), 5000);
     if k.max_blocks_per_sm(256, 0).unwrap() >= 2 {
-        barrier_check(&gpu, true, k.cooperative_grid(256, 0, 2).unwrap(), 5000);
+        barrier_check(&gpu, BarrierKind::Split, k.cooperative_grid(256, 0, 2).unwrap(), 5000);
     }
-    barrier_check(&gpu, true, 7, 2000);
+    barrier_check(&gpu, BarrierKind::Split, 7, 2000);
+}
+
+/// The decode kernel's barrier (sense in shared memory, arrival and wait apart), thousands of
+/// consecutive uses, at one and two blocks per SM and on an odd grid.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn grid_barrier_with_sense_in_shared_memory() {
+    let gpu = open_gpu();
+    let k = gpu.kernel("probe_barrier_at_visibility").unwrap();
+    let smem = 4 * (1 + 256);
+    // QWEN3_BARRIER_ROUNDS: fewer rounds under compute-sanitizer (sanitize.sh), where each
+    // barrier is far slower; still thousands of consecutive barriers.
+    let rounds = std::env::var("QWEN3_BARRIER_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5000u32);
+    barrier_check(&gpu, BarrierKind::SenseInShared, k.cooperative_grid(256, smem, 1).unwrap(), rounds);
+    if k.max_blocks_per_sm(256, smem).unwrap() >= 2 {
+        barrier_check(&gpu, BarrierKind::SenseInShared, k.cooperative_grid(256, smem, 2).unwrap(), rounds);
+    }
+    barrier_check(&gpu, BarrierKind::SenseInShared, 7, rounds);
 }
 
 /// Repeated launches reuse the barrier word without a reset.

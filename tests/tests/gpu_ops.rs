@@ -323,6 +323,33 @@ fn attention_matches_cpu_at_several_lengths() {
     attention_case(&gpu, 77, 16, 4, 64, 128, 21);
 }
 
+/// Splits of the context per kv head the attention phase uses (`ops::attention::split_plan`:
+/// at most MAX_SPLITS, at least 12 positions each, one per warp of a block).
+fn active_splits(len: u32, n_kv: u32, grid: u32) -> u32 {
+    let splits = (grid / n_kv).clamp(1, MAX_SPLITS);
+    let chunk = len.div_ceil(splits).max(OP_TEST_THREADS / 32);
+    len.div_ceil(chunk)
+}
+
+/// The merge across blocks in each of its forms: 2 splits (one batch), 10 (two warps per q head
+/// and a named barrier among them) and 32 (the most), for groups of 2 and 4 q heads. These
+/// paths only run at long context; compute-sanitizer's synccheck and racecheck run this test
+/// (sanitize.sh), since a barrier that not all of its threads reach at the same instruction
+/// can still give the right numbers.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_merge_at_2_10_and_32_splits() {
+    let gpu = gpu();
+    let grid = gpu.sm_count();
+    for (n_heads, n_kv, head_dim) in [(4usize, 2usize, 128usize), (8, 2, 64), (8, 4, 32)] {
+        for (want, len) in [(2u32, 20u32), (10, 120), (32, 1200)] {
+            let got = active_splits(len, n_kv as u32, grid);
+            assert_eq!(got, want, "{grid} SMs: a {len}-position context is not split {want} ways over {n_kv} kv heads");
+            attention_case(&gpu, len as usize, n_heads, n_kv, head_dim, 1280, 40 + want as u64 + n_heads as u64);
+        }
+    }
+}
+
 struct LmHeadRun {
     tokens: Vec<u32>,
     lse: f32,
@@ -351,6 +378,7 @@ fn run_lm_head(
     let logits = poisoned(gpu, vocab);
     let scratch = gpu.alloc::<f32>(vocab, "scratch").unwrap();
     let partial = gpu.alloc::<LmPartial>(grid as usize, "partials").unwrap();
+    let candidates = gpu.alloc::<u64>(grid as usize * 32, "candidates").unwrap();
     let count = gpu.alloc::<u32>(1, "count").unwrap();
     let barrier = gpu.alloc::<u32>(1, "barrier").unwrap();
     let tokens = gpu.upload(&vec![u32::MAX; trials as usize], "tokens").unwrap();
@@ -375,8 +403,9 @@ fn run_lm_head(
         seed_hi: 0x9abc,
         pos: 0,
         trials,
+        candidates: dptr(&candidates),
     };
-    let smem = (gemv_vector_words(hidden as u32) + 256 + 6 * MAX_TOP_K + 8 + 32) * 4;
+    let smem = (gemv_vector_words(hidden as u32) + lm_head_words(OP_TEST_THREADS / 32)) * 4;
     let k = gpu.kernel("test_lm_head").unwrap();
     k.set_max_dynamic_smem(smem).unwrap();
     let mut args = [&mut t as *mut _ as *mut c_void];
@@ -449,49 +478,60 @@ fn lm_head_ties_go_to_the_lowest_id() {
 }
 
 /// Sampling draws follow the CPU's distribution (temperature, top-k, top-p) within a few
-/// standard errors, for the Gumbel path (no top-k) and the top-k path.
+/// standard errors, on every path: Gumbel-max (temperature only), the 32 best across the grid
+/// (top-k <= 32, top-p alone with a narrow nucleus, top-k = 1), and the one-block finishes
+/// over every logit (top-k above 32; top-p alone with a nucleus wider than 32). No token
+/// outside the distribution is ever drawn, and the same seed draws the same tokens.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn sampling_distribution_matches_cpu() {
     let gpu = gpu();
     let mut rng = Rng(7);
-    let (vocab, hidden) = (12usize, 64usize);
-    let w = rng.bf16s(vocab * hidden, 0.3);
-    let xn = rng.vec(hidden, 1.0);
     let trials = 6000u32;
-    for (temperature, top_k, top_p) in [(1.0f32, 0u32, 1.0f32), (0.7, 5, 1.0), (1.3, 8, 0.8)] {
-        let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4);
-        // Expected distribution from the GPU's own logits, computed on the CPU.
-        let mut order: Vec<usize> = (0..vocab).collect();
-        order.sort_by(|&a, &b| r.logits[b].partial_cmp(&r.logits[a]).unwrap().then(a.cmp(&b)));
-        let k = if top_k == 0 { vocab } else { top_k as usize };
-        let top = r.logits[order[0]];
-        let weights: Vec<f64> =
-            order[..k].iter().map(|&i| (((r.logits[i] - top) / temperature) as f64).exp()).collect();
-        let total: f64 = weights.iter().sum();
-        let mut keep = k;
-        let mut acc = 0.0;
-        for (j, wv) in weights.iter().enumerate() {
-            acc += wv;
-            if acc >= top_p as f64 * total {
-                keep = j + 1;
-                break;
+    // (vocab, weight scale): peaked logits over 12 tokens, and flat ones over 300 (wide nuclei).
+    for (vocab, scale) in [(12usize, 0.3f32), (300, 0.02)] {
+        let hidden = 64usize;
+        let w = rng.bf16s(vocab * hidden, scale);
+        let xn = rng.vec(hidden, 1.0);
+        let cases: &[(f32, u32, f32)] = if vocab == 12 {
+            &[(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 8, 0.8), (0.8, 0, 0.7), (1.0, 1, 1.0), (0.6, 20, 0.95)]
+        } else {
+            &[(1.0, 40, 1.0), (1.0, 0, 0.9), (0.6, 20, 0.95), (1.0, 256, 0.5)]
+        };
+        for &(temperature, top_k, top_p) in cases {
+            let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4);
+            check_draws(&r, vocab, temperature, top_k, top_p, trials);
+            if vocab == 300 || top_k == 20 {
+                let again = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4);
+                assert_eq!(r.tokens, again.tokens, "T={temperature} k={top_k} p={top_p}: same seed, other tokens");
             }
         }
-        let kept: f64 = weights[..keep].iter().sum();
-        let mut counts = vec![0u32; vocab];
-        for &t in &r.tokens {
-            assert!((t as usize) < vocab, "token {t} out of range");
-            counts[t as usize] += 1;
-        }
-        for (j, &i) in order.iter().enumerate() {
-            let p = if j < keep { weights[j] / kept } else { 0.0 };
-            let freq = counts[i] as f64 / trials as f64;
-            let tol = 5.0 * (p * (1.0 - p) / trials as f64).sqrt() + 2e-3;
-            assert!(
-                (freq - p).abs() <= tol,
-                "T={temperature} k={top_k} p={top_p}: token {i} drawn {freq:.4}, expected {p:.4}"
-            );
-        }
     }
+}
+
+/// The draws of `r` against the distribution the CPU defines on the GPU's own logits.
+fn check_draws(r: &LmHeadRun, vocab: usize, temperature: f32, top_k: u32, top_p: f32, trials: u32) {
+    let params = host::generate::SamplingParams { temperature, top_k, top_p, seed: 0 };
+    let want = host::model::sampling::filtered_distribution(&r.logits, &params);
+    let mut counts = vec![0u32; vocab];
+    for &t in &r.tokens {
+        assert!((t as usize) < vocab, "token {t} out of range");
+        counts[t as usize] += 1;
+    }
+    let mut p_of = vec![0f64; vocab];
+    for &(id, p) in &want {
+        p_of[id as usize] = p;
+    }
+    let label = format!("vocab {vocab}, T={temperature} k={top_k} p={top_p} ({} tokens kept)", want.len());
+    for (i, &c) in counts.iter().enumerate() {
+        let (p, freq) = (p_of[i], c as f64 / trials as f64);
+        let tol = 5.0 * (p * (1.0 - p) / trials as f64).sqrt() + 2e-3;
+        assert!((freq - p).abs() <= tol, "{label}: token {i} drawn {freq:.4}, expected {p:.4}");
+    }
+    // Outside the distribution: never (the token just past its edge may differ by rounding).
+    let edge = want.len();
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| r.logits[b].partial_cmp(&r.logits[a]).unwrap().then(a.cmp(&b)));
+    let outside: u32 = order.iter().skip(edge + 1).map(|&i| counts[i]).sum();
+    assert_eq!(outside, 0, "{label}: {outside} draws outside the distribution");
 }

@@ -45,7 +45,7 @@ pub struct AttentionArgs {
 const MIN_CHUNK: u32 = crate::abi::DECODE_THREADS / 32;
 
 /// Splits' partials the cross-block merge reads per round trip to L2.
-const MERGE_BATCH: u32 = 8; // the unroll! in the merge is written for 8
+const MERGE_BATCH: u32 = 16; // the unroll! in the merge is written for 16
 
 /// Cached positions a warp loads at once.
 const KV_BATCH: usize = 4; // the unroll! below is written for 4
@@ -325,19 +325,19 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     sync_threads();
     // Splits' weighted values come MERGE_BATCH at a time (a split past `active` reads the last
     // one again, weighted 0), the first batch requested with every split's (max, sum), lane s
-    // taking split s (active <= MAX_SPLITS = 32). With more than one batch, two warps per q
-    // head take alternate batches and add up in shared memory: up to 16 splits cost one round
-    // trip to L2.
-    let halves = if active > MERGE_BATCH && 2 * group <= nw { 2 } else { 1 };
-    if *flag == 0 || w >= halves * group {
+    // taking split s (active <= MAX_SPLITS = 32): up to 16 splits cost one round trip to L2,
+    // 32 two. Warp g merges q head g of the group, with no barrier among warps: the other
+    // warps leave at once. (Two warps per q head taking alternate batches of 8 made as few
+    // round trips, but they met at a named barrier without the others, which LLVM duplicated
+    // into both arms of an `if` and racecheck could not follow.)
+    if *flag == 0 || w >= group {
         return true;
     }
-    let (g, half) = (w % group, w / group);
-    let qh = kv_head * group + g;
+    let qh = kv_head * group + w;
     let base = a.partial.add((qh * a.max_splits) as usize * stride);
     let load_values = |s0: u32| {
         let mut vals = [[0.0f32; E]; MERGE_BATCH as usize];
-        crate::unroll!(8, J, {
+        crate::unroll!(16, J, {
             let pp = base.add(((s0 + J as u32).min(active - 1)) as usize * stride + 2 + lane_dim);
             for e in 0..E {
                 vals[J][e] = ld_cg_f32(pp.add(e));
@@ -345,7 +345,7 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
         });
         vals
     };
-    let mut s0 = half * MERGE_BATCH;
+    let mut s0 = 0;
     let mut vals = load_values(s0);
     let s = lane().min(active - 1);
     let (m_s, l_s) = (ld_cg_f32(base.add(s as usize * stride)), ld_cg_f32(base.add(s as usize * stride + 1)));
@@ -355,33 +355,17 @@ pub unsafe fn attention_phase<const E: usize>(a: &AttentionArgs, smem: *mut f32)
     let inv = 1.0 / warp_sum(l_s * f_s);
     let mut big_acc = [0.0f32; E];
     loop {
-        crate::unroll!(8, J, {
+        crate::unroll!(16, J, {
             let f = shfl_idx_f32(f_s, s0 + J as u32);
             for e in 0..E {
                 big_acc[e] = fma(vals[J][e], f, big_acc[e]);
             }
         });
-        s0 += halves * MERGE_BATCH;
+        s0 += MERGE_BATCH;
         if s0 >= active {
             break;
         }
         vals = load_values(s0);
-    }
-    if halves == 2 {
-        // q_s is free again: the second half's sums go there for the first half to add.
-        let other = q_s.add((g * head_dim) as usize + lane_dim);
-        if half == 1 {
-            for e in 0..E {
-                *other.add(e) = big_acc[e];
-            }
-        }
-        sync_threads_named(1, 2 * group * WARP_SIZE);
-        if half == 1 {
-            return true;
-        }
-        for e in 0..E {
-            big_acc[e] += *other.add(e);
-        }
     }
     for e in 0..E {
         *a.out.add((qh * head_dim) as usize + lane_dim + e) = big_acc[e] * inv;

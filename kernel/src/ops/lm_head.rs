@@ -3,10 +3,13 @@
 //! reduces its rows to one `LmPartial`; the last block to finish (acq_rel arrival counter)
 //! reduces the partials and decides the token, so the vocabulary is read exactly once.
 
-use crate::abi::LmPartial;
+use crate::abi::{LmPartial, DECODE_THREADS, MAX_TOP_K};
 use crate::device::*;
 use crate::ops::gemv::{block_rows, gemv_stream};
-use crate::ops::sampling::{gumbel, hash3, sample_top_k, top_k_smem_words};
+use crate::ops::sampling::{
+    candidate_key, gumbel, hash3, sample_top32, sample_top_k, sample_top_p, top32_insert, top32_merge, top_k_smem_words,
+    uniform, TOP, TOP_P_SMEM_WORDS,
+};
 
 #[derive(Clone, Copy)]
 pub struct LmHeadArgs {
@@ -16,8 +19,11 @@ pub struct LmHeadArgs {
     pub hidden: u32,
     /// Where to write every logit (or null).
     pub logits_out: *mut f32,
-    /// Scratch logits for top-k sampling (or null when not sampling with top-k).
+    /// Every logit, for the one-block finish of top-k above 32 or of a top-p nucleus wider
+    /// than 32 (`sampling::sample_top_k`, `sample_top_p`); null when neither can happen.
     pub logits_scratch: *mut f32,
+    /// `[grid][32]` candidate keys: each block's 32 best logits (top-k / top-p sampling).
+    pub candidates: *mut u64,
     pub partial: *mut LmPartial,
     pub count: *mut u32,
     /// Row whose logit the NLL needs, or u32::MAX.
@@ -39,23 +45,36 @@ pub struct LmHeadArgs {
 #[derive(Clone, Copy)]
 pub struct LmResult {
     pub token: u32,
-    /// ln(sum(exp(logits))) and the target's logit (-inf if no target).
+    /// ln(sum(exp(logits))) and the target's logit (-inf if no target). (With top-k / top-p
+    /// sampling the sum is of exp(logit / T): the draw needs that, and no NLL is wanted.)
     pub log_sum_exp: f32,
     pub target_logit: f32,
     /// Block 0's `LmHeadArgs::forward`.
     pub forward: u32,
 }
 
-/// Shared memory (f32 words) the LM-head phase needs besides the normalised input.
+/// Where the block's candidate lists start in the LM head's shared memory (after one record
+/// per warp and the flag; u32 words, even so that the u64 lists are aligned).
+const fn candidates_at(warps: u32) -> u32 {
+    (warps * 5 + 8 + 1) & !1
+}
+
+/// Shared memory (f32 words) the LM-head phase needs besides the normalised input: one
+/// record per warp and the flag, every warp's candidate list, or the one-block finishes'.
 pub const fn lm_head_smem_words(warps: u32, max_top_k: u32) -> u32 {
-    let per_warp = warps * 5 + 8;
+    let per_warp = candidates_at(warps) + 2 * TOP * warps;
     let top_k = top_k_smem_words(max_top_k);
-    if per_warp > top_k {
+    let finish = if top_k > TOP_P_SMEM_WORDS { top_k } else { TOP_P_SMEM_WORDS };
+    if per_warp > finish {
         per_warp
     } else {
-        top_k
+        finish
     }
 }
+// The decode kernel's shared memory is sized by `abi::decode_smem_bytes` (shared with the host).
+const _: () = assert!(
+    lm_head_smem_words(DECODE_THREADS / 32, MAX_TOP_K) <= crate::abi::lm_head_words(DECODE_THREADS / 32)
+);
 
 /// Online log-sum-exp state: (max, sum of exp(v - max)).
 #[inline(always)]
@@ -116,14 +135,21 @@ impl Record {
 /// elsewhere. `smem` holds `lm_head_smem_words` words.
 #[inline(always)]
 pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> Option<LmResult> {
-    let gumbel_sampling = a.temperature > 0.0 && a.top_k == 0;
-    let inv_t = if a.temperature > 0.0 { 1.0 / a.temperature } else { 1.0 };
+    let sampling = a.temperature > 0.0;
+    // Top-k / top-p: every block keeps its 32 best logits; temperature alone: Gumbel-max.
+    let filtered = sampling && (a.top_k > 0 || a.top_p < 1.0);
+    let gumbel_sampling = sampling && !filtered;
+    let inv_t = if sampling { 1.0 / a.temperature } else { 1.0 };
+    let lse_scale = if filtered { inv_t } else { 1.0 };
     let (r0, r1) = block_rows(a.vocab);
     let mut best = f32::NEG_INFINITY;
     let mut best_i = u32::MAX;
     let mut m = f32::NEG_INFINITY;
     let mut s = 0.0f32;
     let mut target_logit = f32::NEG_INFINITY;
+    // The warp's 32 best (lane l: the l-th), and lane 31's on every lane.
+    let mut top = 0u64;
+    let mut top_last = 0u64;
     gemv_stream(a.weight, a.hidden, xn, r0, r1, |row, dot| {
         let logit = dot * a.xn_scale;
         if lane() == 0 {
@@ -139,15 +165,21 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
             best = score;
             best_i = row;
         }
-        lse_push(&mut m, &mut s, logit);
+        lse_push(&mut m, &mut s, logit * lse_scale);
         if row == a.target {
             target_logit = logit;
         }
+        if filtered {
+            top32_insert(&mut top, &mut top_last, candidate_key(logit, row));
+        }
     });
 
-    // Block reduction: one record per warp, merged across the lanes of warp 0.
+    // Block reduction: one record per warp, merged across the lanes of warp 0; with top-k /
+    // top-p every warp's list too, merged by warp 0 into the block's.
     let w = warp() as usize;
+    let nw = warps_per_block();
     let rec = smem; // [warps][5]
+    let lists = smem.add(candidates_at(nw) as usize) as *mut u64; // [warps][32]
     if lane() == 0 {
         *rec.add(w * 5) = best;
         *(rec.add(w * 5 + 1) as *mut u32) = best_i;
@@ -155,15 +187,26 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         *rec.add(w * 5 + 3) = s;
         *rec.add(w * 5 + 4) = target_logit;
     }
+    if filtered {
+        *lists.add(w * TOP as usize + lane() as usize) = top;
+    }
     sync_threads();
-    let flag = rec.add(warps_per_block() as usize * 5) as *mut u32;
+    let flag = rec.add(nw as usize * 5) as *mut u32;
     if warp() == 0 {
         let mut r = Record::EMPTY;
-        if lane() < warps_per_block() {
+        if lane() < nw {
             let l = lane() as usize * 5;
             r = Record { best: *rec.add(l), best_i: *(rec.add(l + 1) as *const u32), max: *rec.add(l + 2), sum_exp: *rec.add(l + 3), target: *rec.add(l + 4) };
         }
         let r = r.warp_merge();
+        if filtered {
+            for ww in 1..nw {
+                top = top32_merge(top, *lists.add((ww * TOP + lane()) as usize));
+            }
+            *a.candidates.add((block_idx() * TOP + lane()) as usize) = top;
+            // Every lane's store is ordered before lane 0's release below.
+            sync_warp();
+        }
         if lane() == 0 {
             *a.partial.add(block_idx() as usize) = LmPartial {
                 max: r.max,
@@ -191,7 +234,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     // Last block: merge every block's partial (warp 0), then pick the token. Lane l takes
     // blocks l, l + 32, ..., eight per lane per round trip (all 256 of a round requested
     // before any is used).
-    let out = smem as *mut u32; // [0] token, [1] lse bits, [2] target bits, [3] forward
+    let out = smem as *mut u32; // [0] token, [1] lse bits, [2] target bits, [3] forward, [4] max, [5] sum
     if warp() == 0 {
         let forward = ld_cg_u32(&(*a.partial).forward);
         let mut r = Record::EMPTY;
@@ -226,6 +269,8 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
             *out.add(1) = (r.max + ln(r.sum_exp)).to_bits();
             *out.add(2) = r.target.to_bits();
             *out.add(3) = forward;
+            *out.add(4) = r.max.to_bits();
+            *out.add(5) = r.sum_exp.to_bits();
         }
     }
     sync_threads();
@@ -235,10 +280,82 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         target_logit: f32::from_bits(*out.add(2)),
         forward: *out.add(3),
     };
-    sync_threads();
-    if a.temperature > 0.0 && a.top_k > 0 {
-        let u = crate::ops::sampling::uniform(hash3(a.seed, a.pos, u32::MAX));
-        result.token = sample_top_k(a.logits_scratch, a.vocab, a.top_k, a.temperature, a.top_p, u, smem as *mut u32);
+    if filtered {
+        result.token = draw_filtered(a, inv_t, smem);
     }
     Some(result)
+}
+
+/// The last block's draw for top-k / top-p sampling, after `lm_head_phase` merged the
+/// blocks' partials into `smem` (`[4]` the largest logit / T, `[5]` the sum of exp(logit / T -
+/// it)): the 32 best of the vocabulary from the blocks' lists, then `sample_top32`, or, beyond
+/// those 32, the one-block finishes over every logit. Every thread of the block calls it and
+/// gets the token. (Not inlined: it runs on one block per step, and inlined into the decode
+/// kernel its registers were taken from every other phase.)
+#[inline(never)]
+unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
+    let nw = warps_per_block();
+    let w = warp() as usize;
+    let out = smem as *mut u32;
+    let lists = smem.add(candidates_at(nw) as usize) as *mut u64; // [warps][32]
+    // Every warp merges the lists of blocks w, w + warps, ..., twelve requested at once.
+    let mut merged = 0u64;
+    let mut b0 = 0;
+    while b0 < grid_dim() {
+        let mut got = [0u64; 12];
+        crate::unroll!(12, J, {
+            let b = b0 + warp() + nw * J as u32;
+            if b < grid_dim() {
+                got[J] = ld_cg_u64(a.candidates.add((b * TOP + lane()) as usize));
+            }
+        });
+        crate::unroll!(12, J, {
+            if b0 + warp() + nw * (J as u32) < grid_dim() {
+                merged = top32_merge(merged, got[J]);
+            }
+        });
+        b0 += 12 * nw;
+    }
+    *lists.add(w * TOP as usize + lane() as usize) = merged;
+    sync_threads();
+    let u = uniform(hash3(a.seed, a.pos, u32::MAX));
+    let fallback = out.add(6);
+    if warp() == 0 {
+        let mut top = *lists.add(lane() as usize);
+        for ww in 1..nw {
+            top = top32_merge(top, *lists.add((ww * TOP + lane()) as usize));
+        }
+        let (max, sum) = (f32::from_bits(*out.add(4)), f32::from_bits(*out.add(5)));
+        let drawn = sample_top32(top, inv_t, max, sum, a.top_k, a.top_p, u);
+        if lane() == 0 {
+            *out = drawn.unwrap_or(0);
+            *fallback = drawn.is_none() as u32;
+        }
+    }
+    sync_threads();
+    let token = *out;
+    let needs_all = *fallback != 0;
+    sync_threads();
+    if !needs_all {
+        return token;
+    }
+    // Beyond the 32 best: one block over every logit (the others wrote them out).
+    if a.logits_scratch.is_null() {
+        trap(); // the caller's choice of `logits_scratch` missed a case
+    }
+    let max = f32::from_bits(*out.add(4));
+    let smem = smem as *mut u32;
+    if a.top_k > 0 {
+        sample_top_k(a.logits_scratch, a.vocab, a.top_k, a.temperature, a.top_p, u, smem)
+    } else {
+        sample_top_p(a.logits_scratch, a.vocab, inv_t, max, a.top_p, a.seed, a.pos, smem)
+    }
+}
+
+/// Whether the LM head may need every logit written out (`LmHeadArgs::logits_scratch`) for
+/// sampling with `temperature`, `top_k` and `top_p`: top-k above 32, or top-p alone (its
+/// nucleus may be wider than 32).
+#[inline(always)]
+pub fn sampling_needs_all_logits(temperature: f32, top_k: u32, top_p: f32) -> bool {
+    temperature > 0.0 && (top_k > TOP || (top_k == 0 && top_p < 1.0))
 }

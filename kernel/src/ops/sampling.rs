@@ -5,9 +5,14 @@
 //!   `argmax(logit / T + Gumbel noise)` is an exact sample of `softmax(logit / T)`, and each row's
 //!   noise comes from a counter-based hash of (seed, position, row), so no pass over the
 //!   vocabulary is needed after the logits.
-//! - Top-k (and top-p within it): one block selects the k largest logits by radix select over
-//!   their order-preserving bit patterns, sorts them, and samples from the renormalised
-//!   distribution.
+//! - Top-k and/or top-p: every block keeps the 32 best logits of its slice of the vocabulary
+//!   as it computes them (a sorted list held one entry per lane, `top32_insert`, merged across
+//!   its warps), the block that finishes the LM head merges the blocks' lists into the 32 best
+//!   of the whole vocabulary (`top32_merge`), and one warp draws from them (`sample_top32`).
+//!   That is exact whenever the distribution to draw from lies within those 32: top-k <= 32
+//!   (Qwen3's default is 20), or top-p alone with a nucleus of at most 32 tokens. Otherwise,
+//!   and only then, one block finishes exactly over the logits the others wrote out:
+//!   `sample_top_k` (top-k up to 256) or `sample_top_p` (top-p alone, any nucleus).
 
 use crate::device::*;
 
@@ -53,8 +58,8 @@ pub const fn top_k_smem_words(max_k: u32) -> u32 {
 /// Run by one whole block: picks a token from `logits[..vocab]` keeping the `k` largest (ties
 /// to the lower id), dividing by `temperature`, then keeping the smallest prefix whose
 /// probability reaches `top_p`, and sampling with uniform `u`. Returns the token on every
-/// thread. `smem` holds `top_k_smem_words(k)` u32.
-#[inline(always)]
+/// thread. `smem` holds `top_k_smem_words(k)` u32. (Not inlined, like `sample_top_p`.)
+#[inline(never)]
 pub unsafe fn sample_top_k(
     logits: *const f32,
     vocab: u32,
@@ -191,4 +196,230 @@ pub unsafe fn sample_top_k(
     let chosen = *misc.add(3);
     sync_threads();
     chosen
+}
+
+// ---------------------------------------------------------------- the 32 best, across the grid
+
+/// Best candidates one list holds: one per lane.
+pub const TOP: u32 = 32;
+
+/// A candidate as one u64 that orders like the reference's sort: larger logit first, ties to
+/// the lower row. 0 is no candidate (and NaN logits map to it: never chosen).
+#[inline(always)]
+pub fn candidate_key(logit: f32, row: u32) -> u64 {
+    if logit.is_nan() {
+        return 0;
+    }
+    (order_key(logit) as u64) << 32 | (!row) as u64
+}
+#[inline(always)]
+pub fn candidate_logit(key: u64) -> f32 {
+    let k = (key >> 32) as u32;
+    f32::from_bits(if k & 0x8000_0000 != 0 { k & 0x7fff_ffff } else { !k })
+}
+#[inline(always)]
+pub fn candidate_row(key: u64) -> u32 {
+    !(key as u32)
+}
+
+/// Adds `key` (the same on every lane) to the warp's sorted list: lane `l` holds the `l`-th
+/// best key seen (`*list`), `*last` every lane's copy of lane 31's. All 32 lanes call it.
+#[inline(always)]
+pub fn top32_insert(list: &mut u64, last: &mut u64, key: u64) {
+    if key > *last {
+        // Entries better than `key` stay; the rest move down a lane, the last one drops out.
+        let pos = ballot(*list > key).count_ones();
+        let below = shfl_up_u64(*list, 1);
+        if lane() == pos {
+            *list = key;
+        } else if lane() > pos {
+            *list = below;
+        }
+        *last = shfl_idx_u64(*list, TOP - 1);
+    }
+}
+
+/// The 32 best of two sorted lists (one entry per lane, best in lane 0), sorted the same way:
+/// lane `l` pairs `a`'s `l`-th with `b`'s `(31 - l)`-th, the better of each pair makes a
+/// bitonic sequence holding the 32 best, and five compare-exchange steps sort it.
+#[inline(always)]
+pub fn top32_merge(a: u64, b: u64) -> u64 {
+    let b_rev = shfl_idx_u64(b, TOP - 1 - lane());
+    let mut v = if a > b_rev { a } else { b_rev };
+    let mut d = TOP / 2;
+    while d > 0 {
+        let o = shfl_xor_u64(v, d);
+        let keep_larger = lane() & d == 0;
+        v = if (o > v) == keep_larger { o } else { v };
+        d >>= 1;
+    }
+    v
+}
+
+/// Draws from the 32 best candidates of the vocabulary (`key`: lane `l` the `l`-th best, 0 for
+/// none), as `host::model::sampling::filtered_distribution` defines it: softmax of logit / T
+/// over the top `top_k` (0: all), cut to the smallest prefix whose share reaches `top_p`.
+/// `max_scaled` and `sum_scaled` are the whole vocabulary's log-sum-exp state of logit / T
+/// (its largest value and the sum of exp(v - largest)): top-p without top-k needs the share
+/// of the whole. Returns `None` (every lane) when the answer needs more than these 32: top-k
+/// above 32, or a nucleus wider than 32. All 32 lanes call it; every lane gets the result.
+#[inline(always)]
+pub fn sample_top32(key: u64, inv_t: f32, max_scaled: f32, sum_scaled: f32, top_k: u32, top_p: f32, u: f32) -> Option<u32> {
+    if top_k > TOP {
+        return None;
+    }
+    let k = if top_k == 0 { TOP } else { top_k };
+    let live = key != 0 && lane() < k;
+    let w = if live { exp(candidate_logit(key) * inv_t - max_scaled) } else { 0.0 };
+    let cum = warp_prefix_sum(w);
+    // The share is of the top k when top-k is set (all of them are here), else of the whole.
+    let total = if top_k == 0 { sum_scaled } else { shfl_idx_f32(cum, TOP - 1) };
+    let reached = if top_p < 1.0 { ballot(live && cum >= top_p * total) } else { 0 };
+    let keep = if reached != 0 {
+        reached.trailing_zeros() + 1
+    } else if top_k > 0 {
+        ballot(live).count_ones() // without top-p (or rounding short of it): all k
+    } else {
+        return None; // the nucleus reaches past the 32 best
+    };
+    let kept = shfl_idx_f32(cum, keep - 1);
+    let target = u * kept;
+    let hit = ballot(lane() < keep && target < cum);
+    let chosen = if hit != 0 { hit.trailing_zeros() } else { keep - 1 };
+    Some(candidate_row(shfl_idx_u64(key, chosen)))
+}
+
+/// Shared memory (u32 words) `sample_top_p` needs.
+pub const TOP_P_SMEM_WORDS: u32 = 2 * 256 + 8;
+
+/// Run by one whole block, when the nucleus of top-p (no top-k) is wider than the 32 best:
+/// draws exactly from the smallest most-likely prefix of softmax(logits / T) whose share
+/// reaches `top_p`. Weights are integers (`exp(l / T - max_scaled)` in units of 2^-32), so
+/// every sum, and so the draw, is the same in every run whatever the order of additions. A
+/// radix select over the logits' order keys, 8 bits at a time from the top, finds the
+/// smallest logit in the nucleus; the token is then the Gumbel-max over the nucleus (an exact
+/// draw from it), with the noise of (seed, position, row). Logits tied with that smallest one
+/// are all kept (the reference keeps them in id order until the share is reached). Returns
+/// the token on every thread. `smem` holds `TOP_P_SMEM_WORDS` u32. (Not inlined: it runs
+/// rarely, and inlined into the decode kernel its loops cost registers everywhere else.)
+#[inline(never)]
+pub unsafe fn sample_top_p(
+    logits: *const f32,
+    vocab: u32,
+    inv_t: f32,
+    max_scaled: f32,
+    top_p: f32,
+    seed: u64,
+    pos: u32,
+    smem: *mut u32,
+) -> u32 {
+    let hist = smem as *mut u64; // [256]
+    let misc = smem.add(2 * 256) as *mut u64; // [4]
+    let weight = |l: f32| -> u64 { (exp(l * inv_t - max_scaled) * 4_294_967_296.0) as u64 };
+    // The whole vocabulary's weight.
+    if thread_idx() == 0 {
+        *misc = 0;
+    }
+    sync_threads();
+    let mut mine = 0u64;
+    let mut i = thread_idx();
+    while i < vocab {
+        let l = ld_cg_f32(logits.add(i as usize));
+        if !l.is_nan() {
+            mine += weight(l);
+        }
+        i += block_dim();
+    }
+    shared_atomic_add_u64(misc, mine);
+    sync_threads();
+    let total = *misc;
+    let mut want = ((top_p as f64) * (total as f64)) as u64;
+    want = want.clamp(1, total.max(1));
+    let mut prefix = 0u32;
+    let mut shift = 32u32;
+    while shift > 0 {
+        shift -= 8;
+        let mut b = thread_idx();
+        while b < 256 {
+            *hist.add(b as usize) = 0;
+            b += block_dim();
+        }
+        sync_threads();
+        let high_mask = if shift == 24 { 0 } else { !0u32 << (shift + 8) };
+        // Whole warps walk the vocabulary (the shuffles below need every lane).
+        let mut i0 = warp() * WARP_SIZE;
+        while i0 < vocab {
+            let i = i0 + lane();
+            let l = if i < vocab { ld_cg_f32(logits.add(i as usize)) } else { f32::NAN };
+            let key = order_key(l);
+            let counts = !l.is_nan() && key & high_mask == prefix & high_mask;
+            let bin = (key >> shift) & 0xff;
+            // Flat distributions put most of a warp's logits in one bin: then the warp adds
+            // them up first and makes one atomic add, not 32 to the same word.
+            let lanes = ballot(counts);
+            if lanes != 0 && ballot(counts && bin == shfl_idx_u32(bin, lanes.trailing_zeros())) == lanes {
+                let sum = warp_sum_u64(if counts { weight(l) } else { 0 });
+                if lane() == lanes.trailing_zeros() {
+                    shared_atomic_add_u64(hist.add(bin as usize), sum);
+                }
+            } else if counts {
+                shared_atomic_add_u64(hist.add(bin as usize), weight(l));
+            }
+            i0 += block_dim();
+        }
+        sync_threads();
+        if thread_idx() == 0 {
+            // From the top bin down: the bin where the running weight reaches `want`.
+            let mut above = 0u64;
+            let mut bin = 255i32;
+            while bin > 0 {
+                let h = *hist.add(bin as usize);
+                if above + h >= want {
+                    break;
+                }
+                above += h;
+                bin -= 1;
+            }
+            *misc.add(1) = (prefix | ((bin as u32) << shift)) as u64;
+            *misc.add(2) = want - above.min(want);
+        }
+        sync_threads();
+        prefix = *misc.add(1) as u32;
+        want = (*misc.add(2)).max(1);
+        sync_threads();
+    }
+    // Gumbel-max over the nucleus: every logit at or above the threshold.
+    let mut best = f32::NEG_INFINITY;
+    let mut best_i = u32::MAX;
+    let mut i = thread_idx();
+    while i < vocab {
+        let l = ld_cg_f32(logits.add(i as usize));
+        if !l.is_nan() && order_key(l) >= prefix {
+            let score = l * inv_t + gumbel(hash3(seed, pos, i));
+            if better(score, i, best, best_i) {
+                best = score;
+                best_i = i;
+            }
+        }
+        i += block_dim();
+    }
+    let (best, best_i) = warp_argmax(best, best_i);
+    let votes = smem; // [warps][2], over the histogram: nobody reads it any more
+    if lane() == 0 {
+        *votes.add(2 * warp() as usize) = best.to_bits();
+        *votes.add(2 * warp() as usize + 1) = best_i;
+    }
+    sync_threads();
+    let mut b = f32::NEG_INFINITY;
+    let mut bi = u32::MAX;
+    for w in 0..warps_per_block() {
+        let v = f32::from_bits(*votes.add(2 * w as usize));
+        let vi = *votes.add(2 * w as usize + 1);
+        if better(v, vi, b, bi) {
+            b = v;
+            bi = vi;
+        }
+    }
+    sync_threads();
+    bi
 }
