@@ -9,7 +9,8 @@
 # Qwen3-0.6B uses, memcheck, racecheck and synccheck a long-context one (1200 positions, 300
 # for racecheck), and memcheck runs `bench --compare` once (the split kernels). Prints one
 # summary line per run and a total; exits non-zero if any run reported errors or did not
-# finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_TIMEOUT (s) bounds each run.
+# finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_TIMEOUT (s) bounds each run;
+# SANITIZE_TINY=0 runs only the full-size model's part.
 set -u
 cd "$(dirname "$0")"
 san=${COMPUTE_SANITIZER:-compute-sanitizer}
@@ -47,7 +48,9 @@ run() { # name, command...
 }
 # SANITIZE_QUICK=1: every tool on the short decode, memcheck also on the long one and the op
 # kernels (for a GPU session with little time left).
+# SANITIZE_TINY=0 leaves out the tiny model and the op kernels (runs with SANITIZE_FULL_MODEL only).
 for tool in $tools; do
+    [ "${SANITIZE_TINY:-1}" = 0 ] && break
     extra=()
     # racecheck is the slowest by far: its long run uses a 300-token context (still split over
     # ten blocks per kv head, so the cross-block merge runs) instead of 1200.

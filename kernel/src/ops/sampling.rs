@@ -356,8 +356,12 @@ pub unsafe fn sample_top_p(
             let bin = (key >> shift) & 0xff;
             // Flat distributions put most of a warp's logits in one bin: then the warp adds
             // them up first and makes one atomic add, not 32 to the same word.
+            // (Every lane shuffles and votes: a shuffle some lanes skip, as `counts && ..` would
+            // make it, hangs the warp.)
             let lanes = ballot(counts);
-            if lanes != 0 && ballot(counts && bin == shfl_idx_u32(bin, lanes.trailing_zeros())) == lanes {
+            let first_bin = shfl_idx_u32(bin, lanes.trailing_zeros() & (WARP_SIZE - 1));
+            let one_bin = ballot(counts && bin == first_bin) == lanes;
+            if lanes != 0 && one_bin {
                 let sum = warp_sum_u64(if counts { weight(l) } else { 0 });
                 if lane() == lanes.trailing_zeros() {
                     shared_atomic_add_u64(hist.add(bin as usize), sum);
