@@ -134,7 +134,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let mut engine = GpuEngine::new(&weights, max_ctx)?;
     drop(weights);
-    engine.set_eos(&[]); // random weights may well produce an EOS id; time every step
+    engine.set_eos(&[])?; // random weights may well produce an EOS id; time every step
     engine.randomize_kv_cache(0x5eed)?;
     let probe = measure_read_bandwidth(engine.gpu(), 2 << 30)?;
 

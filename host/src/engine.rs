@@ -5,7 +5,7 @@
 //! chosen token feeds the next step on the device. Generated tokens arrive through a pinned
 //! host-mapped ring while the kernel is still running, which is how `decode` streams.
 
-use crate::generate::{Backend, SamplingParams};
+use crate::generate::{check_ids, check_max_context, check_request, Backend, Generation, SamplingParams, StopReason};
 use crate::gpu::{CudaGraph, Gpu, HostRing};
 use crate::model::{ops, Weights};
 use anyhow::{bail, ensure, Context, Result};
@@ -27,6 +27,11 @@ unsafe impl DeviceCopy for DecodeState {}
 unsafe impl DeviceCopy for DecodeParams {}
 unsafe impl DeviceCopy for AttentionTestParams {}
 unsafe impl DeviceCopy for LmHeadTestParams {}
+
+/// Most end-of-sequence ids one launch stops at: the length of `DecodeParams::eos`.
+pub const MAX_EOS: usize = 4;
+// Fails to compile if `DecodeParams::eos` changes length without MAX_EOS.
+const _: fn(&DecodeParams) -> [u32; MAX_EOS] = |p| p.eos;
 
 /// The decode kernel's entry point for a head_dim (one per supported size: see decode.rs).
 pub fn decode_kernel_name(head_dim: usize) -> String {
@@ -144,12 +149,7 @@ impl GpuEngine {
     pub fn with_gpu(gpu: Gpu, w: &Weights, max_context: usize) -> Result<GpuEngine> {
         let c = w.config.clone();
         check_supported(&c)?;
-        ensure!(max_context >= 1, "--max-context must be at least 1");
-        ensure!(
-            max_context <= c.max_position_embeddings,
-            "--max-context {max_context} is beyond the model's {} positions",
-            c.max_position_embeddings
-        );
+        check_max_context(max_context, 1, &c)?;
         let (hidden, inter, head_dim) = (c.hidden_size as u32, c.intermediate_size as u32, c.head_dim as u32);
         let (q_dim, kv_dim) = (c.q_dim() as u32, c.kv_dim() as u32);
         let group = (c.num_attention_heads / c.num_key_value_heads) as u32;
@@ -252,9 +252,17 @@ impl GpuEngine {
         Ok(engine)
     }
 
-    /// End-of-sequence ids the kernel stops at (at most 4; `generate` sets them per call).
-    pub fn set_eos(&mut self, eos: &[u32]) {
-        self.eos = eos.iter().copied().take(4).collect();
+    /// End-of-sequence ids the kernel stops at (`decode` sets them per call). The kernel
+    /// compares each token with up to [`MAX_EOS`] of them; a longer list is refused, since
+    /// dropping some would let generation run past an end it was asked to stop at.
+    pub fn set_eos(&mut self, eos: &[u32]) -> Result<()> {
+        ensure!(
+            eos.len() <= MAX_EOS,
+            "the GPU kernel stops at up to {MAX_EOS} end-of-sequence ids, {} given ({eos:?})",
+            eos.len()
+        );
+        self.eos = eos.to_vec();
+        Ok(())
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -307,14 +315,6 @@ impl GpuEngine {
         Ok(())
     }
 
-    fn validate_tokens(&self, tokens: &[u32]) -> Result<()> {
-        let vocab = self.config.vocab_size;
-        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-            bail!("token id {t} at prompt position {i} is outside the vocabulary (0..{vocab})");
-        }
-        Ok(())
-    }
-
     /// Runs one launch. `tokens[0]` is fed at `start_pos`; the first `prompt_len` tokens are
     /// given, the rest chosen on the device. `on_token` (if any) sees each generated token as
     /// it is published; returning false asks the kernel to stop after the current token.
@@ -333,7 +333,7 @@ impl GpuEngine {
             spec.start_pos + spec.n_steps,
             self.max_ctx
         );
-        self.validate_tokens(tokens)?;
+        check_ids("launch's", tokens, self.config.vocab_size)?;
         let n_given = (spec.prompt_len as usize).min(tokens.len());
         self.tokens.index(..n_given).copy_from(&tokens[..n_given]).context("uploading tokens")?;
         self.state.copy_from(&[DecodeState::default()]).context("resetting decode state")?;
@@ -355,7 +355,7 @@ impl GpuEngine {
     /// the same step; `logits_out` (device f32[vocab], or 0) receives its logits.
     pub fn split_step_graph(&mut self, pos: u32, token: u32, logits_out: u64) -> Result<CudaGraph> {
         ensure!(pos < self.max_ctx, "position {pos} is beyond the KV cache of {} positions", self.max_ctx);
-        self.validate_tokens(&[token])?;
+        check_ids("graph's", &[token], self.config.vocab_size)?;
         self.tokens.index(..1).copy_from(&[token]).context("uploading tokens")?;
         self.state.copy_from(&[DecodeState::default()]).context("resetting decode state")?;
         let spec = LaunchSpec {
@@ -395,10 +395,8 @@ impl GpuEngine {
         let top_k = if s.temperature > 0.0 && s.top_k == 0 && s.top_p < 1.0 { MAX_TOP_K } else { s.top_k };
         ensure!(top_k <= MAX_TOP_K, "the GPU sampler supports top-k up to {MAX_TOP_K}, not {top_k}");
         let c = &self.config;
-        let mut eos = [0u32; 4];
-        for (d, e) in eos.iter_mut().zip(&self.eos) {
-            *d = *e;
-        }
+        let mut eos = [0u32; MAX_EOS];
+        eos[..self.eos.len()].copy_from_slice(&self.eos);
         Ok(DecodeParams {
             layers: dptr(&self.layer_table),
             embed: self.embed,
@@ -437,7 +435,7 @@ impl GpuEngine {
             n_steps: spec.n_steps,
             flags: spec.flags,
             eos,
-            n_eos: self.eos.len().min(4) as u32,
+            n_eos: self.eos.len() as u32,
             temperature: s.temperature.max(0.0),
             top_k,
             top_p: s.top_p,
@@ -544,18 +542,8 @@ impl GpuEngine {
         Ok(v)
     }
 
-    fn check_request(&self, prompt: &[u32], extra: usize) -> Result<()> {
-        ensure!(!prompt.is_empty(), "the prompt is empty: give at least one token");
-        self.validate_tokens(prompt)?;
-        let need = prompt.len() + extra;
-        ensure!(
-            need <= self.max_ctx as usize,
-            "prompt ({} tokens) + {extra} new tokens = {need} positions, beyond the KV cache of {} (raise --max-context, up to {})",
-            prompt.len(),
-            self.max_ctx,
-            self.config.max_position_embeddings
-        );
-        Ok(())
+    fn check_request(&self, what: &str, tokens: &[u32], new_tokens: usize) -> Result<()> {
+        check_request(what, tokens, new_tokens, self.config.vocab_size, self.max_ctx as usize)
     }
 }
 
@@ -568,19 +556,19 @@ impl Backend for GpuEngine {
         self.max_ctx as usize
     }
 
-    fn generate(
+    fn decode(
         &mut self,
         prompt: &[u32],
         max_new: usize,
         sampling: &SamplingParams,
         eos: &[u32],
         on_token: &mut dyn FnMut(u32) -> bool,
-    ) -> Result<Vec<u32>> {
-        self.check_request(prompt, max_new)?;
+    ) -> Result<Generation> {
+        self.check_request("prompt", prompt, max_new)?;
         if max_new == 0 {
-            return Ok(Vec::new());
+            return Ok(Generation { tokens: Vec::new(), stop: StopReason::MaxNewTokens });
         }
-        self.set_eos(eos);
+        self.set_eos(eos)?;
         let spec = LaunchSpec {
             start_pos: 0,
             prompt_len: prompt.len() as u32,
@@ -589,12 +577,18 @@ impl Backend for GpuEngine {
             fault_step: self.fault_step,
             ..Default::default()
         };
-        let (_, generated) = self.launch(&spec, prompt, Some(on_token))?;
-        Ok(generated)
+        let (outcome, tokens) = self.launch(&spec, prompt, Some(on_token))?;
+        let stop = match outcome.stop_reason {
+            STOP_EOS => StopReason::Eos,
+            STOP_CANCELLED => StopReason::Cancelled,
+            STOP_STEPS => StopReason::MaxNewTokens,
+            other => bail!("qwen3_decode ended with stop reason {other}, which the host does not know"),
+        };
+        Ok(Generation { tokens, stop })
     }
 
     fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.check_request(tokens, 0)?;
+        self.check_request("text", tokens, 0)?;
         if tokens.len() < 2 {
             return Ok(Vec::new());
         }
@@ -614,7 +608,7 @@ impl Backend for GpuEngine {
     }
 
     fn logits(&mut self, tokens: &[u32], positions: &[usize]) -> Result<Vec<Vec<f32>>> {
-        self.check_request(tokens, 0)?;
+        self.check_request("text", tokens, 0)?;
         ensure!(positions.windows(2).all(|w| w[0] < w[1]), "positions must be ascending");
         ensure!(positions.iter().all(|&p| p < tokens.len()), "a position is beyond the tokens");
         let vocab = self.config.vocab_size;

@@ -181,6 +181,7 @@ fn hf_cache_lookup_says_where_it_looked() {
     std::env::set_var("HF_HUB_CACHE", cache.path());
     let err = format!("{:#}", checkpoint::resolve_model_dir(None).unwrap_err());
     assert!(err.contains(&cache.path().display().to_string()) && err.contains("--model"), "{err}");
+    assert!(err.contains("hf download Qwen/Qwen3-0.6B"), "the error names the download command: {err}");
     let snap = cache.path().join("models--Qwen--Qwen3-0.6B/snapshots/abc123");
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::write(snap.join("config.json"), "{}").unwrap();

@@ -464,7 +464,8 @@ pub fn resolve_model_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     newest.map(|(_, p)| p).ok_or_else(|| {
         anyhow!(
             "no --model given and no Qwen3-0.6B snapshot with a config.json in the HF cache (looked in {}); \
-             pass --model DIR",
+             download it with `hf download Qwen/Qwen3-0.6B` (or `huggingface-cli download Qwen/Qwen3-0.6B`), \
+             or pass --model DIR",
             snapshots.display()
         )
     })
