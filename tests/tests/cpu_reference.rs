@@ -1,7 +1,7 @@
 //! The CPU reference decoder on a tiny synthetic model: determinism, consistency between
 //! generate / score / logits, and clear errors for bad requests.
 
-use host::generate::{Backend, SamplingParams, StopReason};
+use host::backend::{Backend, SamplingParams, StopReason};
 use host::model::checkpoint;
 use host::model::ops;
 use host::model::reference::CpuReference;

@@ -2,8 +2,8 @@
 
 use super::{max_context, model_dir, open_backend, parse_ids, utf8_arg, Device};
 use anyhow::{bail, Context};
+use host::backend::{check_request, SamplingParams, StopReason};
 use host::engine::MAX_EOS;
-use host::generate::{check_request, SamplingParams, StopReason};
 use host::model::config::GenerationConfig;
 use host::model::tokenizer::{ChatMessage, Tokenizer};
 use host::model::Qwen3Config;

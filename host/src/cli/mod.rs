@@ -1,13 +1,15 @@
 //! Command-line parsing (clap derive) and the shared bits of the subcommands.
 
+mod bench;
 mod decode;
 mod perplexity;
+mod sync_bench;
 mod synth;
 mod tokenize;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use host::generate::{check_max_context, default_max_context, Backend};
+use host::backend::{check_max_context, default_max_context, Backend};
 use host::model::reference::CpuReference;
 use host::model::{checkpoint, Qwen3Config, Weights};
 use std::ffi::OsStr;
@@ -32,9 +34,9 @@ enum Command {
     /// Write a checkpoint with random weights (Qwen3-0.6B layout by default).
     Synth(synth::SynthArgs),
     /// Measure decode speed on the GPU.
-    Bench(host::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Measure the cost of the kernel's grid-wide synchronisation.
-    SyncBench(host::syncbench::SyncBenchArgs),
+    SyncBench(sync_bench::SyncBenchArgs),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -43,8 +45,8 @@ pub fn run() -> anyhow::Result<()> {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Synth(args) => synth::run(args),
-        Command::Bench(args) => host::bench::run(args),
-        Command::SyncBench(args) => host::syncbench::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::SyncBench(args) => sync_bench::run(args),
     }
 }
 

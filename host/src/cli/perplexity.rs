@@ -2,7 +2,7 @@
 
 use super::{max_context, model_dir, open_backend, parse_ids, Device};
 use anyhow::{anyhow, bail, Context};
-use host::generate::check_request;
+use host::backend::check_request;
 use host::model::tokenizer::Tokenizer;
 use host::model::Qwen3Config;
 use std::path::PathBuf;

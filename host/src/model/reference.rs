@@ -5,7 +5,7 @@
 use super::ops;
 use super::sampling::Sampler;
 use super::Weights;
-use crate::generate::{check_request, Backend, Generation, SamplingParams, StopReason};
+use crate::backend::{check_request, Backend, Generation, SamplingParams, StopReason};
 use anyhow::{bail, ensure};
 use half::bf16;
 use std::sync::Arc;

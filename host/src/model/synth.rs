@@ -173,7 +173,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> anyhow::Result<()> {
 
 /// Copies a tokenizer folder's files next to the weights. A compressed tokenizer.json.gz is
 /// written out as plain tokenizer.json so HF tools can read the checkpoint too.
-pub fn copy_tokenizer(src: &Path, dst: &Path) -> anyhow::Result<()> {
+fn copy_tokenizer(src: &Path, dst: &Path) -> anyhow::Result<()> {
     let plain = src.join("tokenizer.json");
     let gz = src.join("tokenizer.json.gz");
     if plain.is_file() {

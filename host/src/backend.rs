@@ -96,7 +96,7 @@ pub trait Backend {
 
 /// Largest KV cache a backend sets up, whatever config.json claims: the CPU reference's RoPE
 /// table alone is `max_context * head_dim` floats, allocated up front.
-pub const MAX_CONTEXT: usize = 1 << 24;
+const MAX_CONTEXT: usize = 1 << 24;
 
 /// The KV-cache size when none is asked for: 4096 positions, or the model's own limit where
 /// that is smaller.
@@ -105,7 +105,7 @@ pub fn default_max_context(config: &Qwen3Config) -> usize {
 }
 
 /// Refuses a KV-cache size (`--max-context`) below `min` positions, beyond the model's
-/// `max_position_embeddings`, or beyond [`MAX_CONTEXT`].
+/// `max_position_embeddings`, or beyond `MAX_CONTEXT`.
 pub fn check_max_context(max_context: usize, min: usize, config: &Qwen3Config) -> Result<()> {
     if max_context < min {
         bail!("--max-context must be at least {min}, got {max_context}");
@@ -123,7 +123,7 @@ pub fn check_max_context(max_context: usize, min: usize, config: &Qwen3Config) -
 }
 
 /// Refuses token ids the model has no embedding for; `what` names the tokens ("prompt").
-pub fn check_ids(what: &str, tokens: &[u32], vocab_size: usize) -> Result<()> {
+pub(crate) fn check_ids(what: &str, tokens: &[u32], vocab_size: usize) -> Result<()> {
     if let Some((i, &id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= vocab_size) {
         bail!(
             "{what} token #{i} is id {id}, outside the vocabulary of {vocab_size} ids (0..{})",
