@@ -1,4 +1,4 @@
-//! Hostile inputs to the library side (issue 6): broken tokenizer files, checkpoints whose header
+//! Hostile inputs to the library side: broken tokenizer files, checkpoints whose header
 //! lies, configs with absurd values. Each is one clear error naming the file or field, never a
 //! panic and never a hang. (The CLI-level cases are in host/tests/cli_hostile.rs; the parsers'
 //! corpus replay is cpu_fuzz_corpus.rs.)

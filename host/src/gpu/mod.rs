@@ -103,7 +103,7 @@ impl Gpu {
             }
         }
         // Developer knob: QWEN3_PTX_FILE loads another build's PTX (same ABI) into this binary,
-        // so two kernels can be compared on one card in one session.
+        // so two kernels can be compared on one card by one binary.
         let module = match std::env::var_os("QWEN3_PTX_FILE").filter(|f| !f.is_empty()) {
             Some(file) => {
                 let text = std::fs::read_to_string(&file)
