@@ -128,7 +128,7 @@ pub struct GpuEngine {
     grid: u32,
     smem: u32,
     eos: Vec<u32>,
-    /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `generate` makes the kernel fault at this step.
+    /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `decode` makes the kernel fault at this step.
     pub fault_step: Option<u32>,
     gpu: Gpu,
 }
