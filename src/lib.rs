@@ -6,11 +6,5 @@ pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel.ptx"));
 /// The arch the PTX was generated for (`sm_90` unless `QWEN3_SM` chose another).
 pub const ARCH: &str = include_str!(concat!(env!("OUT_DIR"), "/kernel.arch"));
 
-/// ptxas's resource report (registers, shared memory, spills) when the build ran with `PTXAS`
-/// set, else empty.
-pub fn ptxas_report() -> &'static str {
-    option_env!("QWEN3_PTXAS_REPORT").unwrap_or("")
-}
-
 /// ptxas's `-v` report on `PTX` when the build assembled it (`PTXAS` set, as in CI), else empty.
 pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas-report.txt"));

@@ -142,3 +142,100 @@ fn synth_rejects_impossible_shapes() {
     let e = fails(&["synth", "--out", out.to_str().unwrap(), "--heads", "16", "--kv-heads", "5", "--layers", "1"]);
     assert!(e.contains("num_key_value_heads"), "{e}");
 }
+
+/// A checkpoint whose config.json allows only `positions` positions.
+fn tiny_with_max_positions(positions: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), &["--vocab", "512"]);
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let edited =
+        text.replace("\"max_position_embeddings\": 40960", &format!("\"max_position_embeddings\": {positions}"));
+    assert_ne!(text, edited, "synth's config.json no longer holds max_position_embeddings 40960");
+    std::fs::write(&config, edited).unwrap();
+    dir
+}
+
+#[test]
+fn default_context_fits_the_checkpoint() {
+    // The default --max-context is 4096 only where the model allows as many positions.
+    let dir = tiny_with_max_positions(512);
+    let m = dir.path().to_str().unwrap();
+    let v: Value =
+        serde_json::from_str(&ok(&["decode", "--model", m, "--device", "cpu", "--prompt-ids", "1,2", "--json"]))
+            .unwrap();
+    assert_eq!(v["generated_tokens"], 256, "the default --max-new-tokens fits 512 positions");
+    let p = ok(&["perplexity", "--model", m, "--device", "cpu", "--ids", "1,2,3", "--json"]);
+    assert!(p.contains("perplexity"), "{p}");
+    // What does not fit is refused against the model's limit, not against 4096.
+    let e =
+        fails(&["decode", "--model", m, "--device", "cpu", "--prompt-ids", "1,2", "--json", "--max-new-tokens", "511"]);
+    assert!(e.contains("maximum context of 512"), "{e}");
+    let e = fails(&["decode", "--model", m, "--device", "cpu", "--prompt-ids", "1", "--json", "--max-context", "4096"]);
+    assert!(e.contains("max_position_embeddings (512)"), "{e}");
+}
+
+#[test]
+fn one_token_reports_no_decode_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), &["--vocab", "151936", "--tokenizer", tokenizer_fixture().to_str().unwrap()]);
+    let m = dir.path().to_str().unwrap();
+    let out = host(&["decode", "--model", m, "--device", "cpu", "--prompt", "Hi", "--max-new-tokens", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // One token is all prefill: there is no decode rate to show.
+    assert!(stderr.contains("[1 token, max_new_tokens; prefill") && !stderr.contains("tokens/s"), "{stderr}");
+    let v: Value = serde_json::from_str(&ok(&[
+        "decode",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--prompt-ids",
+        "1",
+        "--max-new-tokens",
+        "1",
+        "--json",
+    ]))
+    .unwrap();
+    assert!(v["tokens_per_s"].is_null(), "{v}");
+    assert_eq!(v["stop_reason"], "max_new_tokens");
+}
+
+#[test]
+fn stop_reason_comes_from_the_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), &["--vocab", "512"]);
+    let m = dir.path().to_str().unwrap();
+    let run = || -> Value {
+        let args =
+            ["decode", "--model", m, "--device", "cpu", "--prompt-ids", "1,2,3", "--json", "--max-new-tokens", "8"];
+        let args: Vec<&str> = args.into_iter().chain(["--temperature", "0"]).collect();
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let free = run();
+    assert_eq!(free["stop_reason"], "max_new_tokens");
+    // The 4th generated token made an end token: generation stops at its first occurrence.
+    let eos = free["tokens"][3].as_u64().unwrap();
+    let tokens: Vec<u64> = free["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    let first = tokens.iter().position(|&t| t == eos).unwrap();
+    let generation = dir.path().join("generation_config.json");
+    std::fs::write(&generation, format!("{{\"eos_token_id\": [{eos}]}}")).unwrap();
+    let stopped = run();
+    assert_eq!(stopped["stop_reason"], "eos");
+    assert_eq!(stopped["tokens"].as_array().unwrap().len(), first + 1);
+}
+
+#[test]
+fn more_end_tokens_than_the_gpu_kernel_holds_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), &["--vocab", "512"]);
+    let m = dir.path().to_str().unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [7, 8, 9, 10, 11]}"#).unwrap();
+    // Refused before the GPU is opened, so this holds on machines without one too.
+    let e = fails(&["decode", "--model", m, "--prompt-ids", "1,2", "--json", "--max-new-tokens", "2"]);
+    assert!(e.contains("generation_config.json") && e.contains("5 distinct end-of-sequence ids"), "{e}");
+    assert!(e.contains("up to 4"), "{e}");
+    // The CPU reference stops at any number of them.
+    ok(&["decode", "--model", m, "--device", "cpu", "--prompt-ids", "1,2", "--json", "--max-new-tokens", "2"]);
+}

@@ -2,8 +2,9 @@
 //! panic) for each way a checkpoint can be broken.
 
 use half::{bf16, f16};
-use host::model::checkpoint::{self, expected_tensors, SafetensorsFile};
+use host::model::checkpoint::{self, expected_tensors};
 use host::model::synth::{write_checkpoint, SynthSpec};
+use host::model::tensor_file::SafetensorsFile;
 use host::model::Qwen3Config;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -181,6 +182,7 @@ fn hf_cache_lookup_says_where_it_looked() {
     std::env::set_var("HF_HUB_CACHE", cache.path());
     let err = format!("{:#}", checkpoint::resolve_model_dir(None).unwrap_err());
     assert!(err.contains(&cache.path().display().to_string()) && err.contains("--model"), "{err}");
+    assert!(err.contains("hf download Qwen/Qwen3-0.6B"), "the error names the download command: {err}");
     let snap = cache.path().join("models--Qwen--Qwen3-0.6B/snapshots/abc123");
     std::fs::create_dir_all(&snap).unwrap();
     std::fs::write(snap.join("config.json"), "{}").unwrap();
@@ -192,11 +194,19 @@ fn hf_cache_lookup_says_where_it_looked() {
 fn truncated_file_names_file_and_tensor() {
     let dir = tiny_checkpoint(7);
     let path = model_file(dir.path());
+    let last = {
+        let file = SafetensorsFile::open(&path).unwrap();
+        file.tensors.iter().max_by_key(|(_, info)| info.data_offsets.1).unwrap().0.clone()
+    };
     let data = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &data[..data.len() - 1000]).unwrap();
+    std::fs::write(&path, &data[..data.len() - 2]).unwrap();
     let msg = load_err(dir.path());
     assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
-    assert!(msg.contains("`lm_head.weight`"), "the last tensor is the cut one: {msg}");
+    assert!(msg.contains(&format!("`{last}`")), "the last tensor, {last}, is the cut one: {msg}");
+    // Cut deeper, the first tensor that lost bytes is named, and how many follow it.
+    std::fs::write(&path, &data[..data.len() - 1000]).unwrap();
+    let msg = load_err(dir.path());
+    assert!(msg.contains("truncated") && msg.contains("more tensor(s) after it"), "{msg}");
     // Too short for even the header length.
     std::fs::write(&path, [1u8, 2, 3]).unwrap();
     let msg = load_err(dir.path());
@@ -374,7 +384,7 @@ fn synth_writes_the_real_tensor_names_and_loads_them() {
     for (name, shape) in expected_tensors(&spec.config, true) {
         let entry = &file.tensors[&name];
         assert_eq!(entry.shape, shape, "{name}");
-        assert_eq!(entry.dtype, "BF16", "{name}");
+        assert_eq!(format!("{:?}", entry.dtype), "BF16", "{name}");
     }
     let w = checkpoint::load(dir.path(), false).unwrap();
     assert_eq!(w.layers.len(), 28);
@@ -388,7 +398,7 @@ fn full_size_synth_has_the_real_layout_and_loads() {
     write_checkpoint(dir.path(), &SynthSpec::qwen3_0_6b(0)).unwrap();
     let file = SafetensorsFile::open(&model_file(dir.path())).unwrap();
     let mut stored: Vec<(String, Vec<usize>, String)> =
-        file.tensors.iter().map(|(n, e)| (n.clone(), e.shape.clone(), e.dtype.clone())).collect();
+        file.tensors.iter().map(|(n, e)| (n.clone(), e.shape.clone(), format!("{:?}", e.dtype))).collect();
     drop(file);
     let mut real = real_layout();
     stored.sort();

@@ -1,8 +1,8 @@
 //! Replays the hand-made hostile corpus (tests/fixtures/fuzz/) through the parsers the cargo-fuzz
 //! targets in fuzz/ exercise: every file parses or fails without a panic, and `bad-*` files fail.
 
-use host::model::checkpoint::{parse_header, SafetensorsFile};
 use host::model::config::GenerationConfig;
+use host::model::tensor_file::{parse_header, SafetensorsFile};
 use host::model::Qwen3Config;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -67,12 +67,9 @@ fn safetensors_corpus_never_panics_and_bad_files_fail() {
         let from_bytes = replay("parse_header", &path, || {
             let (data_start, tensors) = parse_header(&bytes)?;
             assert!(data_start <= bytes.len());
-            for (name, e) in &tensors {
-                assert!(
-                    e.begin <= e.end && data_start + e.end <= bytes.len(),
-                    "{}: `{name}` out of range",
-                    path.display()
-                );
+            for (name, info) in &tensors {
+                let (begin, end) = info.data_offsets;
+                assert!(begin <= end && data_start + end <= bytes.len(), "{}: `{name}` out of range", path.display());
             }
             Ok(())
         });

@@ -1,7 +1,7 @@
 //! The CPU reference, tokenizer and chat template against HF transformers' own outputs, stored in
 //! tests/fixtures/golden by scripts/make_golden.py.
 
-use host::generate::{Backend, SamplingParams};
+use host::backend::{Backend, SamplingParams};
 use host::model::checkpoint;
 use host::model::reference::CpuReference;
 use host::model::tokenizer::{ChatMessage, Tokenizer};

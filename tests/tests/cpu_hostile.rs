@@ -1,10 +1,11 @@
-//! Hostile inputs to the library side (issue 6): broken tokenizer files, checkpoints whose header
+//! Hostile inputs to the library side: broken tokenizer files, checkpoints whose header
 //! lies, configs with absurd values. Each is one clear error naming the file or field, never a
 //! panic and never a hang. (The CLI-level cases are in host/tests/cli_hostile.rs; the parsers'
 //! corpus replay is cpu_fuzz_corpus.rs.)
 
-use host::model::checkpoint::{self, SafetensorsFile};
+use host::model::checkpoint;
 use host::model::synth::{write_checkpoint, SynthSpec};
+use host::model::tensor_file::SafetensorsFile;
 use host::model::tokenizer::Tokenizer;
 use host::model::Qwen3Config;
 use serde_json::{json, Value};
@@ -182,6 +183,11 @@ fn header_shape_lies_are_reported() {
     });
     let e = load_err(dir.path());
     assert!(e.contains("model.safetensors") && e.contains("overlap") && e.contains("q_norm"), "{e}");
+
+    // Bytes that no tensor claims (the format forbids them), here after the last tensor.
+    std::fs::write(&path, [&pristine[..], &[0u8; 8][..]].concat()).unwrap();
+    let e = load_err(dir.path());
+    assert!(e.contains("model.safetensors") && e.contains("after the last tensor"), "{e}");
 
     // Offsets as negative numbers, floats, or strings.
     for bad in [json!([-64, 0]), json!([0.0, 64.0]), json!(["0", "64"]), json!([0]), json!(null)] {

@@ -1,7 +1,7 @@
 //! The CPU reference decoder on a tiny synthetic model: determinism, consistency between
 //! generate / score / logits, and clear errors for bad requests.
 
-use host::generate::{Backend, SamplingParams};
+use host::backend::{Backend, SamplingParams, StopReason};
 use host::model::checkpoint;
 use host::model::ops;
 use host::model::reference::CpuReference;
@@ -109,6 +109,20 @@ fn sampling_is_seeded_and_stops_where_asked() {
         })
         .unwrap();
     assert_eq!(d, a[..2].to_vec());
+    // Each way of stopping is reported as such.
+    let stop = |r: &mut CpuReference, eos: &[u32], cancel_after: usize| {
+        let mut seen = 0;
+        r.decode(&PROMPT, 12, &p, eos, &mut |_| {
+            seen += 1;
+            seen < cancel_after
+        })
+        .unwrap()
+        .stop
+    };
+    assert_eq!(stop(&mut r, &[], usize::MAX), StopReason::MaxNewTokens);
+    assert_eq!(stop(&mut r, &[eos], usize::MAX), StopReason::Eos);
+    assert_eq!(stop(&mut r, &[], 2), StopReason::Cancelled);
+    assert_eq!(stop(&mut r, &[a[1]], 2), StopReason::Eos, "an end token stops as such even when cancelled too");
     assert!(r.generate(&PROMPT, 0, &p, &[], &mut |_| true).unwrap().is_empty());
 }
 

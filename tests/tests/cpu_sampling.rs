@@ -1,6 +1,6 @@
 //! The CPU sampler: greedy, top-k, top-p, temperature, seeding, and the distribution it draws.
 
-use host::generate::SamplingParams;
+use host::backend::SamplingParams;
 use host::model::ops::argmax;
 use host::model::sampling::{filtered_distribution, Sampler};
 

@@ -178,7 +178,7 @@ fn read_bandwidth_probe() {
 #[ignore = "needs a CUDA GPU"]
 fn l2_latency_probe() {
     let gpu = open_gpu();
-    let rows = host::syncbench::measure_l2_latency(&gpu).unwrap();
+    let rows = host::gpu::measure_l2_latency(&gpu).unwrap();
     assert_eq!(rows.len(), 4);
     for r in &rows {
         println!("{}: {:?} cycles per L2 hit, {:.0} GB/s streamed", r.label, r.cycles, r.streamed_gb_s);

@@ -2,8 +2,8 @@
 //! reported with the CUDA error's name and the step it happened in, as an error, not a hang or
 //! a crash. Alone in its binary: after a fault the process's GPU context is unusable.
 
+use host::backend::{Backend, SamplingParams};
 use host::engine::GpuEngine;
-use host::generate::{Backend, SamplingParams};
 use host::model::checkpoint;
 use host::model::synth::{write_checkpoint, SynthSpec};
 

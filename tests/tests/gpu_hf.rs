@@ -10,8 +10,8 @@
 
 mod common;
 use common::{rel_err, top2_margin};
+use host::backend::Backend;
 use host::engine::GpuEngine;
-use host::generate::Backend;
 use host::model::reference::CpuReference;
 use host::model::{checkpoint, ops};
 use std::path::Path;

@@ -511,7 +511,7 @@ fn sampling_distribution_matches_cpu() {
 
 /// The draws of `r` against the distribution the CPU defines on the GPU's own logits.
 fn check_draws(r: &LmHeadRun, vocab: usize, temperature: f32, top_k: u32, top_p: f32, trials: u32) {
-    let params = host::generate::SamplingParams { temperature, top_k, top_p, seed: 0 };
+    let params = host::backend::SamplingParams { temperature, top_k, top_p, seed: 0 };
     let want = host::model::sampling::filtered_distribution(&r.logits, &params);
     let mut counts = vec![0u32; vocab];
     for &t in &r.tokens {

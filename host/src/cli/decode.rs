@@ -1,14 +1,15 @@
 //! `host decode`: prompt in, streamed text out (or one JSON object with timings).
 
-use super::{check_ids, check_max_context, model_dir, open_backend, parse_ids, utf8_arg, Device};
+use super::{max_context, model_dir, open_backend, parse_ids, utf8_arg, Device};
 use anyhow::{bail, Context};
-use host::generate::SamplingParams;
+use host::backend::{check_request, SamplingParams, StopReason};
+use host::engine::MAX_EOS;
 use host::model::config::GenerationConfig;
 use host::model::tokenizer::{ChatMessage, Tokenizer};
 use host::model::Qwen3Config;
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,9 +34,10 @@ pub struct DecodeArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// KV-cache size: prompt + new tokens must fit.
-    #[arg(long, default_value_t = 4096)]
-    max_context: usize,
+    /// KV-cache size: prompt + new tokens must fit [default: 4096, or the model's
+    /// max_position_embeddings where that is smaller].
+    #[arg(long)]
+    max_context: Option<usize>,
     /// Sampling temperature; 0 = greedy [default: generation_config.json's, greedy without one].
     #[arg(long)]
     temperature: Option<f32>,
@@ -109,32 +111,15 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give a prompt: --prompt TEXT or --prompt-ids 1,2,3"),
     };
-    if prompt.is_empty() {
-        bail!("the prompt tokenizes to no tokens");
-    }
-    check_ids(&prompt, config.vocab_size)?;
-    check_max_context(args.max_context, 1, &config)?;
-    // checked_add: a huge --max-new-tokens must not wrap around and pass.
-    if prompt.len().checked_add(args.max_new_tokens).is_none_or(|total| total > args.max_context) {
-        bail!(
-            "prompt ({} tokens) + --max-new-tokens ({}) exceeds --max-context ({}); shorten the prompt or raise --max-context",
-            prompt.len(),
-            args.max_new_tokens,
-            args.max_context
-        );
-    }
+    let max_context = max_context(args.max_context, 1, &config)?;
+    // Checked here as well as by the backend, so that a bad request fails before the
+    // checkpoint is loaded; the same check, so the same message.
+    check_request("prompt", &prompt, args.max_new_tokens, config.vocab_size, max_context)?;
     let gen_config = GenerationConfig::from_model_dir(&dir)?;
     let sampling = sampling_params(&args, &gen_config)?;
-    // Stop on any end token the checkpoint names anywhere.
-    let mut eos: Vec<u32> = gen_config.eos_token_ids.clone();
-    eos.extend(&config.eos_token_ids);
-    if let Some(t) = &tokenizer {
-        eos.extend(t.eos_ids());
-    }
-    eos.sort_unstable();
-    eos.dedup();
+    let eos = eos_ids(&dir, &config, &gen_config, tokenizer.as_ref(), args.device)?;
 
-    let mut backend = open_backend(&dir, args.device, args.max_context)?;
+    let mut backend = open_backend(&dir, args.device, max_context)?;
 
     // Ctrl-C finishes the current token, then stops and prints what there is.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -149,7 +134,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let mut stream_error: Option<anyhow::Error> = None;
     let start = Instant::now();
     let mut token_times: Vec<Instant> = Vec::new();
-    let tokens = {
+    let generation = {
         let mut on_token = |id: u32| -> bool {
             token_times.push(Instant::now());
             if !args.json {
@@ -168,13 +153,12 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
             }
             !interrupted.load(Ordering::SeqCst)
         };
-        backend.generate(&prompt, args.max_new_tokens, &sampling, &eos, &mut on_token)?
+        backend.decode(&prompt, args.max_new_tokens, &sampling, &eos, &mut on_token)?
     };
     let end = Instant::now();
     if let Some(e) = stream_error {
         return Err(e.context("cannot decode the generated tokens"));
     }
-    let was_interrupted = interrupted.load(Ordering::SeqCst);
 
     // Time to the first token is prefill (plus one sample); the rest is steady decode.
     let prefill_s = token_times.first().map_or(0.0, |t| (*t - start).as_secs_f64());
@@ -182,15 +166,15 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         (Some(a), Some(b)) => (*b - *a).as_secs_f64(),
         _ => 0.0,
     };
-    let decode_steps = tokens.len().saturating_sub(1);
-    let tokens_per_s = if decode_steps > 0 && decode_s > 0.0 { decode_steps as f64 / decode_s } else { 0.0 };
-    let stop_reason = if was_interrupted {
-        "interrupted"
-    } else if tokens.last().is_some_and(|t| eos.contains(t)) {
-        "eos"
-    } else {
-        "max_new_tokens"
+    // A rate needs two tokens at least: the first one's time is prefill.
+    let decode_steps = generation.tokens.len().saturating_sub(1);
+    let tokens_per_s = (decode_steps > 0 && decode_s > 0.0).then(|| decode_steps as f64 / decode_s);
+    let stop_reason = match generation.stop {
+        // The only cancel `on_token` asks for here is Ctrl-C's.
+        StopReason::Cancelled => "interrupted",
+        other => other.as_str(),
     };
+    let tokens = generation.tokens;
 
     if args.json {
         let text = match &tokenizer {
@@ -222,13 +206,44 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         }
         writeln!(stdout)?;
         stdout.flush()?;
-        eprintln!(
-            "[{} tokens, {stop_reason}; prefill {:.3} s, decode {:.1} tokens/s on {}]",
-            tokens.len(),
-            prefill_s,
-            tokens_per_s,
-            backend.name()
-        );
+        let rate = tokens_per_s.map(|r| format!(", decode {r:.1} tokens/s")).unwrap_or_default();
+        let count = if tokens.len() == 1 { "1 token".to_string() } else { format!("{} tokens", tokens.len()) };
+        eprintln!("[{count}, {stop_reason}; prefill {prefill_s:.3} s{rate} on {}]", backend.name());
     }
     Ok(())
+}
+
+/// The end-of-sequence ids to stop at: every one the checkpoint names, in generation_config.json,
+/// config.json or tokenizer_config.json. The GPU kernel compares each token with at most
+/// [`MAX_EOS`] of them, so a longer list is refused there (naming where the ids come from)
+/// rather than cut short.
+fn eos_ids(
+    dir: &Path,
+    config: &Qwen3Config,
+    gen_config: &GenerationConfig,
+    tokenizer: Option<&Tokenizer>,
+    device: Device,
+) -> anyhow::Result<Vec<u32>> {
+    let sources = [
+        ("generation_config.json", gen_config.eos_token_ids.as_slice()),
+        ("config.json", config.eos_token_ids.as_slice()),
+        ("tokenizer_config.json", tokenizer.map_or(&[][..], |t| t.eos_ids())),
+    ];
+    let mut eos: Vec<u32> = sources.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
+    eos.sort_unstable();
+    eos.dedup();
+    if device == Device::Gpu && eos.len() > MAX_EOS {
+        let named: Vec<String> = sources
+            .iter()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(file, ids)| format!("{} lists {} ({ids:?})", dir.join(file).display(), ids.len()))
+            .collect();
+        bail!(
+            "the checkpoint names {} distinct end-of-sequence ids ({}), but the GPU kernel stops at up to \
+             {MAX_EOS}; shorten the list or use --device cpu",
+            eos.len(),
+            named.join("; ")
+        );
+    }
+    Ok(eos)
 }

@@ -1,13 +1,15 @@
 //! Command-line parsing (clap derive) and the shared bits of the subcommands.
 
+mod bench;
 mod decode;
 mod perplexity;
+mod sync_bench;
 mod synth;
 mod tokenize;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use host::generate::Backend;
+use host::backend::{check_max_context, default_max_context, Backend};
 use host::model::reference::CpuReference;
 use host::model::{checkpoint, Qwen3Config, Weights};
 use std::ffi::OsStr;
@@ -32,9 +34,9 @@ enum Command {
     /// Write a checkpoint with random weights (Qwen3-0.6B layout by default).
     Synth(synth::SynthArgs),
     /// Measure decode speed on the GPU.
-    Bench(host::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// Measure the cost of the kernel's grid-wide synchronisation.
-    SyncBench(host::syncbench::SyncBenchArgs),
+    SyncBench(sync_bench::SyncBenchArgs),
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -43,8 +45,8 @@ pub fn run() -> anyhow::Result<()> {
         Command::Perplexity(args) => perplexity::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Synth(args) => synth::run(args),
-        Command::Bench(args) => host::bench::run(args),
-        Command::SyncBench(args) => host::syncbench::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::SyncBench(args) => sync_bench::run(args),
     }
 }
 
@@ -69,33 +71,12 @@ pub fn parse_ids(text: &str) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Refuses ids the model has no embedding for.
-pub fn check_ids(ids: &[u32], vocab_size: usize) -> anyhow::Result<()> {
-    if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab_size) {
-        bail!("token #{i} is id {id}, but the model's vocabulary has only {vocab_size} ids (0..{})", vocab_size - 1);
-    }
-    Ok(())
-}
-
-/// Largest KV cache the CLI sets up, whatever config.json claims: the CPU reference's RoPE table
-/// alone is `max_context * head_dim` floats, allocated up front.
-pub const MAX_CONTEXT: usize = 1 << 24;
-
-/// Refuses a `--max-context` below `min`, beyond the model's positions, or absurdly large.
-pub fn check_max_context(max_context: usize, min: usize, config: &Qwen3Config) -> anyhow::Result<()> {
-    if max_context < min {
-        bail!("--max-context must be at least {min}, got {max_context}");
-    }
-    if max_context > config.max_position_embeddings {
-        bail!(
-            "--max-context {max_context} exceeds the model's max_position_embeddings ({})",
-            config.max_position_embeddings
-        );
-    }
-    if max_context > MAX_CONTEXT {
-        bail!("--max-context {max_context} is more than this tool supports ({MAX_CONTEXT})");
-    }
-    Ok(())
+/// `--max-context` as given, else [`default_max_context`]; refused below `min` positions or
+/// beyond what the model and this tool support.
+pub fn max_context(arg: Option<usize>, min: usize, config: &Qwen3Config) -> anyhow::Result<usize> {
+    let max_context = arg.unwrap_or_else(|| default_max_context(config));
+    check_max_context(max_context, min, config)?;
+    Ok(max_context)
 }
 
 /// A text argument as UTF-8; names the flag when it is not.

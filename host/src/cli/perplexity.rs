@@ -1,7 +1,8 @@
 //! `host perplexity`: teacher-forced mean NLL of a text.
 
-use super::{check_ids, check_max_context, model_dir, open_backend, parse_ids, Device};
+use super::{max_context, model_dir, open_backend, parse_ids, Device};
 use anyhow::{anyhow, bail, Context};
+use host::backend::check_request;
 use host::model::tokenizer::Tokenizer;
 use host::model::Qwen3Config;
 use std::path::PathBuf;
@@ -21,9 +22,10 @@ pub struct PerplexityArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Gpu)]
     device: Device,
-    /// KV-cache size; longer texts are cut to this many tokens.
-    #[arg(long, default_value_t = 4096)]
-    max_context: usize,
+    /// KV-cache size; longer texts are cut to this many tokens [default: 4096, or the model's
+    /// max_position_embeddings where that is smaller].
+    #[arg(long)]
+    max_context: Option<usize>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -47,16 +49,18 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     } else {
         unreachable!("clap requires --file or --ids")
     };
-    check_ids(&tokens, config.vocab_size)?;
-    check_max_context(args.max_context, 2, &config)?;
-    if tokens.len() > args.max_context {
-        eprintln!("note: scoring only the first {} of {} tokens (--max-context)", args.max_context, tokens.len());
-        tokens.truncate(args.max_context);
+    let max_context = max_context(args.max_context, 2, &config)?;
+    if tokens.len() > max_context {
+        eprintln!("note: scoring only the first {max_context} of {} tokens (--max-context)", tokens.len());
+        tokens.truncate(max_context);
     }
     if tokens.len() < 2 {
         bail!("at least 2 tokens are needed to score anything (got {})", tokens.len());
     }
-    let mut backend = open_backend(&dir, args.device, args.max_context)?;
+    // Checked here as well as by the backend, so that a bad request fails before the
+    // checkpoint is loaded.
+    check_request("text", &tokens, 0, config.vocab_size, max_context)?;
+    let mut backend = open_backend(&dir, args.device, max_context)?;
     let nll = backend.score(&tokens)?;
     let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
     let ppl = mean.exp();

@@ -2,6 +2,7 @@
 //! (`probe_read_bandwidth`): the yardstick every speed figure of the bench is reported against.
 
 use super::{driver, Gpu};
+use crate::stats::median;
 use anyhow::{bail, Result};
 use std::ffi::c_void;
 
@@ -43,8 +44,7 @@ pub fn measure_read_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
     for _ in 0..7 {
         times.push(gpu.time_ms(&mut run)? as f64);
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let ms = times[times.len() / 2];
+    let ms = median(&mut times);
     if ms <= 0.0 {
         bail!("measure_read_bandwidth: the probe took no measurable time");
     }

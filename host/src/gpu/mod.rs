@@ -10,9 +10,10 @@
 
 pub mod bandwidth;
 pub(crate) mod driver;
+pub mod l2_latency;
 
 pub use bandwidth::measure_read_bandwidth;
-pub use driver::{check, describe};
+pub use l2_latency::{measure_l2_latency, L2Latency};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use cust::context::Context;
@@ -42,7 +43,6 @@ pub struct Gpu {
     module: driver::RawModule,
     stream: Stream,
     name: String,
-    ordinal: u32,
     sm_count: u32,
     cc: (u32, u32),
     cooperative: bool,
@@ -103,7 +103,7 @@ impl Gpu {
             }
         }
         // Developer knob: QWEN3_PTX_FILE loads another build's PTX (same ABI) into this binary,
-        // so two kernels can be compared on one card in one session.
+        // so two kernels can be compared on one card by one binary.
         let module = match std::env::var_os("QWEN3_PTX_FILE").filter(|f| !f.is_empty()) {
             Some(file) => {
                 let text = std::fs::read_to_string(&file)
@@ -121,7 +121,6 @@ impl Gpu {
             module,
             stream,
             name,
-            ordinal,
             sm_count,
             cc,
             cooperative,
@@ -135,9 +134,6 @@ impl Gpu {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-    pub fn ordinal(&self) -> u32 {
-        self.ordinal
     }
     pub fn sm_count(&self) -> u32 {
         self.sm_count
@@ -169,7 +165,7 @@ impl Gpu {
 
     /// Makes this GPU's context current on the calling thread (every method does this itself;
     /// call it before using cust APIs directly from another thread).
-    pub fn make_current(&self) -> Result<()> {
+    pub(crate) fn make_current(&self) -> Result<()> {
         driver::set_current(self.raw_ctx)
     }
 
@@ -330,11 +326,6 @@ pub struct Kernel<'a> {
 impl Kernel<'_> {
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// The raw driver handle (for attributes the wrapper does not cover).
-    pub fn raw(&self) -> cu::CUfunction {
-        self.func
     }
 
     /// Registers per thread the JIT assigned.

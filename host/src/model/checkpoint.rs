@@ -1,171 +1,23 @@
 //! Loading an HF Qwen3 checkpoint folder (`config.json` + `model.safetensors`, or shards listed
 //! in `model.safetensors.index.json`) into [`Weights`].
 //!
-//! Every header is parsed and every tensor's name, shape, dtype and byte range is checked against
-//! the config before a single value is converted, so a bad checkpoint fails fast with one error
+//! Every header is read (tensor_file.rs, with the `safetensors` crate's types) and every
+//! tensor's name, shape and dtype is checked against the config before a single value is
+//! converted, so a bad checkpoint fails fast with one error
 //! that names the file and the tensor, instead of panicking half-way through a 1.2 GB copy.
 
+use super::tensor_file::SafetensorsFile;
 use super::{LayerWeights, Qwen3Config, Weights};
 use anyhow::{anyhow, bail, Context};
 use half::{bf16, f16};
-use memmap2::Mmap;
 use rayon::prelude::*;
+use safetensors::tensor::{Dtype, TensorView};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
-pub const SINGLE_FILE: &str = "model.safetensors";
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
-/// Element types we can convert to bf16.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dtype {
-    Bf16,
-    F16,
-    F32,
-}
-
-impl Dtype {
-    fn parse(name: &str) -> Option<Dtype> {
-        match name {
-            "BF16" => Some(Dtype::Bf16),
-            "F16" => Some(Dtype::F16),
-            "F32" => Some(Dtype::F32),
-            _ => None,
-        }
-    }
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::Bf16 | Dtype::F16 => 2,
-            Dtype::F32 => 4,
-        }
-    }
-}
-
-/// One tensor's header entry; `begin..end` is relative to the start of the data section.
-#[derive(Clone, Debug)]
-pub struct TensorEntry {
-    pub dtype: String,
-    pub shape: Vec<usize>,
-    pub begin: usize,
-    pub end: usize,
-}
-
-/// A memory-mapped safetensors file with its parsed header.
-pub struct SafetensorsFile {
-    pub path: PathBuf,
-    mmap: Mmap,
-    data_start: usize,
-    pub tensors: BTreeMap<String, TensorEntry>,
-}
-
-impl SafetensorsFile {
-    /// Maps `path` and checks its header with [`parse_header`]; errors name the file.
-    pub fn open(path: &Path) -> anyhow::Result<SafetensorsFile> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: the map is read-only; a checkpoint being rewritten while we load it is outside
-        // what we can defend against (every loader that maps files shares this caveat).
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let (data_start, tensors) = parse_header(&mmap).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start, tensors })
-    }
-
-    fn bytes(&self, entry: &TensorEntry) -> &[u8] {
-        &self.mmap[self.data_start + entry.begin..self.data_start + entry.end]
-    }
-}
-
-/// Parses and checks the header of a whole safetensors file held in `bytes`: header length within
-/// the file, valid JSON, and for every tensor a well-formed dtype/shape/offsets entry whose byte
-/// range lies inside the data section and overlaps no other tensor's. Returns where the data
-/// section starts and the tensors by name. Never panics, whatever the bytes (see fuzz/).
-pub fn parse_header(bytes: &[u8]) -> anyhow::Result<(usize, BTreeMap<String, TensorEntry>)> {
-    let file_len = bytes.len();
-    let Some(len_bytes) = bytes.first_chunk::<8>() else {
-        bail!("file is {file_len} bytes, too short for a safetensors header");
-    };
-    let header_len = u64::from_le_bytes(*len_bytes);
-    if header_len > (file_len - 8) as u64 {
-        bail!(
-            "header length {header_len} goes beyond the end of the file ({file_len} bytes); \
-             the file is truncated or not safetensors"
-        );
-    }
-    let data_start = 8 + header_len as usize;
-    let header: Value =
-        serde_json::from_slice(&bytes[8..data_start]).context("safetensors header is not valid JSON")?;
-    let header = header.as_object().ok_or_else(|| anyhow!("safetensors header is not a JSON object"))?;
-    let data_len = file_len - data_start;
-    let mut tensors = BTreeMap::new();
-    for (name, entry) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let parsed = parse_entry(entry).with_context(|| format!("tensor `{name}` has a malformed header entry"))?;
-        if parsed.end > data_len {
-            bail!(
-                "tensor `{name}` lies at bytes {}..{} but the data section has only {data_len} bytes; \
-                 the file is truncated",
-                parsed.begin,
-                parsed.end
-            );
-        }
-        tensors.insert(name.clone(), parsed);
-    }
-    // Two tensors sharing bytes is not a valid safetensors file (writers store each once).
-    let mut ranges: Vec<(&String, &TensorEntry)> = tensors.iter().filter(|(_, e)| e.begin < e.end).collect();
-    ranges.sort_by_key(|(_, e)| (e.begin, e.end));
-    for pair in ranges.windows(2) {
-        let ((a, ea), (b, eb)) = (pair[0], pair[1]);
-        if eb.begin < ea.end {
-            bail!(
-                "tensors `{a}` (bytes {}..{}) and `{b}` (bytes {}..{}) overlap in the data section",
-                ea.begin,
-                ea.end,
-                eb.begin,
-                eb.end
-            );
-        }
-    }
-    Ok((data_start, tensors))
-}
-
-fn parse_entry(entry: &Value) -> anyhow::Result<TensorEntry> {
-    let obj = entry.as_object().ok_or_else(|| anyhow!("entry is not an object"))?;
-    let dtype =
-        obj.get("dtype").and_then(Value::as_str).ok_or_else(|| anyhow!("`dtype` missing or not a string"))?.to_string();
-    let shape = obj
-        .get("shape")
-        .and_then(Value::as_array)
-        .ok_or_else(|| anyhow!("`shape` missing or not a list"))?
-        .iter()
-        .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| anyhow!("`shape` holds a non-integer")))
-        .collect::<anyhow::Result<Vec<usize>>>()?;
-    let offsets = obj
-        .get("data_offsets")
-        .and_then(Value::as_array)
-        .filter(|o| o.len() == 2)
-        .ok_or_else(|| anyhow!("`data_offsets` missing or not a pair"))?;
-    let offset =
-        |i: usize| offsets[i].as_u64().map(|o| o as usize).ok_or_else(|| anyhow!("`data_offsets` holds a non-integer"));
-    let (begin, end) = (offset(0)?, offset(1)?);
-    if begin > end {
-        bail!("`data_offsets` [{begin}, {end}] run backwards");
-    }
-    if let Some(dt) = Dtype::parse(&dtype) {
-        let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let bytes = elements.and_then(|e| e.checked_mul(dt.size()));
-        if bytes != Some(end - begin) {
-            bail!(
-                "shape {shape:?} of {dtype} needs {} bytes but `data_offsets` [{begin}, {end}] span {}",
-                bytes.map(|b| b.to_string()).unwrap_or_else(|| "too many".into()),
-                end - begin
-            );
-        }
-    }
-    Ok(TensorEntry { dtype, shape, begin, end })
-}
+pub(crate) const SINGLE_FILE: &str = "model.safetensors";
+const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Every tensor a checkpoint for `config` holds, with its shape, in HF names. `lm_head.weight`
 /// is included when `with_lm_head` (untied models need it; tied ones may store it anyway).
@@ -312,9 +164,9 @@ pub fn load(dir: &Path, progress: bool) -> anyhow::Result<Weights> {
     for (name, shape) in &expected {
         let file = &files[location[name]];
         let entry = &file.tensors[name];
-        if Dtype::parse(&entry.dtype).is_none() {
+        if !matches!(entry.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
             bail!(
-                "{}: tensor `{name}` has dtype {}; only BF16, F16 and F32 are supported",
+                "{}: tensor `{name}` has dtype {:?}; only BF16, F16 and F32 are supported",
                 file.path.display(),
                 entry.dtype
             );
@@ -333,7 +185,10 @@ pub fn load(dir: &Path, progress: bool) -> anyhow::Result<Weights> {
     let total_bytes: usize = expected
         .iter()
         .filter(|(n, _)| !(config.tie_word_embeddings && n == "lm_head.weight"))
-        .map(|(n, _)| files[location[n]].tensors[n].end - files[location[n]].tensors[n].begin)
+        .map(|(n, _)| {
+            let (begin, end) = files[location[n]].tensors[n].data_offsets;
+            end - begin
+        })
         .sum();
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(total_bytes as u64);
@@ -346,34 +201,33 @@ pub fn load(dir: &Path, progress: bool) -> anyhow::Result<Weights> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let get = |name: &str| -> Vec<bf16> {
-        let file = &files[location[name]];
-        let entry = &file.tensors[name];
-        let out = to_bf16(file.bytes(entry), Dtype::parse(&entry.dtype).expect("validated above"));
-        bar.inc((entry.end - entry.begin) as u64);
-        out
+    let get = |name: &str| -> anyhow::Result<Vec<bf16>> {
+        let view = files[location[name]].tensor(name)?;
+        let out = to_bf16(&view);
+        bar.inc(view.data().len() as u64);
+        Ok(out)
     };
-    let embed_tokens = get("model.embed_tokens.weight");
+    let embed_tokens = get("model.embed_tokens.weight")?;
     let layers = (0..config.num_hidden_layers)
         .map(|l| {
             let p = format!("model.layers.{l}");
-            LayerWeights {
-                input_layernorm: get(&format!("{p}.input_layernorm.weight")),
-                q_proj: get(&format!("{p}.self_attn.q_proj.weight")),
-                k_proj: get(&format!("{p}.self_attn.k_proj.weight")),
-                v_proj: get(&format!("{p}.self_attn.v_proj.weight")),
-                o_proj: get(&format!("{p}.self_attn.o_proj.weight")),
-                q_norm: get(&format!("{p}.self_attn.q_norm.weight")),
-                k_norm: get(&format!("{p}.self_attn.k_norm.weight")),
-                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight")),
-                gate_proj: get(&format!("{p}.mlp.gate_proj.weight")),
-                up_proj: get(&format!("{p}.mlp.up_proj.weight")),
-                down_proj: get(&format!("{p}.mlp.down_proj.weight")),
-            }
+            Ok(LayerWeights {
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"))?,
+                q_proj: get(&format!("{p}.self_attn.q_proj.weight"))?,
+                k_proj: get(&format!("{p}.self_attn.k_proj.weight"))?,
+                v_proj: get(&format!("{p}.self_attn.v_proj.weight"))?,
+                o_proj: get(&format!("{p}.self_attn.o_proj.weight"))?,
+                q_norm: get(&format!("{p}.self_attn.q_norm.weight"))?,
+                k_norm: get(&format!("{p}.self_attn.k_norm.weight"))?,
+                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate_proj: get(&format!("{p}.mlp.gate_proj.weight"))?,
+                up_proj: get(&format!("{p}.mlp.up_proj.weight"))?,
+                down_proj: get(&format!("{p}.mlp.down_proj.weight"))?,
+            })
         })
-        .collect();
-    let norm = get("model.norm.weight");
-    let lm_head = if config.tie_word_embeddings { None } else { Some(get("lm_head.weight")) };
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let norm = get("model.norm.weight")?;
+    let lm_head = if config.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
     bar.finish_and_clear();
     Ok(Weights { config, embed_tokens, layers, norm, lm_head })
 }
@@ -388,16 +242,18 @@ fn summarize(items: &[String]) -> String {
     s
 }
 
-/// Little-endian bytes of `dtype` to bf16 (round-to-nearest-even from f32). The map may not be
-/// aligned for the element type, so values are assembled from bytes.
-fn to_bf16(bytes: &[u8], dtype: Dtype) -> Vec<bf16> {
+/// A tensor's little-endian values as bf16 (round-to-nearest-even from f32). The map may not be
+/// aligned for the element type, so values are assembled from bytes. `load` has refused every
+/// dtype but these three.
+fn to_bf16(view: &TensorView<'_>) -> Vec<bf16> {
     const CHUNK: usize = 1 << 16;
-    let n = bytes.len() / dtype.size();
-    let mut out = vec![bf16::ZERO; n];
+    let (bytes, dtype) = (view.data(), view.dtype());
+    let size = dtype.size();
+    let mut out = vec![bf16::ZERO; bytes.len() / size];
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
-        let src = &bytes[c * CHUNK * dtype.size()..][..dst.len() * dtype.size()];
+        let src = &bytes[c * CHUNK * size..][..dst.len() * size];
         match dtype {
-            Dtype::Bf16 => {
+            Dtype::BF16 => {
                 for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
                     *d = bf16::from_bits(u16::from_le_bytes([b[0], b[1]]));
                 }
@@ -412,6 +268,7 @@ fn to_bf16(bytes: &[u8], dtype: Dtype) -> Vec<bf16> {
                     *d = bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
                 }
             }
+            other => unreachable!("load refuses {other:?} tensors before converting any"),
         }
     });
     out
@@ -464,7 +321,8 @@ pub fn resolve_model_dir(arg: Option<&Path>) -> anyhow::Result<PathBuf> {
     newest.map(|(_, p)| p).ok_or_else(|| {
         anyhow!(
             "no --model given and no Qwen3-0.6B snapshot with a config.json in the HF cache (looked in {}); \
-             pass --model DIR",
+             download it with `hf download Qwen/Qwen3-0.6B` (or `huggingface-cli download Qwen/Qwen3-0.6B`), \
+             or pass --model DIR",
             snapshots.display()
         )
     })

@@ -329,16 +329,11 @@ impl GenerationConfig {
     }
 
     /// The sampling these defaults ask for: greedy unless `do_sample`.
-    pub fn sampling(&self, seed: u64) -> crate::generate::SamplingParams {
+    pub fn sampling(&self, seed: u64) -> crate::backend::SamplingParams {
         if self.do_sample {
-            crate::generate::SamplingParams {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                seed,
-            }
+            crate::backend::SamplingParams { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed }
         } else {
-            crate::generate::SamplingParams { seed, ..crate::generate::SamplingParams::GREEDY }
+            crate::backend::SamplingParams { seed, ..crate::backend::SamplingParams::GREEDY }
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod ops;
 pub mod reference;
 pub mod sampling;
 pub mod synth;
+pub mod tensor_file;
 pub mod tokenizer;
 
 pub use config::Qwen3Config;

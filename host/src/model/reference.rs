@@ -5,7 +5,7 @@
 use super::ops;
 use super::sampling::Sampler;
 use super::Weights;
-use crate::generate::{Backend, SamplingParams};
+use crate::backend::{check_request, Backend, Generation, SamplingParams, StopReason};
 use anyhow::{bail, ensure};
 use half::bf16;
 use std::sync::Arc;
@@ -147,25 +147,6 @@ impl CpuReference {
         let xn = ops::rms_norm(&x, &w.norm, eps);
         Ok(Some(ops::gemv(w.lm_head(), c.vocab_size, hidden, &xn)))
     }
-
-    fn check_tokens(&self, tokens: &[u32], extra: usize, what: &str) -> anyhow::Result<()> {
-        let vocab = self.weights.config.vocab_size;
-        if tokens.is_empty() {
-            bail!("the {what} is empty; at least one token is needed");
-        }
-        if let Some((i, &t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
-            bail!("{what} token #{i} is id {t}, beyond the vocabulary ({vocab} ids)");
-        }
-        if tokens.len() + extra > self.max_context {
-            bail!(
-                "{what} of {} tokens{} exceeds the maximum context of {} tokens",
-                tokens.len(),
-                if extra > 0 { format!(" plus {extra} new tokens") } else { String::new() },
-                self.max_context
-            );
-        }
-        Ok(())
-    }
 }
 
 impl Backend for CpuReference {
@@ -177,19 +158,19 @@ impl Backend for CpuReference {
         self.max_context
     }
 
-    fn generate(
+    fn decode(
         &mut self,
         prompt: &[u32],
         max_new: usize,
         sampling: &SamplingParams,
         eos: &[u32],
         on_token: &mut dyn FnMut(u32) -> bool,
-    ) -> anyhow::Result<Vec<u32>> {
-        self.check_tokens(prompt, max_new, "prompt")?;
+    ) -> anyhow::Result<Generation> {
+        check_request("prompt", prompt, max_new, self.weights.config.vocab_size, self.max_context)?;
         self.reset();
-        let mut out = Vec::new();
+        let mut tokens = Vec::new();
         if max_new == 0 {
-            return Ok(out);
+            return Ok(Generation { tokens, stop: StopReason::MaxNewTokens });
         }
         let last = prompt.len() - 1;
         for (pos, &t) in prompt[..last].iter().enumerate() {
@@ -199,17 +180,27 @@ impl Backend for CpuReference {
         let mut sampler = Sampler::new(*sampling);
         loop {
             let next = sampler.sample(&logits);
-            out.push(next);
-            if !on_token(next) || eos.contains(&next) || out.len() == max_new {
-                break;
+            tokens.push(next);
+            // The kernel's order: an end token first, then the caller's stop, then the count.
+            let go_on = on_token(next);
+            let stop = if eos.contains(&next) {
+                Some(StopReason::Eos)
+            } else if !go_on {
+                Some(StopReason::Cancelled)
+            } else if tokens.len() == max_new {
+                Some(StopReason::MaxNewTokens)
+            } else {
+                None
+            };
+            if let Some(stop) = stop {
+                return Ok(Generation { tokens, stop });
             }
             logits = self.try_forward(next, self.len)?;
         }
-        Ok(out)
     }
 
     fn score(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
-        self.check_tokens(tokens, 0, "text")?;
+        check_request("text", tokens, 0, self.weights.config.vocab_size, self.max_context)?;
         self.reset();
         let mut nll = Vec::with_capacity(tokens.len().saturating_sub(1));
         for (pos, pair) in tokens.windows(2).enumerate() {
@@ -220,7 +211,7 @@ impl Backend for CpuReference {
     }
 
     fn logits(&mut self, tokens: &[u32], positions: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
-        self.check_tokens(tokens, 0, "text")?;
+        check_request("text", tokens, 0, self.weights.config.vocab_size, self.max_context)?;
         ensure!(positions.windows(2).all(|p| p[0] < p[1]), "logit positions must be strictly ascending");
         if let Some(&p) = positions.iter().find(|&&p| p >= tokens.len()) {
             bail!("logit position {p} is beyond the {} tokens given", tokens.len());

@@ -2,7 +2,7 @@
 //! with a small seeded generator (reproducible runs need no external RNG crate).
 
 use super::ops;
-use crate::generate::SamplingParams;
+use crate::backend::SamplingParams;
 
 /// splitmix64: tiny, fast, and statistically fine for picking tokens.
 #[derive(Clone, Debug)]

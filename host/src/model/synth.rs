@@ -6,10 +6,13 @@
 use super::checkpoint::{expected_tensors, SINGLE_FILE};
 use super::sampling::SplitMix64;
 use super::Qwen3Config;
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use half::bf16;
 use rayon::prelude::*;
-use std::io::{Read, Write};
+use safetensors::tensor::{Dtype, View};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// What to synthesise.
@@ -108,8 +111,31 @@ fn tensor_bytes(seed: u64, stream: u64, n: usize, init: Init) -> Vec<u8> {
     out
 }
 
-/// Writes config.json, generation_config.json and model.safetensors (tensors streamed one at a
-/// time, so a full-size checkpoint needs about one tensor of extra memory) into `dir`.
+/// One synthetic bf16 tensor for the `safetensors` writer: its values are drawn when the writer
+/// asks for them, so a full-size checkpoint needs about one tensor of extra memory.
+struct SynthTensor {
+    shape: Vec<usize>,
+    seed: u64,
+    stream: u64,
+    init: Init,
+}
+
+impl View for SynthTensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::BF16
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(tensor_bytes(self.seed, self.stream, self.shape.iter().product(), self.init))
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype().size()
+    }
+}
+
+/// Writes config.json, generation_config.json and model.safetensors into `dir`.
 pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> anyhow::Result<()> {
     let c = &spec.config;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -130,40 +156,19 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> anyhow::Result<()> {
     std::fs::write(dir.join("generation_config.json"), serde_json::to_string_pretty(&generation)? + "\n")?;
 
     let with_lm_head = spec.store_lm_head || !c.tie_word_embeddings;
-    let tensors = expected_tensors(c, with_lm_head);
-    // Header: every tensor bf16, laid out back to back in this order.
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
-    let mut offset = 0usize;
-    for (name, shape) in &tensors {
-        let bytes = shape.iter().product::<usize>() * 2;
-        header.insert(
-            name.clone(),
-            serde_json::json!({ "dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + bytes] }),
-        );
-        offset += bytes;
-    }
-    let mut header_bytes = serde_json::to_vec(&header)?;
-    // The format asks for the data to start 8-byte aligned; pad the JSON with spaces.
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
-    }
-    let path = dir.join(SINGLE_FILE);
-    let file = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
-    out.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
-    out.write_all(&header_bytes)?;
-    for (name, shape) in &tensors {
-        let n = shape.iter().product::<usize>();
+    let tensors = expected_tensors(c, with_lm_head).into_iter().map(|(name, shape)| {
         // A tied LM head is stored as a copy of the embeddings (same stream), like the real one.
         let stream_name =
-            if name == "lm_head.weight" && c.tie_word_embeddings { "model.embed_tokens.weight" } else { name };
+            if name == "lm_head.weight" && c.tie_word_embeddings { "model.embed_tokens.weight" } else { &name };
         let stream =
             stream_name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
-        out.write_all(&tensor_bytes(spec.seed, stream, n, init_for(name)))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    out.flush().with_context(|| format!("cannot write {}", path.display()))?;
+        let tensor = SynthTensor { shape, seed: spec.seed, stream, init: init_for(&name) };
+        (name, tensor)
+    });
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let path = dir.join(SINGLE_FILE);
+    safetensors::serialize_to_file(tensors, &metadata, &path)
+        .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
 
     if let Some(src) = &spec.tokenizer {
         copy_tokenizer(src, dir)?;
@@ -173,7 +178,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> anyhow::Result<()> {
 
 /// Copies a tokenizer folder's files next to the weights. A compressed tokenizer.json.gz is
 /// written out as plain tokenizer.json so HF tools can read the checkpoint too.
-pub fn copy_tokenizer(src: &Path, dst: &Path) -> anyhow::Result<()> {
+fn copy_tokenizer(src: &Path, dst: &Path) -> anyhow::Result<()> {
     let plain = src.join("tokenizer.json");
     let gz = src.join("tokenizer.json.gz");
     if plain.is_file() {

@@ -31,7 +31,7 @@ pub struct Tokenizer {
 }
 
 /// `tokenizer.json` or `tokenizer.json.gz` in `dir`, if either exists.
-pub fn tokenizer_file(dir: &Path) -> Option<PathBuf> {
+fn tokenizer_file(dir: &Path) -> Option<PathBuf> {
     ["tokenizer.json", "tokenizer.json.gz"].iter().map(|n| dir.join(n)).find(|p| p.is_file())
 }
 
@@ -122,10 +122,6 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
-
     /// The end-of-sequence id(s) tokenizer_config.json names (`<|im_end|>` for Qwen3).
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
@@ -158,7 +154,7 @@ impl Tokenizer {
 }
 
 /// Renders a chat template (HF semantics); see [`Tokenizer::apply_chat_template`].
-pub fn render_chat_template(
+fn render_chat_template(
     template: &str,
     messages: &[ChatMessage],
     add_generation_prompt: bool,

@@ -7,8 +7,9 @@
 //! a cooperative kernel with N grid barriers, the same with 1, N plain launches of an empty
 //! kernel, and one CUDA graph of N empty kernels. Per-op costs follow from them.
 
-use crate::gpu::Gpu;
 use anyhow::{bail, Result};
+use host::gpu::{measure_l2_latency, Gpu};
+use host::stats::median;
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -16,26 +17,26 @@ use std::time::Duration;
 pub struct SyncBenchArgs {
     /// Blocks in the grid (default: one per SM).
     #[arg(long)]
-    pub blocks: Option<u32>,
+    blocks: Option<u32>,
     /// Threads per block.
     #[arg(long, default_value_t = 256)]
-    pub threads: u32,
+    threads: u32,
     /// Grid barriers per cooperative kernel, and kernels per launch batch and per graph.
     #[arg(long, default_value_t = 225)]
-    pub syncs: u32,
+    syncs: u32,
     /// Timed repetitions of each measurement (the median and minimum are reported).
     #[arg(long, default_value_t = 30)]
-    pub reps: u32,
+    reps: u32,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
-    pub device: u32,
+    device: u32,
     /// Print JSON instead of a markdown table.
     #[arg(long)]
-    pub json: bool,
+    json: bool,
     /// Also measure an L2 round trip while other warps of the same blocks stream from DRAM
     /// (probe_chain_under_stream; allocates about 0.6 GB). Markdown only.
     #[arg(long)]
-    pub l2_latency: bool,
+    l2_latency: bool,
 }
 
 /// Reference figures from the design analysis (N = 225), in microseconds.
@@ -83,8 +84,7 @@ struct Stat {
 }
 
 fn stat(mut v: Vec<f64>) -> Stat {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let median_us = if v.len() % 2 == 1 { v[v.len() / 2] } else { 0.5 * (v[v.len() / 2 - 1] + v[v.len() / 2]) };
+    let median_us = median(&mut v);
     Stat { median_us, min_us: v[0] }
 }
 
@@ -236,75 +236,6 @@ pub fn run(args: SyncBenchArgs) -> Result<()> {
         l2_latency(&gpu)?;
     }
     Ok(())
-}
-
-/// One row of `measure_l2_latency`.
-#[derive(Debug, Clone)]
-pub struct L2Latency {
-    pub label: &'static str,
-    /// Warps per block streaming from DRAM meanwhile.
-    pub streaming_warps: u32,
-    /// SM cycles per dependent L2 hit: median, min and max over the blocks.
-    pub cycles: (u64, u64, u64),
-    /// The bursts' bytes over the kernel's time (0 without streams).
-    pub streamed_gb_s: f64,
-}
-
-/// The decode kernel's critical chains are dependent round trips to L2 (barrier polls, input
-/// vectors, attention merges) made while weights stream from DRAM. This measures one such round
-/// trip (warp 0 of every block walking a cycle of L2-resident words) with 0, 2, 9 or 11 other
-/// warps of each 384-thread block streaming 8 KiB bursts, as the GEMVs request their weights.
-pub fn measure_l2_latency(gpu: &Gpu) -> Result<Vec<L2Latency>> {
-    let (blocks, threads, rounds, hops) = (gpu.sm_count(), 384u32, 48u32, 64u32);
-    let big = gpu.alloc::<u32>((blocks * threads / 32 * rounds * 2048) as usize, "streamed buffer")?;
-    // A cycle through all 4096 words, each step to another 128-byte line.
-    let hot_v: Vec<u32> = (0..4096u32).map(|j| (j + 97 * 33) % 4096).collect();
-    let hot = gpu.upload(&hot_v, "L2-resident cycle")?;
-    let out = gpu.alloc::<u64>(blocks as usize, "cycles per step")?;
-    let k = gpu.kernel("probe_chain_under_stream")?;
-    let modes = [
-        (0u32, "none", 0u32),
-        (2, "2, on warp 0's sub-partition", 2),
-        (1, "9, on the other sub-partitions", 9),
-        (3, "11, all others", 11),
-    ];
-    let mut rows = Vec::new();
-    for (mode, label, streaming_warps) in modes {
-        let mut ms = 0.0;
-        // The first run warms up (module load, the cycle into L2); the last one counts.
-        for _ in 0..3 {
-            let (mut pb, mut pr, mut ph, mut hp, mut m, mut po) = (
-                big.as_device_ptr().as_raw(),
-                rounds,
-                hot.as_device_ptr().as_raw(),
-                hops,
-                mode,
-                out.as_device_ptr().as_raw(),
-            );
-            let mut a = [
-                &mut pb as *mut u64 as *mut c_void,
-                &mut pr as *mut u32 as *mut c_void,
-                &mut ph as *mut u64 as *mut c_void,
-                &mut hp as *mut u32 as *mut c_void,
-                &mut m as *mut u32 as *mut c_void,
-                &mut po as *mut u64 as *mut c_void,
-            ];
-            // SAFETY: probe_chain_under_stream(big, rounds, hot, hops, mode, out): `big` holds
-            // every warp's rounds * 8 KiB, `hot` 4096 words, `out` one u64 per block; 128 bytes
-            // of dynamic shared memory.
-            ms = gpu.time_ms(|| unsafe { k.launch(gpu.stream(), blocks, threads, 128, &mut a) })? as f64;
-        }
-        let mut v = gpu.download(&out)?;
-        v.sort_unstable();
-        let bytes = (streaming_warps * blocks * rounds) as f64 * 8192.0;
-        rows.push(L2Latency {
-            label,
-            streaming_warps,
-            cycles: (v[v.len() / 2], v[0], v[v.len() - 1]),
-            streamed_gb_s: bytes / (ms * 1e-3) / 1e9,
-        });
-    }
-    Ok(rows)
 }
 
 fn l2_latency(gpu: &Gpu) -> Result<()> {

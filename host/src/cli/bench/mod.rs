@@ -7,54 +7,59 @@
 //! generation_config. Bytes per token = every weight once + the KV cache up to the mid-point of the
 //! launch. Each figure is the median (and min) over `--reps` launches after a warm-up.
 
-use crate::engine::abi::{FLAG_PROFILE_BARRIERS, FLAG_PROFILE_PHASES, PROFILE_LAYER, PROFILE_SLOTS};
-use crate::engine::{GpuEngine, LaunchSpec};
-use crate::generate::SamplingParams;
-use crate::gpu::measure_read_bandwidth;
-use crate::model::config::GenerationConfig;
-use crate::model::synth::{write_checkpoint, SynthSpec};
-use crate::model::{checkpoint, Weights};
+mod phases;
+mod split_graph;
+
 use anyhow::{bail, ensure, Result};
+use host::backend::SamplingParams;
+use host::engine::abi::FLAG_PROFILE_BARRIERS;
+use host::engine::{GpuEngine, LaunchSpec};
+use host::gpu::measure_read_bandwidth;
+use host::model::config::GenerationConfig;
+use host::model::synth::{write_checkpoint, SynthSpec};
+use host::model::{checkpoint, Weights};
+use host::stats::median;
 use serde_json::json;
+use split_graph::Comparison;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Checkpoint folder (default: the HF cache's Qwen/Qwen3-0.6B), unless --synthetic.
     #[arg(long)]
-    pub model: Option<PathBuf>,
+    model: Option<PathBuf>,
     /// Use random weights of the exact Qwen3-0.6B shape (same bytes moved as the real model).
     #[arg(long)]
-    pub synthetic: bool,
+    synthetic: bool,
     /// Context positions to measure at.
     #[arg(long, value_delimiter = ',', default_value = "1,128,512,2048,4096")]
-    pub positions: Vec<u32>,
+    positions: Vec<u32>,
     /// Tokens generated per timed launch.
     #[arg(long, default_value_t = 64)]
-    pub steps: u32,
+    steps: u32,
     /// Timed launches per position (after one warm-up).
     #[arg(long, default_value_t = 5)]
-    pub reps: u32,
+    reps: u32,
     /// Diagnostics: leave stages out (bits: 1 projections, 2 attention, 4 LM head, 8 norms);
     /// the output is meaningless, the time shows what the stages cost.
     #[arg(long, default_value_t = 0, hide = true)]
-    pub skip: u32,
+    skip: u32,
     /// Also time each phase of one layer (and the LM head): cycles of work per block and of
     /// waiting at the barrier that ends it.
     #[arg(long)]
-    pub phases: bool,
+    phases: bool,
     /// Also run each position as the same step split at its barriers into separate kernels,
     /// replayed as one CUDA graph per token, and compare (same logits first, then speed).
     #[arg(long)]
-    pub compare: bool,
+    compare: bool,
     /// How tokens are chosen: `greedy`, `default` (the checkpoint's generation_config, as
     /// `decode` uses it), or `T,K,P` (temperature, top-k, top-p; 0 for K means no top-k).
     /// Repeat the flag to time several in one run.
     #[arg(long, default_value = "default", action = clap::ArgAction::Append)]
-    pub sampling: Vec<String>,
+    sampling: Vec<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
-    pub json: bool,
+    json: bool,
 }
 
 /// One `--sampling` value: its label and the parameters.
@@ -81,17 +86,12 @@ fn parse_sampling(s: &str, defaults: &GenerationConfig) -> Result<(String, Sampl
 
 /// Random Qwen3-0.6B-shaped weights: written to a temporary folder by the same code as
 /// `host synth`, loaded back through the checkpoint loader, then deleted.
-pub fn synthetic_weights(seed: u64) -> Result<(Weights, GenerationConfig)> {
+fn synthetic_weights(seed: u64) -> Result<(Weights, GenerationConfig)> {
     let dir = std::env::temp_dir().join(format!("qwen3-bench-synth-{}", std::process::id()));
     write_checkpoint(&dir, &SynthSpec::qwen3_0_6b(seed))?;
     let w = checkpoint::load(&dir, false).and_then(|w| Ok((w, GenerationConfig::from_model_dir(&dir)?)));
     std::fs::remove_dir_all(&dir).ok();
     w
-}
-
-pub(crate) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// One row of the table.
@@ -102,46 +102,7 @@ struct Row {
     us_min: f64,
     bytes: u64,
     barrier_share: f64,
-    comparison: Option<crate::compare::Comparison>,
-}
-
-/// One profiled launch; prints per phase the min, median, mean and max work per block and the
-/// mean wait, then the slowest blocks of the LM head.
-fn print_phases(engine: &mut GpuEngine, spec: &LaunchSpec, token: &[u32], position: u32) -> Result<()> {
-    let profiled = LaunchSpec { flags: spec.flags | FLAG_PROFILE_PHASES, ..*spec };
-    engine.launch(&profiled, token, None)?;
-    let cycles = engine.phase_cycles()?;
-    let mhz = engine.gpu().clock_rate_khz()? as f64 / 1e3;
-    let names = ["q/k/v", "attention", "o proj", "gate/up", "down", "LM head"];
-    println!("phases at position {position} (layer {PROFILE_LAYER}; us at the {mhz:.0} MHz max clock):");
-    println!("| phase | work min | work median | work mean | work max | wait mean |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let blocks = cycles.len() / PROFILE_SLOTS;
-    for (i, name) in names.iter().enumerate() {
-        let work: Vec<f64> = (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + 2 * i] as f64 / mhz).collect();
-        let wait: Vec<f64> = (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + 2 * i + 1] as f64 / mhz).collect();
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let min = work.iter().cloned().fold(f64::INFINITY, f64::min);
-        let max = work.iter().cloned().fold(0.0, f64::max);
-        let mid = median(&mut work.clone());
-        println!("| {name} | {min:.2} | {mid:.2} | {:.2} | {max:.2} | {:.2} |", mean(&work), mean(&wait));
-    }
-    // Which blocks hold up the LM head (the last one to finish also reduces every partial).
-    let lm = names.len() - 1;
-    let mut by_work: Vec<(usize, f64)> =
-        (0..blocks).map(|b| (b, cycles[b * PROFILE_SLOTS + 2 * lm] as f64 / mhz)).collect();
-    by_work.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let slowest: Vec<String> = by_work.iter().take(8).map(|(b, t)| format!("{b} ({t:.1})")).collect();
-    println!("slowest LM-head blocks (us): {}", slowest.join(", "));
-    let mean_slot =
-        |slot: usize| (0..blocks).map(|b| cycles[b * PROFILE_SLOTS + slot] as f64 / mhz).sum::<f64>() / blocks as f64;
-    println!(
-        "inside q/k/v: norm done {:.2}, GEMV done {:.2}; o proj input loaded {:.2} (us from phase start)\n",
-        mean_slot(13),
-        mean_slot(14),
-        mean_slot(15)
-    );
-    Ok(())
+    comparison: Option<Comparison>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -165,7 +126,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let mut engine = GpuEngine::new(&weights, max_ctx)?;
     drop(weights);
-    engine.set_eos(&[]); // random weights may well produce an EOS id; time every step
+    engine.set_eos(&[])?; // random weights may well produce an EOS id; time every step
     engine.randomize_kv_cache(0x5eed)?;
     let probe = measure_read_bandwidth(engine.gpu(), 2 << 30)?;
 
@@ -202,13 +163,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let barrier_share = mean_wait_ns / (out.elapsed.as_secs_f64() * 1e9);
         let bytes = engine.weight_bytes_per_step() + engine.kv_bytes_per_step(p + args.steps / 2);
         if args.phases && !args.json {
-            print_phases(&mut engine, &spec, &token, p)?;
+            phases::print_phases(&mut engine, &spec, &token, p)?;
         }
         let comparison =
-            if args.compare { Some(crate::compare::compare_at(&mut engine, p, args.steps, args.reps)?) } else { None };
+            if args.compare { Some(split_graph::compare_at(&mut engine, p, args.steps, args.reps)?) } else { None };
         rows.push(Row { sampling: label.clone(), position: p, us_median, us_min, bytes, barrier_share, comparison });
     }
-    let (act_bytes, act_extra_split) = crate::compare::intermediate_bytes(&engine);
+    let (act_bytes, act_extra_split) = split_graph::intermediate_bytes(&engine);
 
     let name = engine.gpu().name().to_string();
     if args.json {
