@@ -50,6 +50,37 @@ pub fn order_key(v: f32) -> u32 {
     }
 }
 
+/// Logits a thread requests at once in the one-block passes over the vocabulary.
+const PASS_BATCH: u32 = 8; // the unroll! below is written for 8
+
+/// `f(i, logit, valid)` for every `i` below `vocab`, by the whole block: whole warps take 32
+/// consecutive logits (so `f` may shuffle and vote: `valid` is false past the end), and each
+/// thread requests PASS_BATCH logits before it uses any. One block alone reads all 152k
+/// logits here, so with one load in flight per thread a pass is a chain of ~400 round trips
+/// to L2; batches make it ~50.
+#[inline(always)]
+unsafe fn for_each_logit<F: FnMut(u32, f32, bool)>(logits: *const f32, vocab: u32, mut f: F) {
+    let stride = block_dim();
+    let mut w0 = warp() * WARP_SIZE;
+    while w0 < vocab {
+        let mut v = [f32::NAN; PASS_BATCH as usize];
+        crate::unroll!(8, J, {
+            let i = w0 + lane() + J as u32 * stride;
+            if i < vocab {
+                v[J] = ld_cg_f32(logits.add(i as usize));
+            }
+        });
+        crate::unroll!(8, J, {
+            let wj = w0 + J as u32 * stride;
+            if wj < vocab {
+                let i = wj + lane();
+                f(i, v[J], i < vocab);
+            }
+        });
+        w0 += PASS_BATCH * stride;
+    }
+}
+
 /// Shared memory (u32 words) `sample_top_k` needs.
 pub const fn top_k_smem_words(max_k: u32) -> u32 {
     256 + 2 * (2 * max_k) + 2 * max_k + 8
@@ -90,14 +121,12 @@ pub unsafe fn sample_top_k(
         }
         sync_threads();
         let high_mask = if shift == 24 { 0 } else { !0u32 << (shift + 8) };
-        let mut i = thread_idx();
-        while i < vocab {
-            let key = order_key(ld_cg_f32(logits.add(i as usize)));
-            if key & high_mask == prefix & high_mask {
+        for_each_logit(logits, vocab, |_, l, valid| {
+            let key = order_key(l);
+            if valid && key & high_mask == prefix & high_mask {
                 shared_atomic_add(hist.add(((key >> shift) & 0xff) as usize), 1);
             }
-            i += block_dim();
-        }
+        });
         sync_threads();
         if thread_idx() == 0 {
             let mut above = 0u32;
@@ -127,18 +156,16 @@ pub unsafe fn sample_top_k(
     }
     sync_threads();
     let cap = 2 * k;
-    let mut i = thread_idx();
-    while i < vocab {
-        let key = order_key(ld_cg_f32(logits.add(i as usize)));
-        if key >= threshold {
+    for_each_logit(logits, vocab, |i, l, valid| {
+        let key = order_key(l);
+        if valid && key >= threshold {
             let slot = shared_atomic_add(misc.add(2), 1);
             if slot < cap {
                 *cand_key.add(slot as usize) = key;
                 *cand_idx.add(slot as usize) = i;
             }
         }
-        i += block_dim();
-    }
+    });
     sync_threads();
     let n = (*misc.add(2)).min(cap);
 
@@ -322,14 +349,11 @@ pub unsafe fn sample_top_p(
     }
     sync_threads();
     let mut mine = 0u64;
-    let mut i = thread_idx();
-    while i < vocab {
-        let l = ld_cg_f32(logits.add(i as usize));
-        if !l.is_nan() {
+    for_each_logit(logits, vocab, |_, l, valid| {
+        if valid && !l.is_nan() {
             mine += weight(l);
         }
-        i += block_dim();
-    }
+    });
     shared_atomic_add_u64(misc, mine);
     sync_threads();
     let total = *misc;
@@ -346,17 +370,13 @@ pub unsafe fn sample_top_p(
         }
         sync_threads();
         let high_mask = if shift == 24 { 0 } else { !0u32 << (shift + 8) };
-        // Whole warps walk the vocabulary (the shuffles below need every lane).
-        let mut i0 = warp() * WARP_SIZE;
-        while i0 < vocab {
-            let i = i0 + lane();
-            let l = if i < vocab { ld_cg_f32(logits.add(i as usize)) } else { f32::NAN };
+        for_each_logit(logits, vocab, |_, l, valid| {
             let key = order_key(l);
-            let counts = !l.is_nan() && key & high_mask == prefix & high_mask;
+            let counts = valid && !l.is_nan() && key & high_mask == prefix & high_mask;
             let bin = (key >> shift) & 0xff;
             // Flat distributions put most of a warp's logits in one bin: then the warp adds
-            // them up first and makes one atomic add, not 32 to the same word.
-            // (Every lane shuffles and votes: a shuffle some lanes skip, as `counts && ..` would
+            // them up first and makes one atomic add, not 32 to the same word. (Every lane
+            // shuffles and votes: a shuffle that some lanes skip, as `counts && ..` would
             // make it, hangs the warp.)
             let lanes = ballot(counts);
             let first_bin = shfl_idx_u32(bin, lanes.trailing_zeros() & (WARP_SIZE - 1));
@@ -369,8 +389,7 @@ pub unsafe fn sample_top_p(
             } else if counts {
                 shared_atomic_add_u64(hist.add(bin as usize), weight(l));
             }
-            i0 += block_dim();
-        }
+        });
         sync_threads();
         if thread_idx() == 0 {
             // From the top bin down: the bin where the running weight reaches `want`.
@@ -395,18 +414,15 @@ pub unsafe fn sample_top_p(
     // Gumbel-max over the nucleus: every logit at or above the threshold.
     let mut best = f32::NEG_INFINITY;
     let mut best_i = u32::MAX;
-    let mut i = thread_idx();
-    while i < vocab {
-        let l = ld_cg_f32(logits.add(i as usize));
-        if !l.is_nan() && order_key(l) >= prefix {
+    for_each_logit(logits, vocab, |i, l, valid| {
+        if valid && !l.is_nan() && order_key(l) >= prefix {
             let score = l * inv_t + gumbel(hash3(seed, pos, i));
             if better(score, i, best, best_i) {
                 best = score;
                 best_i = i;
             }
         }
-        i += block_dim();
-    }
+    });
     let (best, best_i) = warp_argmax(best, best_i);
     let votes = smem; // [warps][2], over the histogram: nobody reads it any more
     if lane() == 0 {
