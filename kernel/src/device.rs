@@ -536,8 +536,9 @@ pub unsafe fn shared_atomic_add(p: *mut u32, v: u32) -> u32 {
     old
 }
 
-/// `atom.shared.add.u64`: integer sums are the same in any order, so a histogram of weights
-/// added this way is deterministic.
+/// `red.shared.add.u64`: integer sums are the same in any order, so a histogram of weights
+/// added this way is deterministic. (On sm_90 ptxas makes it a compare-and-swap loop,
+/// `ATOMS.CAST.SPIN.64`: slow where many lanes add to one word.)
 #[inline(always)]
 pub unsafe fn shared_atomic_add_u64(p: *mut u64, v: u64) {
     let a = p as u64;
