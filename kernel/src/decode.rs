@@ -36,8 +36,8 @@ const QKV_ROWS_PER_WARP: usize = 3;
 
 /// Blocks without attention work in a layer (at short context all but one per kv head) wait
 /// this long (ns) before requesting their o-projection weights: the busy blocks' first loads
-/// (q/k/v, the cached K/V) then do not queue behind 4 MB of weights (H100: 774 -> 761 us per
-/// step at position 1; 250, 1000 and 2000 ns measured within noise of 500).
+/// (q/k/v, the cached K/V) then do not queue behind 4 MB of weights. (Tuned on an H100; 250
+/// to 2000 ns did as well: docs/performance.md, experiments log.)
 const IDLE_O_DELAY_NS: u32 = 500;
 
 /// The grid barriers of one launch, with the optional timing: FLAG_PROFILE_BARRIERS adds the
@@ -147,8 +147,8 @@ impl Barriers {
 }
 
 // One entry point per head_dim (the host picks by name). A single kernel switching on
-// head_dim at run time would hold all three instantiations; measured on an H200, keeping only
-// the one that runs made the step 15% faster (951 -> 813 us at position 1).
+// head_dim at run time would hold all three instantiations, and its code size and register
+// pressure cost every phase (docs/performance.md, experiments log).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn qwen3_decode_hd128(p: DecodeParams) {
     decode_checked::<4>(&p)
@@ -443,7 +443,7 @@ impl<'a> Step<'a> {
         );
         // The host's cancel flag crosses PCIe (a microsecond or more): block 0 requests it now
         // and hands it, with its LM-head partial, to the block that finishes the step. (Every
-        // block reading it cost 80 us per step on an H100: the reads queue.)
+        // block reading it makes the PCIe reads queue, on the step's critical path.)
         let ring = p.ring as *mut u32;
         let cancel = if !teacher_forced && !ring.is_null() && block_idx() == 0 && thread_idx() == 0 {
             ld_relaxed_sys(ring.add(RING_CANCEL))

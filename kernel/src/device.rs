@@ -70,14 +70,10 @@ pub fn warp() -> u32 {
 pub fn warps_per_block() -> u32 {
     block_dim() / WARP_SIZE
 }
-/// Global warp index across the grid and the number of warps in it.
+/// Global warp index across the grid.
 #[inline(always)]
 pub fn global_warp() -> u32 {
     block_idx() * warps_per_block() + warp()
-}
-#[inline(always)]
-pub fn grid_warps() -> u32 {
-    grid_dim() * warps_per_block()
 }
 
 // ---------------------------------------------------------------- block-level sync and shared memory
@@ -344,11 +340,6 @@ pub fn sin_cos(x: f32) -> (f32, f32) {
     }
     (s, c)
 }
-/// Exact IEEE division (the default `/` is also exact; named for clarity where it matters).
-#[inline(always)]
-pub fn div(a: f32, b: f32) -> f32 {
-    a / b
-}
 
 // ---------------------------------------------------------------- bf16
 
@@ -403,15 +394,6 @@ pub unsafe fn ld_nc_v2(p: *const u32) -> [u32; 2] {
     asm!("ld.global.nc.v2.u32 {{{0}, {1}}}, [{2}];", out(reg32) a, out(reg32) b, in(reg64) p,
          options(readonly, nostack, pure));
     [a, b]
-}
-/// 16 bytes through the coherent path (data this launch writes, e.g. activations, KV cache).
-#[inline(always)]
-pub unsafe fn ld_v4(p: *const u32) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    asm!("ld.global.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
-         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg64) p,
-         options(readonly, nostack));
-    [a, b, c, d]
 }
 /// 16 bytes of f32 through the coherent path, bypassing L1 (`.cg`): activations written by
 /// other blocks earlier in this launch must not be served from a stale L1 line.
@@ -564,26 +546,9 @@ pub unsafe fn atomic_add_relaxed(p: *mut u32, v: u32) -> u32 {
     old
 }
 #[inline(always)]
-pub unsafe fn atomic_add_relaxed_u64(p: *mut u64, v: u64) -> u64 {
-    let old: u64;
-    asm!("atom.add.relaxed.gpu.u64 {0}, [{1}], {2};", out(reg64) old, in(reg64) p, in(reg64) v, options(nostack));
-    old
-}
-#[inline(always)]
 pub unsafe fn ld_acquire(p: *const u32) -> u32 {
     let v: u32;
     asm!("ld.acquire.gpu.global.u32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack));
-    v
-}
-#[inline(always)]
-pub unsafe fn st_release(p: *mut u32, v: u32) {
-    asm!("st.release.gpu.global.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
-}
-/// Relaxed GPU-scope load: sees other blocks' stores eventually, never from a stale L1.
-#[inline(always)]
-pub unsafe fn ld_relaxed(p: *const u32) -> u32 {
-    let v: u32;
-    asm!("ld.relaxed.gpu.global.u32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack));
     v
 }
 /// Store to host-mapped (system) memory, visible to the CPU once released.
@@ -608,10 +573,6 @@ pub unsafe fn ld_acquire_sys(p: *const u32) -> u32 {
     let v: u32;
     asm!("ld.acquire.sys.global.u32 {0}, [{1}];", out(reg32) v, in(reg64) p, options(nostack));
     v
-}
-#[inline(always)]
-pub unsafe fn fence_acq_rel_gpu() {
-    asm!("fence.acq_rel.gpu;", options(nostack));
 }
 
 /// `prefetch.global.L2`: brings the line holding `p` into L2; nothing comes back, nothing
@@ -654,9 +615,9 @@ pub unsafe fn red_add_release(p: *mut u32, v: u32) {
 /// word's old value, because its warp 0 reads the sense once (`grid_sense`) before the block's
 /// first arrival, when no barrier can complete without it, and then flips its copy at every
 /// barrier. The last block to arrive thus starts waiting at once rather than after an
-/// atomic's round trip to L2 (H100, a decode step of 141 barriers: 806 -> 800 us at position
-/// 1). Spreading the arrivals over 4 or 8 counters on separate lines was slower (812 and
-/// 815–818 us): contention on one word is not what a barrier costs here.
+/// atomic's round trip to L2. Spreading the arrivals over 4 or 8 counters on separate lines
+/// was slower: contention on one word is not what a barrier costs here (docs/performance.md,
+/// experiments log).
 ///
 /// Ordering: `bar.sync` orders the block's writes before thread 0's release add (release is
 /// cumulative), the acquire loads make every other block's released writes visible to

@@ -40,8 +40,8 @@ pub struct AttentionArgs {
 }
 
 /// Fewest positions a split of the context gets: one per warp of a decode block. Fewer splits
-/// mean longer walks per warp; more, that the merge reads more partials (H100, merge as it is
-/// now: 12 rather than 32 took 40 positions from 837 to 819 us, 64 from 838 to 822).
+/// mean longer walks per warp; more, that the merge reads more partials (12 beat 32 at 40 and
+/// 64 positions: docs/performance.md, experiments log).
 const MIN_CHUNK: u32 = crate::abi::DECODE_THREADS / 32;
 
 /// Splits' partials the cross-block merge reads per round trip to L2.
@@ -62,8 +62,8 @@ pub fn split_plan(len: u32, n_kv_heads: u32, max_splits: u32) -> (u32, u32, u32)
 }
 
 /// Contexts from which `attention_prefetch` runs: below it a split's first batch is a few
-/// rows, and the prefetch's own cost showed (H100, prefetching at every context: +8 us per
-/// step at position 1, -17 at 512; from 192: no change at 1, -13 at 512).
+/// rows, and the prefetch's own cost outweighed what it saved (docs/performance.md,
+/// experiments log).
 const PREFETCH_FROM: u32 = 192;
 
 /// Brings into L2 the first batch of cached K/V rows each warp of this block reads in the

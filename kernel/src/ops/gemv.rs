@@ -20,7 +20,7 @@ struct F32x4([f32; 4]);
 /// the second. A lane `l` reading chunk `l + 32k` then finds its two halves at constant
 /// offsets (`256k` and `256k + 128` words) from word `4l`, and a warp's loads are contiguous
 /// 512-byte runs, free of bank conflicts. (Stored plainly, each of those 16-byte loads took
-/// twice its shared-memory cycles: ncu counted 78M excess wavefronts in an 8-step launch.)
+/// twice its shared-memory cycles.)
 /// The vector takes `abi::gemv_vector_words(n)` words. Writers store four values at a time
 /// (`i` a multiple of 4: four consecutive words here too).
 #[inline(always)]

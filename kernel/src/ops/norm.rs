@@ -15,7 +15,7 @@ pub enum NormInput {
 /// `out` (shared memory, in the GEMV's layout: `gemv::x_index`) gets `x * w`, and the return
 /// value is the scale `1/sqrt(mean(x^2) + eps)` that turns it into the norm. The caller
 /// applies the scale to what it computes from `out` (a GEMV's dot products): that saves a
-/// pass over `out` and a block barrier (H100: 12 us per decode step). Each thread loads four
+/// pass over `out` and a block barrier per norm. Each thread loads four
 /// values and their four weights together, so the whole norm costs one memory round trip and
 /// one block barrier. `n` must be a multiple of 4; `scratch` holds one f32 per warp and is not
 /// reused before a later grid barrier. Ends with `sync_threads`, so `out` is ready for every
