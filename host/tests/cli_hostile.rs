@@ -202,3 +202,19 @@ fn broken_config_and_weights_are_named() {
     let e = fails(&args);
     assert!(e.contains("model.safetensors") && e.contains("too short"), "{e}");
 }
+
+#[test]
+fn bad_bench_sampling_is_refused_before_anything_loads() {
+    for (bad, says) in [
+        ("fast", "greedy, default or T,K,P"),
+        ("0.6,20", "greedy, default or T,K,P"),
+        ("hot,20,0.9", "bad temperature"),
+        ("0.6,-1,0.9", "bad top-k"),
+        ("0.6,20,1.5", "top-p must be in (0, 1]"),
+        ("-1,20,0.9", "temperature must be >= 0"),
+    ] {
+        // No --model: the checkpoint would be looked up only after the flags are checked.
+        let e = fails(&["bench", "--synthetic", "--sampling", "greedy", "--sampling", bad]);
+        assert!(e.contains(says) && e.contains(bad), "--sampling {bad}: {e}");
+    }
+}

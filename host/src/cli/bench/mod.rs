@@ -55,7 +55,7 @@ pub struct BenchArgs {
     /// How tokens are chosen: `greedy`, `default` (the checkpoint's generation_config, as
     /// `decode` uses it), or `T,K,P` (temperature, top-k, top-p; 0 for K means no top-k).
     /// Repeat the flag to time several in one run.
-    #[arg(long, default_value = "default", action = clap::ArgAction::Append)]
+    #[arg(long, default_value = "default", action = clap::ArgAction::Append, allow_hyphen_values = true)]
     sampling: Vec<String>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -108,6 +108,10 @@ struct Row {
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.steps >= 1 && args.reps >= 1, "--steps and --reps must be at least 1");
     ensure!(!args.positions.is_empty(), "--positions is empty");
+    // A malformed --sampling fails before the checkpoint loads (the defaults come with it).
+    for s in &args.sampling {
+        parse_sampling(s, &GenerationConfig::default())?;
+    }
     let (weights, gen_config) = if args.synthetic {
         synthetic_weights(1)?
     } else {
