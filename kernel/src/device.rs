@@ -218,6 +218,20 @@ pub fn warp_prefix_sum(mut v: f32) -> f32 {
     v
 }
 
+/// Inclusive integer prefix sum over the lanes (lane `l` gets `v_0 + ... + v_l`).
+#[inline(always)]
+pub fn warp_prefix_sum_u64(mut v: u64) -> u64 {
+    let mut d = 1;
+    while d < WARP_SIZE {
+        let o = shfl_up_u64(v, d);
+        if lane() >= d {
+            v = v.wrapping_add(o);
+        }
+        d <<= 1;
+    }
+    v
+}
+
 /// Sum over the 32 lanes; every lane gets the result.
 #[inline(always)]
 pub fn warp_sum(mut v: f32) -> f32 {
@@ -518,14 +532,22 @@ pub unsafe fn shared_atomic_add(p: *mut u32, v: u32) -> u32 {
     old
 }
 
-/// `red.shared.add.u64`: integer sums are the same in any order, so a histogram of weights
-/// added this way is deterministic. (On sm_90 ptxas makes it a compare-and-swap loop,
-/// `ATOMS.CAST.SPIN.64`: slow where many lanes add to one word.)
+/// Adds a 64-bit `v` to the word pair (`lo`, `hi`) in shared memory with two 32-bit atomics:
+/// the low add returns the old low word, whose overflow is the carry into the high word.
+/// Every add's carry comes from the value that add replaced, so once all adds are done the
+/// pair holds the exact sum mod 2^64 in any order (a weight histogram summed this way is
+/// deterministic). Why not `red.shared.add.u64`: ptxas makes it a compare-and-swap loop on
+/// sm_90 (`ATOMS.CAST.SPIN.64`), which lanes adding to one word retry in turn; the 32-bit
+/// add is one `ATOMS.ADD`. Read the pair only after a barrier that follows every add.
 #[inline(always)]
-pub unsafe fn shared_atomic_add_u64(p: *mut u64, v: u64) {
-    let a = p as u64;
-    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {0}; red.shared.add.u64 [s], {1}; }}",
-         in(reg64) a, in(reg64) v, options(nostack));
+pub unsafe fn shared_atomic_add_u64_pair(lo: *mut u32, hi: *mut u32, v: u64) {
+    let v_lo = v as u32;
+    let old = shared_atomic_add(lo, v_lo);
+    let carry = (old.wrapping_add(v_lo) < old) as u32;
+    let up = (v >> 32) as u32 + carry;
+    if up != 0 {
+        shared_atomic_add(hi, up);
+    }
 }
 
 // ---------------------------------------------------------------- GPU-scope atomics

@@ -136,8 +136,10 @@ impl Record {
 #[inline(always)]
 pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> Option<LmResult> {
     let sampling = a.temperature > 0.0;
-    // Top-k / top-p: every block keeps its 32 best logits; temperature alone: Gumbel-max.
+    // Top-k / top-p: every block keeps its 32 best logits (unless top-k asks for more: then
+    // the one-block finish alone decides); temperature alone: Gumbel-max.
     let filtered = sampling && (a.top_k > 0 || a.top_p < 1.0);
+    let keeps_top32 = filtered && a.top_k <= TOP;
     let gumbel_sampling = sampling && !filtered;
     let inv_t = if sampling { 1.0 / a.temperature } else { 1.0 };
     let lse_scale = if filtered { inv_t } else { 1.0 };
@@ -169,7 +171,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         if row == a.target {
             target_logit = logit;
         }
-        if filtered {
+        if keeps_top32 {
             top32_insert(&mut top, &mut top_last, candidate_key(logit, row));
         }
     });
@@ -187,7 +189,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         *rec.add(w * 5 + 3) = s;
         *rec.add(w * 5 + 4) = target_logit;
     }
-    if filtered {
+    if keeps_top32 {
         *lists.add(w * TOP as usize + lane() as usize) = top;
     }
     sync_threads();
@@ -199,7 +201,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
             r = Record { best: *rec.add(l), best_i: *(rec.add(l + 1) as *const u32), max: *rec.add(l + 2), sum_exp: *rec.add(l + 3), target: *rec.add(l + 4) };
         }
         let r = r.warp_merge();
-        if filtered {
+        if keeps_top32 {
             for ww in 1..nw {
                 top = top32_merge(top, *lists.add((ww * TOP + lane()) as usize));
             }
@@ -294,6 +296,14 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
 /// kernel its registers were taken from every other phase.)
 #[inline(never)]
 unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
+    let u = uniform(hash3(a.seed, a.pos, u32::MAX));
+    if a.top_k > TOP {
+        // No block kept candidates (`lm_head_phase`): more than 32 are needed.
+        if a.logits_scratch.is_null() {
+            trap();
+        }
+        return sample_top_k(a.logits_scratch, a.vocab, a.top_k, a.temperature, a.top_p, u, smem as *mut u32);
+    }
     let nw = warps_per_block();
     let w = warp() as usize;
     let out = smem as *mut u32;
@@ -318,7 +328,6 @@ unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
     }
     *lists.add(w * TOP as usize + lane() as usize) = merged;
     sync_threads();
-    let u = uniform(hash3(a.seed, a.pos, u32::MAX));
     let fallback = out.add(6);
     if warp() == 0 {
         let mut top = *lists.add(lane() as usize);
@@ -339,17 +348,13 @@ unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
     if !needs_all {
         return token;
     }
-    // Beyond the 32 best: one block over every logit (the others wrote them out).
+    // A nucleus wider than the 32 best (top-p alone): one block over every logit (the others
+    // wrote them out).
     if a.logits_scratch.is_null() {
         trap(); // the caller's choice of `logits_scratch` missed a case
     }
     let max = f32::from_bits(*out.add(4));
-    let smem = smem as *mut u32;
-    if a.top_k > 0 {
-        sample_top_k(a.logits_scratch, a.vocab, a.top_k, a.temperature, a.top_p, u, smem)
-    } else {
-        sample_top_p(a.logits_scratch, a.vocab, inv_t, max, a.top_p, a.seed, a.pos, smem)
-    }
+    sample_top_p(a.logits_scratch, a.vocab, inv_t, max, a.top_p, a.seed, a.pos, smem as *mut u32)
 }
 
 /// Whether the LM head may need every logit written out (`LmHeadArgs::logits_scratch`) for

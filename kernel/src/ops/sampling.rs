@@ -81,6 +81,58 @@ unsafe fn for_each_logit<F: FnMut(u32, f32, bool)>(logits: *const f32, vocab: u3
     }
 }
 
+/// Radix-select bins: 8 bits of the order key per pass, four passes from the top.
+const BINS: u32 = 256;
+
+/// Adds `amount` to bin `bin` for each lane where `counts`, through `add(bin, total)`. Flat
+/// distributions put most of a warp's logits in one bin: then the warp sums first and one
+/// lane adds, instead of 32 lanes adding to one word one after another. All 32 lanes call it
+/// (a shuffle some lanes skipped would hang the warp).
+#[inline(always)]
+fn warp_bin_add<A: FnMut(u32, u64)>(counts: bool, bin: u32, amount: u64, mut add: A) {
+    let lanes = ballot(counts);
+    let first_bin = shfl_idx_u32(bin, lanes.trailing_zeros() & (WARP_SIZE - 1));
+    let one_bin = ballot(counts && bin == first_bin) == lanes;
+    if lanes != 0 && one_bin {
+        let sum = warp_sum_u64(if counts { amount } else { 0 });
+        if lane() == lanes.trailing_zeros() {
+            add(first_bin, sum);
+        }
+    } else if counts {
+        add(bin, amount);
+    }
+}
+
+/// Run by one whole warp after a histogram pass: the bin where the running sum of
+/// `value(bin)`, from the top bin down, first reaches `want_of(total)` (`total`: the sum over
+/// all bins), or bin 0 if it never does. Returns (bin, sum above it, want) on every lane.
+/// Lane `l` sums bins `255 - 8l` down to `248 - 8l`, one prefix sum over the lanes finds the
+/// lane whose bins cross, and that lane's eight are scanned: a chain of ~16 steps, not 256.
+#[inline(always)]
+unsafe fn select_bin_from_top<V: Fn(u32) -> u64, W: FnOnce(u64) -> u64>(value: V, want_of: W) -> (u32, u64, u64) {
+    const PER_LANE: u32 = BINS / WARP_SIZE;
+    let top = BINS - 1 - PER_LANE * lane();
+    let mut own = 0u64;
+    for j in 0..PER_LANE {
+        own += value(top - j);
+    }
+    let upto = warp_prefix_sum_u64(own);
+    let want = want_of(shfl_idx_u64(upto, WARP_SIZE - 1));
+    let crossed = ballot(upto >= want);
+    let l = if crossed != 0 { crossed.trailing_zeros() } else { WARP_SIZE - 1 };
+    let mut above = shfl_idx_u64(upto - own, l);
+    let mut bin = BINS - 1 - PER_LANE * l;
+    for _ in 1..PER_LANE {
+        let h = value(bin);
+        if above + h >= want {
+            break;
+        }
+        above += h;
+        bin -= 1;
+    }
+    (bin, above, want)
+}
+
 /// Shared memory (u32 words) `sample_top_k` needs.
 pub const fn top_k_smem_words(max_k: u32) -> u32 {
     256 + 2 * (2 * max_k) + 2 * max_k + 8
@@ -100,7 +152,7 @@ pub unsafe fn sample_top_k(
     u: f32,
     smem: *mut u32,
 ) -> u32 {
-    let hist = smem; // [256]
+    let hist = smem; // [BINS]
     let cand_key = smem.add(256); // [2k]
     let cand_idx = smem.add(256 + 2 * k as usize); // [2k]
     let sorted_val = smem.add(256 + 4 * k as usize) as *mut f32; // [k]
@@ -123,25 +175,18 @@ pub unsafe fn sample_top_k(
         let high_mask = if shift == 24 { 0 } else { !0u32 << (shift + 8) };
         for_each_logit(logits, vocab, |_, l, valid| {
             let key = order_key(l);
-            if valid && key & high_mask == prefix & high_mask {
-                shared_atomic_add(hist.add(((key >> shift) & 0xff) as usize), 1);
-            }
+            let counts = valid && key & high_mask == prefix & high_mask;
+            warp_bin_add(counts, (key >> shift) & 0xff, 1, |bin, n| {
+                shared_atomic_add(hist.add(bin as usize), n as u32);
+            });
         });
         sync_threads();
-        if thread_idx() == 0 {
-            let mut above = 0u32;
-            let mut bin = 255i32;
-            while bin >= 0 {
-                let h = *hist.add(bin as usize);
-                if above + h >= want {
-                    break;
-                }
-                above += h;
-                bin -= 1;
+        if warp() == 0 {
+            let (bin, above, _) = select_bin_from_top(|b| *hist.add(b as usize) as u64, |_| want as u64);
+            if lane() == 0 {
+                *misc = prefix | (bin << shift);
+                *misc.add(1) = want - above as u32;
             }
-            let bin = bin.max(0) as u32;
-            *misc = prefix | (bin << shift);
-            *misc.add(1) = want - above;
         }
         sync_threads();
         prefix = *misc;
@@ -317,18 +362,19 @@ pub fn sample_top32(key: u64, inv_t: f32, max_scaled: f32, sum_scaled: f32, top_
 }
 
 /// Shared memory (u32 words) `sample_top_p` needs.
-pub const TOP_P_SMEM_WORDS: u32 = 2 * 256 + 8;
+pub const TOP_P_SMEM_WORDS: u32 = 2 * BINS + 8;
 
 /// Run by one whole block, when the nucleus of top-p (no top-k) is wider than the 32 best:
 /// draws exactly from the smallest most-likely prefix of softmax(logits / T) whose share
 /// reaches `top_p`. Weights are integers (`exp(l / T - max_scaled)` in units of 2^-32), so
 /// every sum, and so the draw, is the same in every run whatever the order of additions. A
 /// radix select over the logits' order keys, 8 bits at a time from the top, finds the
-/// smallest logit in the nucleus; the token is then the Gumbel-max over the nucleus (an exact
-/// draw from it), with the noise of (seed, position, row). Logits tied with that smallest one
-/// are all kept (the reference keeps them in id order until the share is reached). Returns
-/// the token on every thread. `smem` holds `TOP_P_SMEM_WORDS` u32. (Not inlined: it runs
-/// rarely, and inlined into the decode kernel its loops cost registers everywhere else.)
+/// smallest logit in the nucleus (the first pass, over every logit, also gives the whole
+/// vocabulary's weight); the token is then the Gumbel-max over the nucleus (an exact draw
+/// from it), with the noise of (seed, position, row). Logits tied with that smallest one are
+/// all kept (the reference keeps them in id order until the share is reached). Returns the
+/// token on every thread. `smem` holds `TOP_P_SMEM_WORDS` u32. (Not inlined: it runs rarely,
+/// and inlined into the decode kernel its loops cost registers everywhere else.)
 #[inline(never)]
 pub unsafe fn sample_top_p(
     logits: *const f32,
@@ -340,32 +386,20 @@ pub unsafe fn sample_top_p(
     pos: u32,
     smem: *mut u32,
 ) -> u32 {
-    let hist = smem as *mut u64; // [256]
-    let misc = smem.add(2 * 256) as *mut u64; // [4]
+    // Each bin's weight as two u32 words (`shared_atomic_add_u64_pair`).
+    let hist_lo = smem; // [BINS]
+    let hist_hi = smem.add(BINS as usize); // [BINS]
+    let misc = smem.add(2 * BINS as usize); // [4]
     let weight = |l: f32| -> u64 { (exp(l * inv_t - max_scaled) * 4_294_967_296.0) as u64 };
-    // The whole vocabulary's weight.
-    if thread_idx() == 0 {
-        *misc = 0;
-    }
-    sync_threads();
-    let mut mine = 0u64;
-    for_each_logit(logits, vocab, |_, l, valid| {
-        if valid && !l.is_nan() {
-            mine += weight(l);
-        }
-    });
-    shared_atomic_add_u64(misc, mine);
-    sync_threads();
-    let total = *misc;
-    let mut want = ((top_p as f64) * (total as f64)) as u64;
-    want = want.clamp(1, total.max(1));
+    let bin_weight = |b: u32| -> u64 { (*hist_hi.add(b as usize) as u64) << 32 | *hist_lo.add(b as usize) as u64 };
+    let mut want = 0u64; // set by the first pass
     let mut prefix = 0u32;
     let mut shift = 32u32;
     while shift > 0 {
         shift -= 8;
         let mut b = thread_idx();
-        while b < 256 {
-            *hist.add(b as usize) = 0;
+        while b < 2 * BINS {
+            *smem.add(b as usize) = 0;
             b += block_dim();
         }
         sync_threads();
@@ -373,42 +407,31 @@ pub unsafe fn sample_top_p(
         for_each_logit(logits, vocab, |_, l, valid| {
             let key = order_key(l);
             let counts = valid && !l.is_nan() && key & high_mask == prefix & high_mask;
-            let bin = (key >> shift) & 0xff;
-            // Flat distributions put most of a warp's logits in one bin: then the warp adds
-            // them up first and makes one atomic add, not 32 to the same word. (Every lane
-            // shuffles and votes: a shuffle that some lanes skip, as `counts && ..` would
-            // make it, hangs the warp.)
-            let lanes = ballot(counts);
-            let first_bin = shfl_idx_u32(bin, lanes.trailing_zeros() & (WARP_SIZE - 1));
-            let one_bin = ballot(counts && bin == first_bin) == lanes;
-            if lanes != 0 && one_bin {
-                let sum = warp_sum_u64(if counts { weight(l) } else { 0 });
-                if lane() == lanes.trailing_zeros() {
-                    shared_atomic_add_u64(hist.add(bin as usize), sum);
-                }
-            } else if counts {
-                shared_atomic_add_u64(hist.add(bin as usize), weight(l));
-            }
+            let w = if counts { weight(l) } else { 0 };
+            warp_bin_add(counts, (key >> shift) & 0xff, w, |bin, sum| {
+                shared_atomic_add_u64_pair(hist_lo.add(bin as usize), hist_hi.add(bin as usize), sum);
+            });
         });
         sync_threads();
-        if thread_idx() == 0 {
-            // From the top bin down: the bin where the running weight reaches `want`.
-            let mut above = 0u64;
-            let mut bin = 255i32;
-            while bin > 0 {
-                let h = *hist.add(bin as usize);
-                if above + h >= want {
-                    break;
+        if warp() == 0 {
+            let first = shift == 24;
+            let (bin, above, w) = select_bin_from_top(bin_weight, |total| {
+                if first {
+                    (((top_p as f64) * (total as f64)) as u64).clamp(1, total.max(1))
+                } else {
+                    want
                 }
-                above += h;
-                bin -= 1;
+            });
+            if lane() == 0 {
+                *misc = prefix | (bin << shift);
+                let rest = (w - above.min(w)).max(1);
+                *misc.add(1) = rest as u32;
+                *misc.add(2) = (rest >> 32) as u32;
             }
-            *misc.add(1) = (prefix | ((bin as u32) << shift)) as u64;
-            *misc.add(2) = want - above.min(want);
         }
         sync_threads();
-        prefix = *misc.add(1) as u32;
-        want = (*misc.add(2)).max(1);
+        prefix = *misc;
+        want = (*misc.add(2) as u64) << 32 | *misc.add(1) as u64;
         sync_threads();
     }
     // Gumbel-max over the nucleus: every logit at or above the threshold.
