@@ -6,8 +6,9 @@
 # MODEL_DIR defaults to a tiny synthetic checkpoint made here (head_dim 32; racecheck on long
 # full-size runs takes too long for a session). With SANITIZE_FULL_MODEL=DIR (a full-size
 # `host synth` checkpoint) the four tools also run a short decode with the head_dim-128 kernel
-# Qwen3-0.6B uses, memcheck, racecheck and synccheck a long-context one (1200 positions, 300
-# for racecheck), and memcheck runs `bench --compare` once (the split kernels). Prints one
+# Qwen3-0.6B uses (the default sampling, and top-p alone), memcheck and synccheck a 1200-token
+# context, racecheck steps at position 300 (bench over a random KV cache), and memcheck runs
+# `bench --compare` once (the split kernels). Prints one
 # summary line per run and a total; exits non-zero if any run reported errors or did not
 # finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_TIMEOUT (s) bounds each run;
 # SANITIZE_TINY=0 runs only the full-size model's part.
@@ -62,7 +63,7 @@ for tool in $tools; do
     run "$tool decode ($long-token context)" "$san" --tool "$tool" "${extra[@]}" \
         ./host decode --model "$model" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json
     run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
-        "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties
+        "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties top_p_grid
     # The grid barrier as the decode kernel uses it (sense in shared memory).
     [ -n "$device" ] && QWEN3_BARRIER_ROUNDS=1000 run "$tool grid barrier (sense in shared memory, 2000 uses)" \
         "$san" --tool "$tool" "${extra[@]}" "$device" --ignored --test-threads=1 grid_barrier_with_sense_in_shared_memory
@@ -73,14 +74,24 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
         [ "$tool" = racecheck ] && extra=(--racecheck-report all)
         run "$tool full-size decode (3 prompt + 2 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
             ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json
+        # Top-p alone: every block takes part in the draw (grid barriers inside the LM head).
+        run "$tool full-size decode, top-p alone (3 prompt + 2 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
+            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json \
+            --temperature 0.6 --top-k 0 --top-p 0.95
         # Long context on the head_dim-128 kernel: several splits per kv head, so the cross-block
         # merge (and, above 8 splits, its two-warp form) runs. initcheck is left to the tiny model.
         [ "$tool" = initcheck ] && continue
         [ "${SANITIZE_QUICK:-0}" = 1 ] && [ "$tool" != memcheck ] && continue
-        long=1200
-        [ "$tool" = racecheck ] && long=300
-        run "$tool full-size decode ($long-token context)" "$san" --tool "$tool" "${extra[@]}" \
-            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json
+        if [ "$tool" = racecheck ]; then
+            # A 300-token prompt is 300 steps, more than ten minutes under racecheck at full
+            # size: bench starts at position 300 over a random KV cache instead (the same code
+            # path: ten splits per kv head, so the cross-block merge runs), and draws top-p alone.
+            run "$tool full-size steps at position 300 (bench, top-p alone)" "$san" --tool "$tool" "${extra[@]}" \
+                ./host bench --model "$SANITIZE_FULL_MODEL" --positions 300 --steps 2 --reps 1 --sampling 0.6,0,0.95
+        else
+            run "$tool full-size decode (1200-token context)" "$san" --tool "$tool" "${extra[@]}" \
+                ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids 1200)" --max-new-tokens 2 --max-context 1300 --json
+        fi
     done
     [[ " $tools " == *" memcheck "* ]] && run "memcheck full-size bench --compare (megakernel + split kernels)" "$san" --tool memcheck \
         ./host bench --model "$SANITIZE_FULL_MODEL" --positions 5 --steps 2 --reps 1 --compare

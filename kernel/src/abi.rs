@@ -222,6 +222,9 @@ pub struct DecodeParams {
     /// keys, `ops::sampling::candidate_key`). (Last, so that the layout before it stays that
     /// of earlier kernels, which `QWEN3_PTX_FILE` can still load for comparison.)
     pub lm_candidates: u64,
+    /// u64 `[4, 256]`, zero between uses: the grid's weight histograms for top-p alone
+    /// (`ops::lm_head::grid_top_p`). (After `lm_candidates` for the same reason.)
+    pub lm_grid_hist: u64,
 }
 
 pub const PROFILE_LAYER: u32 = 1;
@@ -232,6 +235,10 @@ pub const SKIP_GEMV: u32 = 1; // the q/k/v, o, gate/up and down projections
 pub const SKIP_ATTENTION: u32 = 2; // the attention phase
 pub const SKIP_LM_HEAD: u32 = 4; // the final norm + LM head (each step feeds its own token again)
 pub const SKIP_NORM: u32 = 8; // the RMSNorms (the input is copied unnormalised)
+
+/// u64 words of `DecodeParams::lm_grid_hist` (and `LmHeadTestParams::grid_hist`): four
+/// rounds of 256-bin histograms (`ops::lm_head::grid_top_p`).
+pub const LM_GRID_HIST_WORDS: u32 = 4 * 256;
 
 /// One block's LM-head result.
 #[repr(C)]
@@ -319,6 +326,9 @@ pub struct LmHeadTestParams {
     pub trials: u32,
     /// u64 `[grid, 32]`: the blocks' candidate lists (top-k / top-p).
     pub candidates: u64,
+    /// u64 `[4, 256]` zeroed, or 0: with it, top-p alone is drawn by every block together, as
+    /// in the decode kernel (`ops::lm_head::grid_top_p`); without, by the one finishing block.
+    pub grid_hist: u64,
 }
 
 /// Threads per block of the op test kernels (the same as the decode kernel's).

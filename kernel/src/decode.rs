@@ -476,6 +476,11 @@ impl<'a> Step<'a> {
             pos,
             xn_scale,
             forward: cancel,
+            // The megakernel's grid barrier (top-p alone is then drawn by every block); the
+            // split kernels have none.
+            bar: if self.x_own.is_null() { core::ptr::null_mut() } else { p.barrier as *mut u32 },
+            sense: self.timers().add(T_SENSE) as *mut u32,
+            grid_hist: p.lm_grid_hist as *mut u64,
         };
         // The normalised input stays at the start of smem (`gemv_vector_words(hidden)`); the LM
         // head's scratch follows it.

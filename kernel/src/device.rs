@@ -621,6 +621,13 @@ pub unsafe fn red_add_release(p: *mut u32, v: u32) {
     asm!("red.release.gpu.global.add.u32 [{0}], {1};", in(reg64) p, in(reg32) v, options(nostack));
 }
 
+/// `red.relaxed.gpu.global.add.u64`: a 64-bit add to global memory (one `RED.E.ADD.64`, not a
+/// compare-and-swap loop as in shared memory); unordered: a release that follows publishes it.
+#[inline(always)]
+pub unsafe fn red_add_relaxed_u64(p: *mut u64, v: u64) {
+    asm!("red.relaxed.gpu.global.add.u64 [{0}], {1};", in(reg64) p, in(reg64) v, options(nostack));
+}
+
 // ---------------------------------------------------------------- the grid-wide barrier
 
 /// Grid-wide barrier for a cooperative launch: no thread passes until every thread of every

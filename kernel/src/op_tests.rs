@@ -160,12 +160,17 @@ pub unsafe extern "ptx-kernel" fn test_attention(t: AttentionTestParams) {
 }
 
 /// `trials` LM-head phases (cooperative launch: grid barriers between trials). Shared memory:
-/// `(hidden + lm_head_smem_words(..)) * 4` bytes.
+/// `(gemv_vector_words(hidden) + lm_head_words(warps) + 1) * 4` bytes (the last word: the
+/// barrier's sense).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
     let smem = dynamic_shared::<f32>();
     stage(t.xn as *const f32, t.hidden, smem);
-    let mut sense = grid_sense(t.barrier as *mut u32);
+    // The barrier's sense in shared memory after the LM head's words, as the decode kernel
+    // keeps it (the grid draw of top-p waits at the same barrier).
+    let bar = t.barrier as *mut u32;
+    let sense = smem.add((gemv_vector_words(t.hidden) + lm_head_words(warps_per_block())) as usize) as *mut u32;
+    grid_sense_at(bar, sense);
     for trial in 0..t.trials {
         let args = LmHeadArgs {
             weight: t.weight as *const u16,
@@ -184,6 +189,9 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
             pos: t.pos + trial,
             xn_scale: 1.0,
             forward: if block_idx() == 0 { LM_FORWARD_TEST ^ trial } else { trial + 1 },
+            bar: if t.grid_hist != 0 { bar } else { core::ptr::null_mut() },
+            sense,
+            grid_hist: t.grid_hist as *mut u64,
         };
         if let Some(r) = lm_head_phase(&args, smem, smem.add(gemv_vector_words(t.hidden) as usize)) {
             if thread_idx() == 0 {
@@ -195,6 +203,7 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
                 }
             }
         }
-        sense = grid_sync(t.barrier as *mut u32, sense);
+        grid_arrive(bar);
+        grid_wait_at(bar, sense);
     }
 }

@@ -359,6 +359,14 @@ struct LmHeadRun {
     logits: Vec<f32>,
 }
 
+/// How the LM head test kernel draws top-p alone: as the split kernels do (the one block that
+/// finishes), or as the decode kernel does (every block, `ops::lm_head::grid_top_p`).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum TopPDraw {
+    OneBlock,
+    Grid,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_lm_head(
     gpu: &Gpu,
@@ -373,12 +381,31 @@ fn run_lm_head(
     trials: u32,
     grid: u32,
 ) -> LmHeadRun {
+    run_lm_head_drawing(gpu, w, vocab, hidden, xn, target, temperature, top_k, top_p, trials, grid, TopPDraw::OneBlock)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_lm_head_drawing(
+    gpu: &Gpu,
+    w: &[bf16],
+    vocab: usize,
+    hidden: usize,
+    xn: &[f32],
+    target: u32,
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    trials: u32,
+    grid: u32,
+    draw: TopPDraw,
+) -> LmHeadRun {
     let dw = gpu.upload(&bits(w), "lm head").unwrap();
     let dx = gpu.upload(xn, "xn").unwrap();
     let logits = poisoned(gpu, vocab);
     let scratch = gpu.alloc::<f32>(vocab, "scratch").unwrap();
     let partial = gpu.alloc::<LmPartial>(grid as usize, "partials").unwrap();
     let candidates = gpu.alloc::<u64>(grid as usize * 32, "candidates").unwrap();
+    let grid_hist = gpu.alloc::<u64>(LM_GRID_HIST_WORDS as usize, "top-p histograms").unwrap();
     let count = gpu.alloc::<u32>(1, "count").unwrap();
     let barrier = gpu.alloc::<u32>(1, "barrier").unwrap();
     let tokens = gpu.upload(&vec![u32::MAX; trials as usize], "tokens").unwrap();
@@ -404,14 +431,17 @@ fn run_lm_head(
         pos: 0,
         trials,
         candidates: dptr(&candidates),
+        grid_hist: if draw == TopPDraw::Grid { dptr(&grid_hist) } else { 0 },
     };
-    let smem = (gemv_vector_words(hidden as u32) + lm_head_words(OP_TEST_THREADS / 32)) * 4;
+    // The last word: the grid barrier's sense.
+    let smem = (gemv_vector_words(hidden as u32) + lm_head_words(OP_TEST_THREADS / 32) + 1) * 4;
     let k = gpu.kernel("test_lm_head").unwrap();
     k.set_max_dynamic_smem(smem).unwrap();
     let mut args = [&mut t as *mut _ as *mut c_void];
     unsafe { k.launch_cooperative(gpu.stream(), grid, OP_TEST_THREADS, smem, &mut args).unwrap() };
     finish(gpu, "test_lm_head");
     assert_eq!(download(&count), [0], "LM-head counter not reset");
+    assert!(download(&grid_hist).iter().all(|&v| v == 0), "top-p histograms not zeroed after use");
     let l = download(&lse);
     LmHeadRun {
         tokens: download(&tokens),
@@ -505,7 +535,51 @@ fn sampling_distribution_matches_cpu() {
                 let again = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4);
                 assert_eq!(r.tokens, again.tokens, "T={temperature} k={top_k} p={top_p}: same seed, other tokens");
             }
+            if top_k == 0 && top_p < 1.0 {
+                // The decode kernel's draw of top-p alone (every block) picks the very tokens
+                // the one-block draw does.
+                let grid = run_lm_head_drawing(
+                    &gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4, TopPDraw::Grid,
+                );
+                assert_eq!(r.tokens, grid.tokens, "T={temperature} p={top_p}: the grid draw differs from one block's");
+            }
         }
+    }
+}
+
+/// Top-p alone over the full vocabulary with flat logits (a nucleus of thousands, far past
+/// the 32 best): the decode kernel's draw by every block (five grid barriers of histogram
+/// rounds) and the one-block draw over all logits choose the same tokens, and those tokens
+/// are spread over the nucleus, never outside it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn top_p_grid_draw_matches_one_block_at_full_vocab() {
+    let gpu = gpu();
+    let mut rng = Rng(8);
+    let (vocab, hidden, trials) = (151_936usize, 64usize, 64u32);
+    let w = rng.bf16s(vocab * hidden, 0.05);
+    let xn = rng.vec(hidden, 1.0);
+    let grid = gpu.sm_count();
+    for (temperature, top_p) in [(0.6f32, 0.95f32), (1.0, 0.5)] {
+        let one = run_lm_head_drawing(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, 0, top_p, trials, grid, TopPDraw::OneBlock);
+        let all = run_lm_head_drawing(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, 0, top_p, trials, grid, TopPDraw::Grid);
+        let params = host::backend::SamplingParams { temperature, top_k: 0, top_p, seed: 0 };
+        let nucleus = host::model::sampling::filtered_distribution(&one.logits, &params);
+        assert!(nucleus.len() > 1000, "T={temperature} p={top_p}: nucleus of only {} tokens", nucleus.len());
+        assert_eq!(one.tokens, all.tokens, "T={temperature} p={top_p}: the grid draw differs from one block's");
+        let mut inside: Vec<u32> = nucleus.iter().map(|&(id, _)| id).collect();
+        inside.sort_unstable();
+        // The token at the nucleus' edge may differ by rounding (integer vs f64 weights).
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| one.logits[b].partial_cmp(&one.logits[a]).unwrap().then(a.cmp(&b)));
+        let edge = order[nucleus.len()] as u32;
+        for &t in &one.tokens {
+            assert!(inside.binary_search(&t).is_ok() || t == edge, "token {t} outside the nucleus");
+        }
+        let mut distinct = one.tokens.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() > trials as usize / 2, "{} distinct tokens in {trials} draws", distinct.len());
     }
 }
 

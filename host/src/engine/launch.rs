@@ -126,6 +126,7 @@ impl GpuEngine {
             fault_step: spec.fault_step.unwrap_or(u32::MAX),
             phase_cycles: dptr(&self.phase_cycles),
             lm_candidates: dptr(&self.lm_candidates),
+            lm_grid_hist: dptr(&self.lm_grid_hist),
         })
     }
 }

@@ -113,6 +113,8 @@ pub struct GpuEngine {
     lm_partial: DeviceBuffer<LmPartial>,
     /// Each block's 32 best logits (top-k / top-p sampling).
     lm_candidates: DeviceBuffer<u64>,
+    /// The grid's weight histograms for top-p alone (zero between uses).
+    lm_grid_hist: DeviceBuffer<u64>,
     logits: DeviceBuffer<f32>,
     lm_count: DeviceBuffer<u32>,
     barrier: DeviceBuffer<u32>,

@@ -92,6 +92,7 @@ impl GpuEngine {
             attn_count: gpu.alloc(c.num_key_value_heads, "attention counters")?,
             lm_partial: gpu.alloc(grid as usize, "LM-head partials")?,
             lm_candidates: gpu.alloc(grid as usize * 32, "LM-head sampling candidates")?,
+            lm_grid_hist: gpu.alloc(LM_GRID_HIST_WORDS as usize, "LM-head top-p histograms")?,
             logits: gpu.alloc(c.vocab_size, "logits")?,
             lm_count: gpu.alloc(1, "LM-head counter")?,
             barrier: gpu.alloc(1, "grid barrier")?,

@@ -7,8 +7,8 @@ use crate::abi::{LmPartial, DECODE_THREADS, MAX_TOP_K};
 use crate::device::*;
 use crate::ops::gemv::{block_rows, gemv_stream};
 use crate::ops::sampling::{
-    candidate_key, gumbel, hash3, sample_top32, sample_top_k, sample_top_p, top32_insert, top32_merge, top_k_smem_words,
-    uniform, TOP, TOP_P_SMEM_WORDS,
+    candidate_key, gumbel, hash3, order_key, sample_top32, sample_top_k, sample_top_p, select_bin_from_top, top32_insert,
+    top32_merge, top_k_smem_words, uniform, warp_bin_add, BINS, TOP, TOP_P_SMEM_WORDS,
 };
 
 #[derive(Clone, Copy)]
@@ -39,7 +39,20 @@ pub struct LmHeadArgs {
     /// A word block 0 (thread 0) hands to the block that finishes the step, through its
     /// partial: the decode loop's copy of the host's cancel flag.
     pub forward: u32,
+    /// The grid barrier every block of the launch takes part in, or null (the split kernels):
+    /// with it, top-p alone is decided by all blocks together (`grid_top_p`), not by one.
+    pub bar: *mut u32,
+    /// Warp 0's copy of the barrier's sense, in shared memory (`grid_wait_at`).
+    pub sense: *mut u32,
+    /// u64 `[GRID_TOP_P_ROUNDS][BINS]`, zero between uses: the grid's weight histograms.
+    pub grid_hist: *mut u64,
 }
+
+/// Histogram rounds of `grid_top_p`: 8 bits of the order key each.
+pub const GRID_TOP_P_ROUNDS: u32 = 4;
+/// u64 words of `LmHeadArgs::grid_hist` (the host sizes it by the ABI's figure).
+pub const GRID_TOP_P_HIST_WORDS: u32 = GRID_TOP_P_ROUNDS * BINS;
+const _: () = assert!(GRID_TOP_P_HIST_WORDS == crate::abi::LM_GRID_HIST_WORDS);
 
 /// What the last block decided.
 #[derive(Clone, Copy)]
@@ -140,6 +153,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     // the one-block finish alone decides); temperature alone: Gumbel-max.
     let filtered = sampling && (a.top_k > 0 || a.top_p < 1.0);
     let keeps_top32 = filtered && a.top_k <= TOP;
+    let grid_draw = filtered && a.top_k == 0 && !a.bar.is_null();
     let gumbel_sampling = sampling && !filtered;
     let inv_t = if sampling { 1.0 / a.temperature } else { 1.0 };
     let lse_scale = if filtered { inv_t } else { 1.0 };
@@ -219,12 +233,18 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
                 forward: a.forward,
                 _pad: [0; 2],
             };
-            let old = atomic_add_acq_rel(a.count, 1);
-            let last = old == grid_dim() - 1;
-            if last {
-                *a.count = 0;
+            if !grid_draw {
+                *flag = arrive_last(a.count) as u32;
             }
-            *flag = last as u32;
+        }
+    }
+    // Top-p alone: every block takes part in the draw (its partial's best becomes its part of
+    // the answer), then arrives.
+    let mut grid_token = u32::MAX;
+    if grid_draw {
+        grid_token = grid_top_p(a, inv_t, smem);
+        if thread_idx() == 0 {
+            *flag = arrive_last(a.count) as u32;
         }
     }
     sync_threads();
@@ -232,6 +252,15 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         return None;
     }
     sync_threads();
+    if grid_draw && grid_token == u32::MAX {
+        // The histograms are read by now (every block arrived after its last round): zero for
+        // the next draw.
+        let mut i = thread_idx();
+        while i < GRID_TOP_P_HIST_WORDS {
+            *a.grid_hist.add(i as usize) = 0;
+            i += block_dim();
+        }
+    }
 
     // Last block: merge every block's partial (warp 0), then pick the token. Lane l takes
     // blocks l, l + 32, ..., eight per lane per round trip (all 256 of a round requested
@@ -239,33 +268,7 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
     let out = smem as *mut u32; // [0] token, [1] lse bits, [2] target bits, [3] forward, [4] max, [5] sum
     if warp() == 0 {
         let forward = ld_cg_u32(&(*a.partial).forward);
-        let mut r = Record::EMPTY;
-        let mut b0 = 0;
-        while b0 < grid_dim() {
-            let mut parts = [[0u32; 5]; 8];
-            crate::unroll!(8, J, {
-                let b = b0 + lane() + 32 * J as u32;
-                if b < grid_dim() {
-                    let p = a.partial.add(b as usize) as *const u32;
-                    let v = ld_cg_v4(p);
-                    parts[J] = [v[0], v[1], v[2], v[3], ld_cg_u32(p.add(4))];
-                }
-            });
-            crate::unroll!(8, J, {
-                if b0 + lane() + 32 * (J as u32) < grid_dim() {
-                    let q = parts[J];
-                    r.merge(&Record {
-                        max: f32::from_bits(q[0]),
-                        sum_exp: f32::from_bits(q[1]),
-                        best: f32::from_bits(q[2]),
-                        best_i: q[3],
-                        target: f32::from_bits(q[4]),
-                    });
-                }
-            });
-            b0 += 256;
-        }
-        let r = r.warp_merge();
+        let r = merge_partials(a);
         if lane() == 0 {
             *out = r.best_i;
             *out.add(1) = (r.max + ln(r.sum_exp)).to_bits();
@@ -282,33 +285,71 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         target_logit: f32::from_bits(*out.add(2)),
         forward: *out.add(3),
     };
-    if filtered {
+    if grid_draw {
+        // Decided within the 32 best, or the Gumbel-max of the blocks' parts of the nucleus.
+        if grid_token != u32::MAX {
+            result.token = grid_token;
+        }
+    } else if filtered {
         result.token = draw_filtered(a, inv_t, smem);
     }
     Some(result)
 }
 
-/// The last block's draw for top-k / top-p sampling, after `lm_head_phase` merged the
-/// blocks' partials into `smem` (`[4]` the largest logit / T, `[5]` the sum of exp(logit / T -
-/// it)): the 32 best of the vocabulary from the blocks' lists, then `sample_top32`, or, beyond
-/// those 32, the one-block finishes over every logit. Every thread of the block calls it and
-/// gets the token. (Not inlined: it runs on one block per step, and inlined into the decode
-/// kernel its registers were taken from every other phase.)
-#[inline(never)]
-unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
-    let u = uniform(hash3(a.seed, a.pos, u32::MAX));
-    if a.top_k > TOP {
-        // No block kept candidates (`lm_head_phase`): more than 32 are needed.
-        if a.logits_scratch.is_null() {
-            trap();
-        }
-        return sample_top_k(a.logits_scratch, a.vocab, a.top_k, a.temperature, a.top_p, u, smem as *mut u32);
+/// Thread 0: counts this block's arrival at the LM head's end; true for the last block, which
+/// resets the counter for the next step.
+#[inline(always)]
+unsafe fn arrive_last(count: *mut u32) -> bool {
+    let old = atomic_add_acq_rel(count, 1);
+    let last = old == grid_dim() - 1;
+    if last {
+        *count = 0;
     }
+    last
+}
+
+/// Warp 0: every block's partial merged (the same order in every block, so every block that
+/// calls it gets the same bits). Lane l takes blocks l, l + 32, ..., eight per lane per round
+/// trip (all 256 of a round requested before any is used).
+#[inline(always)]
+unsafe fn merge_partials(a: &LmHeadArgs) -> Record {
+    let mut r = Record::EMPTY;
+    let mut b0 = 0;
+    while b0 < grid_dim() {
+        let mut parts = [[0u32; 5]; 8];
+        crate::unroll!(8, J, {
+            let b = b0 + lane() + 32 * J as u32;
+            if b < grid_dim() {
+                let p = a.partial.add(b as usize) as *const u32;
+                let v = ld_cg_v4(p);
+                parts[J] = [v[0], v[1], v[2], v[3], ld_cg_u32(p.add(4))];
+            }
+        });
+        crate::unroll!(8, J, {
+            if b0 + lane() + 32 * (J as u32) < grid_dim() {
+                let q = parts[J];
+                r.merge(&Record {
+                    max: f32::from_bits(q[0]),
+                    sum_exp: f32::from_bits(q[1]),
+                    best: f32::from_bits(q[2]),
+                    best_i: q[3],
+                    target: f32::from_bits(q[4]),
+                });
+            }
+        });
+        b0 += 256;
+    }
+    r.warp_merge()
+}
+
+/// All threads: the 32 best of the vocabulary from the blocks' candidate lists, on warp 0's
+/// lanes (lane l the l-th best; other warps get garbage). Every warp merges the lists of
+/// blocks w, w + warps, ..., twelve requested at once, then warp 0 merges the warps'.
+#[inline(always)]
+unsafe fn merge_candidates(a: &LmHeadArgs, smem: *mut f32) -> u64 {
     let nw = warps_per_block();
     let w = warp() as usize;
-    let out = smem as *mut u32;
     let lists = smem.add(candidates_at(nw) as usize) as *mut u64; // [warps][32]
-    // Every warp merges the lists of blocks w, w + warps, ..., twelve requested at once.
     let mut merged = 0u64;
     let mut b0 = 0;
     while b0 < grid_dim() {
@@ -328,12 +369,186 @@ unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
     }
     *lists.add(w * TOP as usize + lane() as usize) = merged;
     sync_threads();
-    let fallback = out.add(6);
+    let mut top = 0u64;
     if warp() == 0 {
-        let mut top = *lists.add(lane() as usize);
+        top = *lists.add(lane() as usize);
         for ww in 1..nw {
             top = top32_merge(top, *lists.add((ww * TOP + lane()) as usize));
         }
+    }
+    top
+}
+
+/// Top-p alone in the megakernel, by every block (all threads call it, after their block's
+/// partial and candidate list are written): one grid barrier, then every block merges the
+/// partials and the candidate lists as the finishing block would and draws with
+/// `sample_top32`; a nucleus within the 32 best is then decided (the same token in every
+/// block, returned). A wider one takes `GRID_TOP_P_ROUNDS` more barriers: each round every
+/// block histograms the integer weights of its own rows (those in the current key prefix) in
+/// shared memory, adds the histogram into the grid's (`grid_hist`), and after the barrier
+/// every block reads the sum and picks the same bin, as `sample_top_p` does over all logits
+/// in one block. Each block then writes the Gumbel-max of its rows in the nucleus as its
+/// partial's best, and the finishing block's merge of the partials picks the token: the very
+/// token `sample_top_p` would, at the cost of five barriers instead of one block reading the
+/// vocabulary five times. Returns `u32::MAX` in that case.
+#[inline(never)]
+unsafe fn grid_top_p(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
+    let nw = warps_per_block();
+    let out = smem as *mut u32; // [0] token, [4] max, [5] sum, [8..12] the round's result
+    grid_arrive(a.bar);
+    grid_wait_at(a.bar, a.sense);
+    if warp() == 0 {
+        let r = merge_partials(a);
+        if lane() == 0 {
+            *out.add(4) = r.max.to_bits();
+            *out.add(5) = r.sum_exp.to_bits();
+        }
+    }
+    let top = merge_candidates(a, smem); // its barrier publishes [4], [5]
+    let u = uniform(hash3(a.seed, a.pos, u32::MAX));
+    let max_scaled = f32::from_bits(*out.add(4));
+    if warp() == 0 {
+        let drawn = sample_top32(top, inv_t, max_scaled, f32::from_bits(*out.add(5)), 0, a.top_p, u);
+        if lane() == 0 {
+            *out = drawn.unwrap_or(u32::MAX);
+        }
+    }
+    sync_threads();
+    let token = *out;
+    if token != u32::MAX {
+        sync_threads();
+        return token;
+    }
+
+    // The nucleus is wider than the 32 best: the radix select over the whole grid.
+    let hist_lo = smem.add(candidates_at(nw) as usize) as *mut u32; // [BINS], over the lists
+    let hist_hi = hist_lo.add(BINS as usize); // [BINS]
+    let misc = out.add(8);
+    let (r0, r1) = block_rows(a.vocab);
+    let logits = a.logits_scratch as *const f32;
+    let weight = |l: f32| -> u64 { (exp(l * inv_t - max_scaled) * 4_294_967_296.0) as u64 };
+    let bin_weight = |b: u32| -> u64 { (*hist_hi.add(b as usize) as u64) << 32 | *hist_lo.add(b as usize) as u64 };
+    let mut want = 0u64; // set by the first round
+    let mut prefix = 0u32;
+    for round in 0..GRID_TOP_P_ROUNDS {
+        let shift = 24 - 8 * round;
+        let mut b = thread_idx();
+        while b < 2 * BINS {
+            *hist_lo.add(b as usize) = 0;
+            b += block_dim();
+        }
+        sync_threads();
+        let high_mask = if round == 0 { 0 } else { !0u32 << (shift + 8) };
+        // Whole warps walk the block's rows (warp_bin_add shuffles); the block wrote them.
+        let mut base = r0;
+        while base < r1 {
+            let i = base + thread_idx();
+            let l = if i < r1 { ld_cg_f32(logits.add(i as usize)) } else { f32::NAN };
+            let key = order_key(l);
+            let counts = !l.is_nan() && key & high_mask == prefix & high_mask;
+            let w = if counts { weight(l) } else { 0 };
+            warp_bin_add(counts, (key >> shift) & 0xff, w, |bin, sum| {
+                shared_atomic_add_u64_pair(hist_lo.add(bin as usize), hist_hi.add(bin as usize), sum);
+            });
+            base += block_dim();
+        }
+        sync_threads();
+        let grid_hist = a.grid_hist.add((round * BINS) as usize);
+        let t = thread_idx();
+        if t < BINS {
+            let v = bin_weight(t);
+            if v != 0 {
+                red_add_relaxed_u64(grid_hist.add(t as usize), v);
+            }
+        }
+        grid_arrive(a.bar);
+        grid_wait_at(a.bar, a.sense);
+        if t < BINS {
+            let v = ld_cg_u64(grid_hist.add(t as usize));
+            *hist_lo.add(t as usize) = v as u32;
+            *hist_hi.add(t as usize) = (v >> 32) as u32;
+        }
+        sync_threads();
+        if warp() == 0 {
+            let (bin, above, w) = select_bin_from_top(bin_weight, |total| {
+                if round == 0 {
+                    (((a.top_p as f64) * (total as f64)) as u64).clamp(1, total.max(1))
+                } else {
+                    want
+                }
+            });
+            if lane() == 0 {
+                let rest = (w - above.min(w)).max(1);
+                *misc = prefix | (bin << shift);
+                *misc.add(1) = rest as u32;
+                *misc.add(2) = (rest >> 32) as u32;
+            }
+        }
+        sync_threads();
+        prefix = *misc;
+        want = (*misc.add(2) as u64) << 32 | *misc.add(1) as u64;
+        sync_threads();
+    }
+
+    // This block's part of the draw: the Gumbel-max of its rows in the nucleus.
+    let mut best = f32::NEG_INFINITY;
+    let mut best_i = u32::MAX;
+    let mut i = r0 + thread_idx();
+    while i < r1 {
+        let l = ld_cg_f32(logits.add(i as usize));
+        if !l.is_nan() && order_key(l) >= prefix {
+            let score = l * inv_t + gumbel(hash3(a.seed, a.pos, i));
+            if better(score, i, best, best_i) {
+                best = score;
+                best_i = i;
+            }
+        }
+        i += block_dim();
+    }
+    let (best, best_i) = warp_argmax(best, best_i);
+    let votes = hist_lo; // [warps][2]
+    if lane() == 0 {
+        *votes.add(2 * warp() as usize) = best.to_bits();
+        *votes.add(2 * warp() as usize + 1) = best_i;
+    }
+    sync_threads();
+    if warp() == 0 {
+        let (mut v, mut vi) = (f32::NEG_INFINITY, u32::MAX);
+        if lane() < nw {
+            v = f32::from_bits(*votes.add(2 * lane() as usize));
+            vi = *votes.add(2 * lane() as usize + 1);
+        }
+        let (v, vi) = warp_argmax(v, vi);
+        if lane() == 0 {
+            let mine = a.partial.add(block_idx() as usize);
+            (*mine).best = v;
+            (*mine).best_index = vi;
+        }
+    }
+    sync_threads();
+    u32::MAX
+}
+
+/// The last block's draw for top-k / top-p sampling, after `lm_head_phase` merged the
+/// blocks' partials into `smem` (`[4]` the largest logit / T, `[5]` the sum of exp(logit / T -
+/// it)): the 32 best of the vocabulary from the blocks' lists, then `sample_top32`, or, beyond
+/// those 32, the one-block finishes over every logit. Every thread of the block calls it and
+/// gets the token. (Not inlined: it runs on one block per step, and inlined into the decode
+/// kernel its registers were taken from every other phase.)
+#[inline(never)]
+unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
+    let u = uniform(hash3(a.seed, a.pos, u32::MAX));
+    if a.top_k > TOP {
+        // No block kept candidates (`lm_head_phase`): more than 32 are needed.
+        if a.logits_scratch.is_null() {
+            trap();
+        }
+        return sample_top_k(a.logits_scratch, a.vocab, a.top_k, a.temperature, a.top_p, u, smem as *mut u32);
+    }
+    let out = smem as *mut u32;
+    let top = merge_candidates(a, smem);
+    let fallback = out.add(6);
+    if warp() == 0 {
         let (max, sum) = (f32::from_bits(*out.add(4)), f32::from_bits(*out.add(5)));
         let drawn = sample_top32(top, inv_t, max, sum, a.top_k, a.top_p, u);
         if lane() == 0 {

@@ -82,14 +82,14 @@ unsafe fn for_each_logit<F: FnMut(u32, f32, bool)>(logits: *const f32, vocab: u3
 }
 
 /// Radix-select bins: 8 bits of the order key per pass, four passes from the top.
-const BINS: u32 = 256;
+pub const BINS: u32 = 256;
 
 /// Adds `amount` to bin `bin` for each lane where `counts`, through `add(bin, total)`. Flat
 /// distributions put most of a warp's logits in one bin: then the warp sums first and one
 /// lane adds, instead of 32 lanes adding to one word one after another. All 32 lanes call it
 /// (a shuffle some lanes skipped would hang the warp).
 #[inline(always)]
-fn warp_bin_add<A: FnMut(u32, u64)>(counts: bool, bin: u32, amount: u64, mut add: A) {
+pub fn warp_bin_add<A: FnMut(u32, u64)>(counts: bool, bin: u32, amount: u64, mut add: A) {
     let lanes = ballot(counts);
     let first_bin = shfl_idx_u32(bin, lanes.trailing_zeros() & (WARP_SIZE - 1));
     let one_bin = ballot(counts && bin == first_bin) == lanes;
@@ -109,7 +109,7 @@ fn warp_bin_add<A: FnMut(u32, u64)>(counts: bool, bin: u32, amount: u64, mut add
 /// Lane `l` sums bins `255 - 8l` down to `248 - 8l`, one prefix sum over the lanes finds the
 /// lane whose bins cross, and that lane's eight are scanned: a chain of ~16 steps, not 256.
 #[inline(always)]
-unsafe fn select_bin_from_top<V: Fn(u32) -> u64, W: FnOnce(u64) -> u64>(value: V, want_of: W) -> (u32, u64, u64) {
+pub unsafe fn select_bin_from_top<V: Fn(u32) -> u64, W: FnOnce(u64) -> u64>(value: V, want_of: W) -> (u32, u64, u64) {
     const PER_LANE: u32 = BINS / WARP_SIZE;
     let top = BINS - 1 - PER_LANE * lane();
     let mut own = 0u64;
@@ -175,10 +175,11 @@ pub unsafe fn sample_top_k(
         let high_mask = if shift == 24 { 0 } else { !0u32 << (shift + 8) };
         for_each_logit(logits, vocab, |_, l, valid| {
             let key = order_key(l);
-            let counts = valid && key & high_mask == prefix & high_mask;
-            warp_bin_add(counts, (key >> shift) & 0xff, 1, |bin, n| {
-                shared_atomic_add(hist.add(bin as usize), n as u32);
-            });
+            // Counts go straight to the (32-bit, native) shared atomics: summing a warp's
+            // first, as the weights below do, was slower here.
+            if valid && key & high_mask == prefix & high_mask {
+                shared_atomic_add(hist.add(((key >> shift) & 0xff) as usize), 1);
+            }
         });
         sync_threads();
         if warp() == 0 {
