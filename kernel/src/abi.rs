@@ -333,3 +333,43 @@ pub struct LmHeadTestParams {
 
 /// Threads per block of the op test kernels (the same as the decode kernel's).
 pub const OP_TEST_THREADS: u32 = DECODE_THREADS;
+
+// ---------------------------------------------------------------- bf16 GEMM (ops::gemm)
+
+/// A block of the GEMM computes a `GEMM_TILE_M x GEMM_TILE_N` tile of C, stepping through K
+/// `GEMM_TILE_K` at a time, with `GEMM_THREADS` threads: 4 warps, each a 64 x 32 piece.
+pub const GEMM_TILE_M: u32 = 128;
+pub const GEMM_TILE_N: u32 = 64;
+pub const GEMM_TILE_K: u32 = 32;
+pub const GEMM_THREADS: u32 = 128;
+/// K-tiles in flight per block: the one being multiplied and `GEMM_STAGES - 1` being copied.
+pub const GEMM_STAGES: u32 = 3;
+/// bf16 per row of a shared-memory tile: `GEMM_TILE_K` plus 8 of padding (ops::gemm says why).
+pub const GEMM_SMEM_ROW: u32 = GEMM_TILE_K + 8;
+/// Dynamic shared memory (bytes per block) of the GEMM: every stage's A and W tiles. Below
+/// the 48 KiB a launch may ask for without opting in.
+pub const GEMM_SMEM_BYTES: u32 = GEMM_STAGES * (GEMM_TILE_M + GEMM_TILE_N) * GEMM_SMEM_ROW * 2;
+const _: () = assert!(GEMM_SMEM_BYTES <= 48 * 1024);
+
+/// Why the GEMM cannot compute `C[m, n] = A[m, k] W[n, k]^T`, or `None` when it can: M any
+/// size from 1 (the last tile's missing rows are zeros and are not stored), N a multiple of
+/// `GEMM_TILE_N` and K of `GEMM_TILE_K` (no partial tiles there: Qwen3's widths are all
+/// multiples of 64, the vocabulary too, 151936 = 64 x 2374), and the grid within a 1-D launch.
+pub const fn gemm_shape_error(m: u32, n: u32, k: u32) -> Option<&'static str> {
+    if m == 0 || n == 0 || k == 0 {
+        Some("an empty matrix")
+    } else if !n.is_multiple_of(GEMM_TILE_N) {
+        Some("N is not a multiple of GEMM_TILE_N (64)")
+    } else if !k.is_multiple_of(GEMM_TILE_K) {
+        Some("K is not a multiple of GEMM_TILE_K (32)")
+    } else if (m.div_ceil(GEMM_TILE_M) as u64) * ((n / GEMM_TILE_N) as u64) > i32::MAX as u64 {
+        Some("more tiles than a 1-D grid has blocks")
+    } else {
+        None
+    }
+}
+
+/// Blocks of a GEMM launch (one per tile of C) for a shape `gemm_shape_error` accepts.
+pub const fn gemm_grid(m: u32, n: u32) -> u32 {
+    m.div_ceil(GEMM_TILE_M) * (n / GEMM_TILE_N)
+}

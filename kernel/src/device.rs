@@ -12,13 +12,16 @@ pub const LOG2_E: f32 = core::f32::consts::LOG2_E;
 
 // ---------------------------------------------------------------- unrolling
 
-/// `unroll!(4, k, { ... })`: the block four (or eight, twelve, sixteen) times with `k` a constant
+/// `unroll!(4, k, { ... })`: the block four (or two, eight, twelve, sixteen) times with `k` a constant
 /// 0, 1, ... A const-generic count N unrolls as `unroll!(12, k, { if k < N { ... } })`.
 /// LLVM declines to unroll loops whose bodies are large, and a loop left rolled indexes its
 /// register arrays at run time, which moves them to local memory (seen: GEMV weights and `x`
 /// spilled in the hottest loop). Constant indices keep them in registers.
 #[macro_export]
 macro_rules! unroll {
+    (2, $k:ident, $body:block) => {{
+        $crate::unroll!(@at $k, $body, 0, 1)
+    }};
     (4, $k:ident, $body:block) => {{
         $crate::unroll!(@at $k, $body, 0, 1, 2, 3)
     }};
@@ -548,6 +551,116 @@ pub unsafe fn shared_atomic_add_u64_pair(lo: *mut u32, hi: *mut u32, v: u64) {
     if up != 0 {
         shared_atomic_add(hi, up);
     }
+}
+
+// ---------------------------------------------------------------- tensor cores (sm_80+)
+//
+// The three instructions a tensor-core GEMM is built from: `cp.async` copies global memory
+// into shared memory without passing through registers (so a block can have the next tiles
+// in flight while it computes on this one), `ldmatrix` loads a warp's operand fragments from
+// shared memory in the layout `mma.sync` wants, and `mma.sync` multiplies them. All three need
+// sm_80 or newer (the README's minimum GPU); on an older `QWEN3_SM` the driver would reject
+// the module.
+//
+// Shared-memory operands are 32-bit shared-window addresses (`shared_address`): the window is
+// far below 4 GiB, and a kernel that computes its base address once and adds offsets to it
+// spends fewer instructions per load than converting a generic pointer in every asm block.
+// Only `shared_address` is `pure`. `cp.async` and `ldmatrix` touch memory the compiler cannot
+// see (shared memory filled asynchronously), so they must stay where they are relative to the
+// barriers and to each other. `ldmatrix` and `mma.sync` are also warp-collective (`.aligned`:
+// all 32 lanes execute the same instruction): a pure block may be sunk into a branch that
+// only some lanes take (seen with a shuffle, see the shuffles' note), so they are not pure
+// either, and callers keep them out of lane-dependent branches.
+//
+// Fragment layouts, as the PTX ISA defines them for m16n8k16 with 16-bit inputs. In a warp,
+// lane `l` is in *group* `g = l / 4` and has index `t = l % 4` within it. A register of A or
+// B holds two consecutive bf16 along k, the lower k in the low half.
+//
+//   A (16 x 16, m by k, "row"): a[0] = A[g][2t..2t+2]      a[1] = A[g+8][2t..2t+2]
+//                                a[2] = A[g][2t+8..2t+10]   a[3] = A[g+8][2t+8..2t+10]
+//   B (16 x 8, k by n, "col"):   b[0] = B[2t..2t+2][g]      b[1] = B[2t+8..2t+10][g]
+//   C, D (16 x 8, f32):          c[0], c[1] = C[g][2t], C[g][2t+1]
+//                                c[2], c[3] = C[g+8][2t], C[g+8][2t+1]
+//
+// "col" for B means each of its registers holds two elements of one *column* of B (adjacent
+// k): exactly two adjacent elements of one row of a weight matrix stored [n, k], as the
+// checkpoint stores [out, in]. So W's rows load with the plain (non-transposing) `ldmatrix`.
+
+/// The shared-window address of a pointer into shared memory (`cvta.to.shared`), for the
+/// `ldmatrix` and `cp.async` wrappers below. `p` must point into this block's shared memory.
+#[inline(always)]
+pub fn shared_address<T>(p: *const T) -> u32 {
+    let a: u32;
+    unsafe {
+        asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {1}; cvt.u32.u64 {0}, s; }}",
+             out(reg32) a, in(reg64) p, options(nomem, nostack, pure))
+    }
+    a
+}
+
+/// `ldmatrix.sync.aligned.m8n8.x4.shared.b16`: four 8x8 matrices of 16-bit elements from shared
+/// memory, one register of each per lane. All 32 lanes call it together (it is `.sync.aligned`).
+///
+/// Lanes `8i .. 8i+8` give the addresses of the eight rows of matrix `i` (lane `8i + r`: row
+/// `r`), each row 16 contiguous bytes, 16-byte aligned. Register `i` of lane `l` then holds
+/// elements `2(l % 4)` and `2(l % 4) + 1` of row `l / 4` of matrix `i`: the A/B fragment layout
+/// above with `g = l / 4`, `t = l % 4`, for an 8x8 piece. So for the 16x16 A fragment at
+/// rows m0.., columns k0.. of a row-major tile, lane `l` points at row `m0 + l % 16`, column
+/// `k0 + 8 (l / 16)`, and the four registers are a[0..4] in order.
+#[inline(always)]
+pub unsafe fn ldmatrix_x4(row_address: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{0}, {1}, {2}, {3}}}, [{4}];",
+         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg32) row_address,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+
+/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: `acc += A * B` for one warp, A 16x16
+/// and B 16x8 bf16 (fragments as laid out above), `acc` the 16x8 f32 accumulator fragment. All
+/// 32 lanes call it together. The products are exact in f32; how the tensor core rounds its
+/// sums is its own (not the IEEE order of a CPU loop), so compare with a tolerance.
+#[inline(always)]
+pub fn mma_bf16_m16n8k16(acc: &mut [f32; 4], a: [u32; 4], b: [u32; 2]) {
+    unsafe {
+        asm!("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 \
+              {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, {{{0}, {1}, {2}, {3}}};",
+             inout(reg32) acc[0], inout(reg32) acc[1], inout(reg32) acc[2], inout(reg32) acc[3],
+             in(reg32) a[0], in(reg32) a[1], in(reg32) a[2], in(reg32) a[3],
+             in(reg32) b[0], in(reg32) b[1],
+             options(nomem, nostack));
+    }
+}
+
+/// `cp.async.cg.shared.global`, 16 bytes: starts copying `src` (global, 16-byte aligned) to the
+/// shared-window address `dst` (16-byte aligned) and returns at once. `.cg` caches in L2 only:
+/// a tile is read once per block, so keeping it in L1 would only evict others. When `valid`
+/// is false nothing is read and the 16 bytes are zero-filled (the `src-size` operand is 0),
+/// so rows past the end of a matrix become zeros; `src` must still be a valid address (pass
+/// one inside the matrix). The copy belongs to the next `cp_async_commit_group`'s group; it
+/// is not visible until `cp_async_wait_group` says its group is done and (for other threads)
+/// a barrier follows.
+#[inline(always)]
+pub unsafe fn cp_async_16(dst: u32, src: *const u8, valid: bool) {
+    let src_size: u32 = if valid { 16 } else { 0 };
+    asm!("cp.async.cg.shared.global [{0}], [{1}], 16, {2};",
+         in(reg32) dst, in(reg64) src, in(reg32) src_size, options(nostack));
+}
+
+/// `cp.async.commit_group`: closes a group of this thread's `cp_async_16` copies, to be waited
+/// for together. Committing with no copies makes an empty group, which keeps the count of
+/// groups (what `cp_async_wait_group` counts) the same in every iteration of a pipeline.
+#[inline(always)]
+pub unsafe fn cp_async_commit_group() {
+    asm!("cp.async.commit_group;", options(nostack));
+}
+
+/// `cp.async.wait_group PENDING`: waits until at most `PENDING` of this thread's committed
+/// groups are unfinished (the most recent ones). Only this thread's copies: a `sync_threads`
+/// must follow before other threads read what they wrote.
+#[inline(always)]
+pub unsafe fn cp_async_wait_group<const PENDING: u32>() {
+    asm!("cp.async.wait_group {0};", const PENDING, options(nostack));
 }
 
 // ---------------------------------------------------------------- GPU-scope atomics

@@ -173,3 +173,47 @@ fn round_bf16_is_nearest_even() {
     assert_eq!(ops::round_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 1.0 + 2f32.powi(-7));
     assert_eq!(ops::round_bf16(-3.0), -3.0);
 }
+
+#[test]
+fn gemm_bf16_matches_f64() {
+    // m = 1 and a ragged k (not a multiple of the 16 partial sums) included.
+    for (m, n, k) in [(1usize, 3usize, 5usize), (7, 64, 64), (3, 5, 1000)] {
+        let a = weights(m * k, 30 + k as u64, 2.0, 0.0);
+        let w = weights(n * k, 31 + n as u64, 0.5, 0.1);
+        let c = ops::gemm_bf16(&a, &w, m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|p| a[i * k + p].to_f32() as f64 * w[j * k + p].to_f32() as f64).sum();
+                let scale: f64 =
+                    (0..k).map(|p| (a[i * k + p].to_f32() as f64 * w[j * k + p].to_f32() as f64).abs()).sum();
+                assert!(
+                    close(c[i * n + j], want, 0.0, 1e-5 * scale + 1e-30),
+                    "{m}x{n}x{k} [{i}, {j}]: {} vs {want}",
+                    c[i * n + j]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_shapes_outside_the_kernel_contract_are_refused() {
+    use host::gpu::check_gemm_shape;
+    // Qwen3-0.6B's prefill shapes (q/k/v stacked, o, gate/up, down, LM head) at chunk tails.
+    for m in [1usize, 7, 100, 257, 4096] {
+        for (n, k) in [(4096usize, 1024usize), (1024, 2048), (3072, 1024), (1024, 3072), (151936, 1024), (6144, 1024)] {
+            check_gemm_shape(m, n, k).unwrap_or_else(|e| panic!("{m}x{n}x{k} refused: {e:#}"));
+        }
+    }
+    for (m, n, k, why) in [
+        (0usize, 64usize, 64usize, "empty"),
+        (4, 0, 64, "empty"),
+        (4, 100, 64, "N is not a multiple"),
+        (4, 64, 48, "K is not a multiple"),
+        (4, 64, 0, "empty"),
+        (1 << 33, 64, 64, "32 bits"),
+    ] {
+        let e = check_gemm_shape(m, n, k).expect_err(&format!("{m}x{n}x{k} accepted"));
+        assert!(format!("{e:#}").contains(why), "{m}x{n}x{k}: `{e:#}` does not say `{why}`");
+    }
+}

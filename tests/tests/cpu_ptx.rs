@@ -63,7 +63,14 @@ fn ptx_has_every_kernel_the_host_looks_up() {
         return;
     };
     // The source scan itself must work: names from the host, the op tests and the engine.
-    for sure in ["probe_grid_syncs", "probe_chain_under_stream", "test_gemv", "test_lm_head", "qwen3_phase_hd32"] {
+    for sure in [
+        "probe_grid_syncs",
+        "probe_chain_under_stream",
+        "test_gemv",
+        "test_lm_head",
+        "test_gemm_bf16",
+        "qwen3_phase_hd32",
+    ] {
         assert!(wanted.iter().any(|w| w == sure), "`{sure}` not among the looked-up names: {wanted:?}");
     }
     for e in &wanted {
@@ -130,6 +137,10 @@ fn kernels_stay_within_their_spill_budget() {
         let spills = spill_stores(report, &phase).unwrap_or_else(|| panic!("no ptxas figures for {phase}"));
         assert_eq!(spills, 0, "{phase} spills {spills} bytes (it has never spilled)");
     }
+    // The GEMM's 64 accumulators per lane are its whole point: a spill would put them in
+    // local memory inside the K loop.
+    let spills = spill_stores(report, "test_gemm_bf16").expect("no ptxas figures for test_gemm_bf16");
+    assert_eq!(spills, 0, "test_gemm_bf16 spills {spills} bytes");
 }
 
 #[test]
@@ -160,4 +171,33 @@ fn block_barriers_are_whole_block_barriers() {
         block_barriers += 1;
     }
     assert!(block_barriers > 100, "only {block_barriers} block barriers found: is the PTX parsed right?");
+}
+
+/// The PTX of one entry, from its `.entry` line to the end of its body.
+fn entry_body<'a>(ptx: &'a str, entry: &str) -> Option<&'a str> {
+    let start = ptx.find(&format!(".entry {entry}("))?;
+    let end = ptx[start..].find("\n}\n").map_or(ptx.len(), |e| start + e + 3);
+    Some(&ptx[start..end])
+}
+
+/// The GEMM is made of the tensor-core instructions the device module wraps, and keeps its
+/// fragments in registers (no local memory).
+#[test]
+fn gemm_kernel_runs_on_tensor_cores() {
+    let body = entry_body(qwen3_ptx::PTX, "test_gemm_bf16").expect("no test_gemm_bf16 entry in the PTX");
+    for instruction in [
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "cp.async.cg.shared.global",
+        "cp.async.commit_group",
+        "cp.async.wait_group",
+    ] {
+        assert!(body.contains(instruction), "test_gemm_bf16 has no `{instruction}`");
+    }
+    // 4 x 4 fragments, two k-steps per K-tile: 32 mma per iteration of the K loop.
+    let mmas = body.matches("mma.sync").count();
+    assert!(mmas >= 32, "test_gemm_bf16 has only {mmas} mma.sync: is the fragment loop unrolled?");
+    for local in ["ld.local", "st.local"] {
+        assert!(!body.contains(local), "test_gemm_bf16 uses local memory (`{local}`)");
+    }
 }

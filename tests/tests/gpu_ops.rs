@@ -609,3 +609,121 @@ fn check_draws(r: &LmHeadRun, vocab: usize, temperature: f32, top_k: u32, top_p:
     let outside: u32 = order.iter().skip(edge + 1).map(|&i| counts[i]).sum();
     assert_eq!(outside, 0, "{label}: {outside} draws outside the distribution");
 }
+
+/// `|a|` elementwise (exact in bf16): `gemm_bf16` of these is each entry's `sum |a_p w_p|`,
+/// the scale its rounding error is measured against.
+fn abs_bf16(v: &[bf16]) -> Vec<bf16> {
+    v.iter().map(|x| bf16::from_bits(x.to_bits() & 0x7fff)).collect()
+}
+
+/// The GEMM's tolerance, per entry: `|gpu - cpu| <= GEMM_TOLERANCE * sum_p |a_p w_p|`. Both
+/// sides sum exact products in f32, in different orders (the CPU in 16 partial sums, the
+/// tensor cores in their own order and rounding), so each is within about `k / 16 * 2^-24`
+/// of the exact sum relative to that scale in the worst case; 1e-4 covers k = 3072 with a wide
+/// margin, and a wrong fragment layout or a missing tile is off by the order of 1.
+const GEMM_TOLERANCE: f64 = 1e-4;
+
+/// Whether the GPU's entry `got` is within tolerance of the CPU's `want` (a NaN, an entry the
+/// kernel never wrote, is not).
+fn gemm_entry_ok(got: f32, want: f32, scale: f32) -> bool {
+    got.is_finite() && (got as f64 - want as f64).abs() <= GEMM_TOLERANCE * scale as f64 + 1e-30
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_bf16_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(7);
+    // M: one position, chunk tails inside one 128-row tile (7, 64, 100), one row into a third
+    // tile (257). K: two K-tiles, and Qwen3's hidden and MLP widths. Then the LM head's shape
+    // (N = 151936 = 64 x 2374 tiles wide) at a short chunk.
+    let cases = [64usize, 1024, 3072]
+        .into_iter()
+        .flat_map(|k| [64usize, 1024, 2048].into_iter().map(move |n| (n, k, &[1usize, 7, 64, 100, 257][..])))
+        .chain([(151936, 1024, &[7usize][..])]);
+    for (n, k, ms) in cases {
+        let w = rng.bf16s(n * k, 1.0);
+        let dw = gpu.upload(&bits(&w), "w").unwrap();
+        for &m in ms {
+            let a = rng.bf16s(m * k, 1.0);
+            let want = ops::gemm_bf16(&a, &w, m, n, k);
+            let scale = ops::gemm_bf16(&abs_bf16(&a), &abs_bf16(&w), m, n, k);
+            let da = gpu.upload(&bits(&a), "a").unwrap();
+            let mut dc = poisoned(&gpu, m * n);
+            host::gpu::gemm_bf16(&gpu, &da, &dw, &mut dc, m, n, k).unwrap();
+            finish(&gpu, "test_gemm_bf16");
+            let got = download(&dc);
+            for i in 0..m * n {
+                assert!(
+                    gemm_entry_ok(got[i], want[i], scale[i]),
+                    "gemm {m}x{n}x{k} [{}, {}]: gpu {}, cpu {} (|a||w| sums to {})",
+                    i / n,
+                    i % n,
+                    got[i],
+                    want[i],
+                    scale[i]
+                );
+            }
+            let err = rel_err(&got, &want);
+            assert!(err < GEMM_TOLERANCE, "gemm {m}x{n}x{k}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_bf16_refuses_shapes_it_cannot_do() {
+    let gpu = gpu();
+    let a = gpu.upload(&vec![0u16; 8 * 96], "a").unwrap();
+    let w = gpu.upload(&vec![0u16; 96 * 96], "w").unwrap();
+    let mut c = poisoned(&gpu, 8 * 96);
+    // N = 96 is not a multiple of 64: refused before launch, nothing written.
+    assert!(host::gpu::gemm_bf16(&gpu, &a, &w, &mut c, 8, 96, 96).is_err());
+    // A buffer too short for the shape.
+    assert!(host::gpu::gemm_bf16(&gpu, &a, &w, &mut c, 9, 64, 96).is_err());
+    gpu.synchronize().unwrap();
+    assert!(download(&c).iter().all(|v| v.is_nan()), "a refused GEMM wrote to C");
+}
+
+/// Achieved TFLOP/s at M = N = K = 4096 (median of 7 timings of 3 back-to-back launches each,
+/// after a warm-up), printed for the record; correctness on a sample of entries.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_bf16_throughput_at_4096() {
+    let gpu = gpu();
+    let (m, n, k) = (4096usize, 4096usize, 4096usize);
+    let mut rng = Rng(8);
+    let a = rng.bf16s(m * k, 1.0);
+    let w = rng.bf16s(n * k, 1.0);
+    let (da, dw) = (gpu.upload(&bits(&a), "a").unwrap(), gpu.upload(&bits(&w), "w").unwrap());
+    let mut dc = poisoned(&gpu, m * n);
+    host::gpu::gemm_bf16(&gpu, &da, &dw, &mut dc, m, n, k).unwrap();
+    finish(&gpu, "test_gemm_bf16");
+    const LAUNCHES: usize = 3;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let ms = gpu
+            .time_ms(|| {
+                for _ in 0..LAUNCHES {
+                    host::gpu::gemm_bf16(&gpu, &da, &dw, &mut dc, m, n, k)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        times.push(ms as f64 / LAUNCHES as f64);
+    }
+    let ms = host::stats::median(&mut times);
+    let tflops = 2.0 * (m * n * k) as f64 / (ms * 1e-3) / 1e12;
+    println!("gemm_bf16 {m}x{n}x{k} on {}: {ms:.3} ms per launch, {tflops:.1} TFLOP/s (median of 7)", gpu.name());
+    assert!(tflops.is_finite() && tflops > 0.0, "TFLOP/s = {tflops}");
+
+    let got = download(&dc);
+    for _ in 0..512 {
+        let (i, j) = ((rng.next() % m as u64) as usize, (rng.next() % n as u64) as usize);
+        let (ra, rw) = (&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+        let want = ops::dot_bf16_bf16(ra, rw);
+        let scale = ops::dot_bf16_bf16(&abs_bf16(ra), &abs_bf16(rw));
+        let g = got[i * n + j];
+        assert!(gemm_entry_ok(g, want, scale), "gemm 4096^3 [{i}, {j}]: gpu {g}, cpu {want} (|a||w| sums to {scale})");
+    }
+}

@@ -10,9 +10,11 @@
 
 pub mod bandwidth;
 pub(crate) mod driver;
+pub mod gemm;
 pub mod l2_latency;
 
 pub use bandwidth::measure_read_bandwidth;
+pub use gemm::{check_gemm_shape, gemm_bf16};
 pub use l2_latency::{measure_l2_latency, L2Latency};
 
 use anyhow::{anyhow, bail, Context as _, Result};

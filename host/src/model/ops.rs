@@ -70,6 +70,50 @@ pub fn gemv(w: &[bf16], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
     y
 }
 
+/// `sum_i a[i] * b[i]` of two bf16 vectors with f32 accumulation (in `LANES` partial sums, as
+/// `dot_bf16`). Each product of two bf16 is exact in f32: only the order of the sums differs
+/// from the GPU's.
+pub fn dot_bf16_bf16(a: &[bf16], b: &[bf16]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot_bf16_bf16: lengths differ");
+    let mut acc = [0.0f32; LANES];
+    let ac = a.chunks_exact(LANES);
+    let bc = b.chunks_exact(LANES);
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (al, bl) in ac.zip(bc) {
+        for i in 0..LANES {
+            acc[i] += widen(al[i]) * widen(bl[i]);
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for (&x, &y) in ar.iter().zip(br) {
+        sum += widen(x) * widen(y);
+    }
+    sum
+}
+
+/// `C[m, n] = A[m, k] W[n, k]^T` with f32 accumulation: A row-major (one row per position), W
+/// row-major `[out, in]` as HF stores weights, C row-major f32. The CPU twin of the GPU's
+/// tensor-core GEMM (kernel/src/ops/gemm.rs), which sums in another order: compare with a
+/// tolerance.
+pub fn gemm_bf16(a: &[bf16], w: &[bf16], m: usize, n: usize, k: usize) -> Vec<f32> {
+    assert_eq!(a.len(), m * k, "gemm_bf16: A is not m x k");
+    assert_eq!(w.len(), n * k, "gemm_bf16: W is not n x k");
+    let mut c = vec![0.0f32; m * n];
+    if k == 0 {
+        return c;
+    }
+    // Runs of entries of C as rayon tasks: a single row (m = 1) still spreads over threads.
+    const ENTRIES_PER_TASK: usize = 64;
+    c.par_chunks_mut(ENTRIES_PER_TASK).enumerate().for_each(|(task, out)| {
+        let first = task * ENTRIES_PER_TASK;
+        for (e, o) in out.iter_mut().enumerate() {
+            let (i, j) = ((first + e) / n, (first + e) % n);
+            *o = dot_bf16_bf16(&a[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+        }
+    });
+    c
+}
+
 /// RoPE cos/sin tables, each `[positions][head_dim / 2]`, with HF's float32 semantics:
 /// `inv_freq[i] = 1 / theta^(2i / head_dim)` as f32, the angle is the f32 product
 /// `pos * inv_freq[i]`, and its cos/sin are rounded to f32.

@@ -1,0 +1,75 @@
+//! The tensor-core GEMM (kernel/src/ops/gemm.rs) from the host: `C = A W^T` with bf16 A
+//! `[m, k]` (activations) and W `[n, k]` (a weight matrix, `[out, in]`), f32 C `[m, n]`. The
+//! shape contract lives in the shared ABI (`abi::gemm_shape_error`); shapes outside it are
+//! refused here, before anything reaches the GPU.
+
+use super::Gpu;
+use crate::engine::abi::{gemm_grid, gemm_shape_error, GEMM_SMEM_BYTES, GEMM_THREADS};
+use anyhow::{bail, Result};
+use cust::memory::{DeviceCopy, DeviceSlice};
+use std::ffi::c_void;
+
+/// `Ok` when the GEMM can compute `C[m, n] = A[m, k] W[n, k]^T`: m >= 1, n a multiple of 64,
+/// k a multiple of 32 (`abi::gemm_shape_error`).
+pub fn check_gemm_shape(m: usize, n: usize, k: usize) -> Result<()> {
+    let what = || format!("gemm C[{m}, {n}] = A[{m}, {k}] x W[{n}, {k}]^T");
+    let (Ok(m32), Ok(n32), Ok(k32)) = (u32::try_from(m), u32::try_from(n), u32::try_from(k)) else {
+        bail!("{}: a dimension does not fit in 32 bits", what());
+    };
+    if let Some(why) = gemm_shape_error(m32, n32, k32) {
+        bail!("{}: {why}", what());
+    }
+    Ok(())
+}
+
+fn check_buffer<T: DeviceCopy>(buf: &DeviceSlice<T>, elements: usize, name: &str) -> Result<u64> {
+    if buf.len() < elements {
+        bail!("gemm: {name} holds {} elements, the shape needs {elements}", buf.len());
+    }
+    let ptr = buf.as_device_ptr().as_raw();
+    // cp.async copies 16-byte chunks, and the kernel stores C in 8-byte pairs.
+    if !ptr.is_multiple_of(16) {
+        bail!("gemm: {name} at {ptr:#x} is not 16-byte aligned");
+    }
+    Ok(ptr)
+}
+
+/// Enqueues `c = a w^T` on the GPU's stream and returns without waiting (errors of the kernel
+/// itself show at the next synchronisation). `a` holds bf16 bits `[m, k]`, `w` bf16 bits
+/// `[n, k]`, `c` f32 `[m, n]`, all row-major. Refuses a shape or buffer the kernel cannot take.
+///
+/// It runs through the op-test entry `test_gemm_bf16` until prefill has kernels of its own.
+pub fn gemm_bf16(
+    gpu: &Gpu,
+    a: &DeviceSlice<u16>,
+    w: &DeviceSlice<u16>,
+    c: &mut DeviceSlice<f32>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    check_gemm_shape(m, n, k)?;
+    if gpu.compute_capability() < (8, 0) {
+        bail!(
+            "gemm: mma.sync with bf16 needs compute capability 8.0 or newer, {} is {:?}",
+            gpu.name(),
+            gpu.compute_capability()
+        );
+    }
+    let mut pa = check_buffer(a, m * k, "A")?;
+    let mut pw = check_buffer(w, n * k, "W")?;
+    let mut pc = check_buffer(c, m * n, "C")?;
+    let (mut m32, mut n32, mut k32) = (m as u32, n as u32, k as u32);
+    let mut args = [
+        &mut pa as *mut u64 as *mut c_void,
+        &mut pw as *mut u64 as *mut c_void,
+        &mut pc as *mut u64 as *mut c_void,
+        &mut m32 as *mut u32 as *mut c_void,
+        &mut n32 as *mut u32 as *mut c_void,
+        &mut k32 as *mut u32 as *mut c_void,
+    ];
+    let kernel = gpu.kernel("test_gemm_bf16")?;
+    // SAFETY: the arguments match test_gemm_bf16(a: *const u16, w: *const u16, c: *mut f32,
+    // m: u32, n: u32, k: u32); the shape is one the kernel takes, and the buffers hold it.
+    unsafe { kernel.launch(gpu.stream(), gemm_grid(m32, n32), GEMM_THREADS, GEMM_SMEM_BYTES, &mut args) }
+}

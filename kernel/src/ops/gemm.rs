@@ -1,0 +1,222 @@
+//! bf16 matrix x matrix on the tensor cores: the operation prefill is made of (issue #14).
+//!
+//! `C[M, N] = A[M, K] W[N, K]^T`: A the activations (row-major, one row per prompt position),
+//! W a weight matrix as the checkpoint stores it (row-major `[out, in]`), C in f32 (row-major).
+//! Products are exact and sums are f32, as the CPU twin (`host::model::ops::gemm_bf16`) does,
+//! in the tensor cores' order.
+//!
+//! A block computes one `GEMM_TILE_M x GEMM_TILE_N` (128 x 64) tile of C with 4 warps, each
+//! a 64 x 32 piece of it: 4 x 4 `mma.sync` fragments of 16 x 8, 64 f32 accumulators per lane.
+//! K goes by in tiles of 32. Each K-tile of A (128 rows) and W (64 rows) is copied into shared
+//! memory by `cp.async`, `GEMM_STAGES` (3) tiles deep: while the warps multiply tile `kt`, the
+//! copies of tiles `kt + 1` and `kt + 2` are in flight, so the tensor cores do not wait for
+//! memory once the pipeline is full. Fragments come out of shared memory with `ldmatrix` (one
+//! instruction per 16 x 16 piece of A, per two 8-wide pieces of W).
+//!
+//! Shape contract (`abi::gemm_shape_error`, which the host checks before it launches and the
+//! test kernel checks again): any M >= 1, N a multiple of 64, K a multiple of 32, all three
+//! matrices 16-byte aligned. Rows of A past M are copied as zeros (`cp.async`'s zero fill)
+//! and their results are not stored; N and K have no partial tiles.
+
+use crate::abi::{GEMM_SMEM_ROW, GEMM_STAGES, GEMM_THREADS, GEMM_TILE_K, GEMM_TILE_M, GEMM_TILE_N};
+use crate::device::*;
+
+/// 16 bytes: the unit of shared memory the GEMM is handed, so that its alignment (what
+/// `cp.async` and `ldmatrix` need) is part of the type.
+#[repr(C, align(16))]
+pub struct SmemChunk(pub [u32; 4]);
+
+/// One GEMM: device pointers and the shape (see the module's shape contract).
+#[derive(Clone, Copy)]
+pub struct GemmArgs {
+    /// bf16 `[m, k]`, row-major.
+    pub a: *const u16,
+    /// bf16 `[n, k]`, row-major (`[out, in]`).
+    pub w: *const u16,
+    /// f32 `[m, n]`, row-major.
+    pub c: *mut f32,
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+}
+
+// Shared memory: stage `s` holds A's tile (128 rows) then W's tile (64 rows), each row 32 bf16
+// of K plus 8 bf16 of padding. Why pad: `ldmatrix` reads eight 16-byte rows per 8 x 8 matrix.
+// At the unpadded stride of 64 bytes (16 banks), rows r and r + 2 start on the same bank, a
+// 4-way conflict. At 80 bytes (20 banks) the eight rows start on banks 0, 20, 8, 28, 16, 4,
+// 24, 12: each covers 4 banks and none overlaps, so each matrix is one shared-memory
+// wavefront. Padding rather than an XOR swizzle because the addresses stay plain (row times
+// stride) and the cost, 25% more shared memory, still fits 3 stages in 45 KiB. The copies
+// into the tiles (16 bytes per lane, two rows per 8 lanes) meet at most 2-way conflicts, and
+// they are asynchronous.
+const ROW_BYTES: u32 = GEMM_SMEM_ROW * 2;
+const A_TILE_BYTES: u32 = GEMM_TILE_M * ROW_BYTES;
+const W_TILE_BYTES: u32 = GEMM_TILE_N * ROW_BYTES;
+const STAGE_BYTES: u32 = A_TILE_BYTES + W_TILE_BYTES;
+
+/// 16-byte chunks per row of a K-tile, and the rows one pass of the block's threads copies.
+const CHUNKS_PER_ROW: u32 = GEMM_TILE_K * 2 / 16;
+const ROWS_PER_PASS: u32 = GEMM_THREADS / CHUNKS_PER_ROW;
+
+/// Each warp's piece of the block's tile: a 2 x 2 arrangement of 64 x 32 pieces.
+const WARP_M: u32 = 64;
+const WARP_N: u32 = 32;
+/// `mma.sync` fragments per warp piece: 16-row pieces of A by 8-column pieces of W.
+const FRAGS_M: usize = (WARP_M / 16) as usize;
+const FRAGS_N: usize = (WARP_N / 8) as usize;
+
+const _: () = {
+    assert!(GEMM_THREADS == 128 && GEMM_TILE_M == 2 * WARP_M && GEMM_TILE_N == 2 * WARP_N);
+    // The fragment loops below are unrolled by `unroll!(4, ..)` and `unroll!(2, ..)`.
+    assert!(FRAGS_M == 4 && FRAGS_N == 4 && GEMM_TILE_K == 32);
+    assert!(GEMM_TILE_M % ROWS_PER_PASS == 0 && GEMM_TILE_N % ROWS_PER_PASS == 0);
+    assert!(GEMM_STAGES >= 2 && ROW_BYTES % 16 == 0);
+};
+
+/// The f32 accumulators of one lane: `[fragment row][fragment column]`, each the 4 values
+/// of an m16n8 fragment (device.rs's layout of C).
+type Accumulators = [[[f32; 4]; FRAGS_N]; FRAGS_M];
+
+/// Starts the copies of K-tile `kt` of this block's rows of A (from `m0`) and W (from `n0`)
+/// into stage `stage` of shared memory. Thread `t` copies chunk `t % 4` of rows `t / 4 + 32 i`:
+/// four consecutive threads read one row's 64 contiguous bytes.
+#[inline(always)]
+unsafe fn copy_k_tile(g: &GemmArgs, m0: u32, n0: u32, kt: u32, stage_address: u32) {
+    let t = thread_idx();
+    let chunk = t % CHUNKS_PER_ROW;
+    let first_row = t / CHUNKS_PER_ROW;
+    let column = (kt * GEMM_TILE_K + chunk * 8) as usize;
+    let k = g.k as usize;
+    let mut r = first_row;
+    while r < GEMM_TILE_M {
+        let row = m0 + r;
+        let valid = row < g.m;
+        // Rows past M read nothing (zero fill) but still need an address inside A.
+        let src_row = if valid { row } else { g.m - 1 } as usize;
+        let src = g.a.add(src_row * k + column) as *const u8;
+        cp_async_16(stage_address + r * ROW_BYTES + chunk * 16, src, valid);
+        r += ROWS_PER_PASS;
+    }
+    let mut r = first_row;
+    while r < GEMM_TILE_N {
+        let src = g.w.add((n0 + r) as usize * k + column) as *const u8;
+        cp_async_16(stage_address + A_TILE_BYTES + r * ROW_BYTES + chunk * 16, src, true);
+        r += ROWS_PER_PASS;
+    }
+}
+
+/// Multiplies the K-tile in the stage at `stage_address` into `acc`: two steps of k = 16, each
+/// 4 `ldmatrix` of A, 2 of W and 16 `mma.sync`. `a_lane` and `w_lane` are this lane's byte
+/// offsets for `ldmatrix` within the warp's rows of the A and W tiles.
+#[inline(always)]
+unsafe fn multiply_k_tile(acc: &mut Accumulators, stage_address: u32, a_lane: u32, w_lane: u32) {
+    crate::unroll!(2, KS, {
+        // 16 bf16 of k = 32 bytes further along each row.
+        let k_bytes = KS as u32 * 32;
+        let mut a = [[0u32; 4]; FRAGS_M];
+        crate::unroll!(4, MI, {
+            a[MI] = ldmatrix_x4(stage_address + a_lane + MI as u32 * 16 * ROW_BYTES + k_bytes);
+        });
+        let mut b = [[0u32; 2]; FRAGS_N];
+        crate::unroll!(2, NP, {
+            // Matrices 0 and 1: b[0], b[1] of columns 16 NP..+8; 2 and 3: of the next 8.
+            let r = ldmatrix_x4(stage_address + A_TILE_BYTES + w_lane + NP as u32 * 16 * ROW_BYTES + k_bytes);
+            b[2 * NP] = [r[0], r[1]];
+            b[2 * NP + 1] = [r[2], r[3]];
+        });
+        crate::unroll!(4, MI, {
+            crate::unroll!(4, NJ, {
+                mma_bf16_m16n8k16(&mut acc[MI][NJ], a[MI], b[NJ]);
+            });
+        });
+    });
+}
+
+/// Computes tile `tile` of C (tiles numbered with M fastest: consecutive blocks share a tile
+/// of W, so each weight is read from memory about once while the few tiles of A stay in L2).
+/// All `GEMM_THREADS` threads of the block call it together; `smem` is `GEMM_SMEM_BYTES` of
+/// shared memory, free for reuse when it returns (it ends with a barrier).
+///
+/// # Safety
+/// The shape must pass `abi::gemm_shape_error`, `tile < abi::gemm_grid(m, n)`, the pointers
+/// must hold their matrices and be 16-byte aligned, and the block must have `GEMM_THREADS`
+/// threads.
+#[inline(always)]
+pub unsafe fn gemm_bf16_tile(g: &GemmArgs, tile: u32, smem: *mut SmemChunk) {
+    let m_tiles = g.m.div_ceil(GEMM_TILE_M);
+    let m0 = (tile % m_tiles) * GEMM_TILE_M;
+    let n0 = (tile / m_tiles) * GEMM_TILE_N;
+    let smem_address = shared_address(smem);
+    let k_tiles = g.k / GEMM_TILE_K;
+
+    // Fill the pipeline: tiles 0 .. STAGES - 1, one commit group each (empty past K's end, so
+    // that the loop's group count is the same for every K).
+    let mut s = 0;
+    while s < GEMM_STAGES - 1 {
+        if s < k_tiles {
+            copy_k_tile(g, m0, n0, s, smem_address + s * STAGE_BYTES);
+        }
+        cp_async_commit_group();
+        s += 1;
+    }
+
+    // This lane's `ldmatrix` row (see device::ldmatrix_x4). A: lanes 0-15 point at rows 0-15
+    // of a 16 x 16 piece at k 0, lanes 16-31 at the same rows at k 8. W: lanes 0-7 rows 0-7
+    // at k 0, lanes 8-15 rows 0-7 at k 8, lanes 16-31 the same for rows 8-15.
+    let l = lane();
+    let warp_m0 = (warp() >> 1) * WARP_M;
+    let warp_n0 = (warp() & 1) * WARP_N;
+    let a_lane = (warp_m0 + (l & 15)) * ROW_BYTES + (l >> 4) * 16;
+    let w_lane = (warp_n0 + (l & 7) + ((l >> 4) << 3)) * ROW_BYTES + ((l >> 3) & 1) * 16;
+
+    let mut acc: Accumulators = [[[0.0; 4]; FRAGS_N]; FRAGS_M];
+    let mut read_stage = 0;
+    let mut write_stage = GEMM_STAGES - 1;
+    let mut kt = 0;
+    while kt < k_tiles {
+        // Groups committed so far: STAGES - 1 + kt. Leaving STAGES - 2 of them pending means
+        // tile kt (group kt) has landed, for this thread's copies; the barrier makes that
+        // true of every thread's, and also says every warp is done with tile kt - 1, whose
+        // stage (write_stage) the next copies overwrite.
+        cp_async_wait_group::<{ GEMM_STAGES - 2 }>();
+        sync_threads();
+        let next = kt + GEMM_STAGES - 1;
+        if next < k_tiles {
+            copy_k_tile(g, m0, n0, next, smem_address + write_stage * STAGE_BYTES);
+        }
+        cp_async_commit_group();
+        multiply_k_tile(&mut acc, smem_address + read_stage * STAGE_BYTES, a_lane, w_lane);
+        read_stage = if read_stage + 1 == GEMM_STAGES { 0 } else { read_stage + 1 };
+        write_stage = if write_stage + 1 == GEMM_STAGES { 0 } else { write_stage + 1 };
+        kt += 1;
+    }
+    // The groups still open are empty; wait for them anyway, and for every warp to finish
+    // reading, so that the caller may reuse the shared memory.
+    cp_async_wait_group::<0>();
+    sync_threads();
+
+    // Store: lane (g, t) holds C[g][2t..2t+2] and C[g + 8][2t..2t+2] of each fragment, 8
+    // bytes each (N even and the column even, so 8-byte aligned).
+    let group = l >> 2;
+    let t2 = (l & 3) * 2;
+    let n = g.n as usize;
+    crate::unroll!(4, MI, {
+        let row = m0 + warp_m0 + MI as u32 * 16 + group;
+        crate::unroll!(4, NJ, {
+            let col = (n0 + warp_n0 + NJ as u32 * 8 + t2) as usize;
+            let f = acc[MI][NJ];
+            if row < g.m {
+                store_f32_pair(g.c.add(row as usize * n + col), f[0], f[1]);
+            }
+            if row + 8 < g.m {
+                store_f32_pair(g.c.add((row + 8) as usize * n + col), f[2], f[3]);
+            }
+        });
+    });
+}
+
+/// `p[0] = lo, p[1] = hi` in one 8-byte store (`p` 8-byte aligned).
+#[inline(always)]
+unsafe fn store_f32_pair(p: *mut f32, lo: f32, hi: f32) {
+    *(p as *mut u64) = (hi.to_bits() as u64) << 32 | lo.to_bits() as u64;
+}
