@@ -62,8 +62,10 @@ for tool in $tools; do
     [ "${SANITIZE_QUICK:-0}" = 1 ] && [ "$tool" != memcheck ] && continue
     run "$tool decode ($long-token context)" "$san" --tool "$tool" "${extra[@]}" \
         ./host decode --model "$model" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json
-    run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
-        "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties top_p_grid
+    # Every op kernel's test, the sampling ones with fewer draws (the paths, not the statistics,
+    # are what the tools check), and the tensor-core GEMM at every tested shape.
+    QWEN3_SAMPLING_TRIALS=300 run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
+        "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties top_p_grid sampling gemm_bf16_matches
     # The grid barrier as the decode kernel uses it (sense in shared memory).
     [ -n "$device" ] && QWEN3_BARRIER_ROUNDS=1000 run "$tool grid barrier (sense in shared memory, 2000 uses)" \
         "$san" --tool "$tool" "${extra[@]}" "$device" --ignored --test-threads=1 grid_barrier_with_sense_in_shared_memory

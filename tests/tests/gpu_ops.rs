@@ -517,7 +517,9 @@ fn lm_head_ties_go_to_the_lowest_id() {
 fn sampling_distribution_matches_cpu() {
     let gpu = gpu();
     let mut rng = Rng(7);
-    let trials = 6000u32;
+    // QWEN3_SAMPLING_TRIALS: fewer draws for the sanitizer's runs (the bounds are in standard
+    // errors, so they widen with fewer).
+    let trials: u32 = std::env::var("QWEN3_SAMPLING_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(6000);
     // (vocab, weight scale): peaked logits over 12 tokens, and flat ones over 300 (wide nuclei).
     for (vocab, scale) in [(12usize, 0.3f32), (300, 0.02)] {
         let hidden = 64usize;

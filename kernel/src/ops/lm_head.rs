@@ -539,7 +539,9 @@ unsafe fn grid_top_p(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
 unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
     let u = uniform(hash3(a.seed, a.pos, u32::MAX));
     if a.top_k > TOP {
-        // No block kept candidates (`lm_head_phase`): more than 32 are needed.
+        // No block kept candidates (`lm_head_phase`): more than 32 are needed. The caller's
+        // reads of the merged partials come first: `sample_top_k` reuses those words.
+        sync_threads();
         if a.logits_scratch.is_null() {
             trap();
         }
@@ -559,6 +561,8 @@ unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
     sync_threads();
     let token = *out;
     let needs_all = *fallback != 0;
+    // Read before the barrier: `sample_top_p` zeroes these words first thing.
+    let max = f32::from_bits(*out.add(4));
     sync_threads();
     if !needs_all {
         return token;
@@ -568,7 +572,6 @@ unsafe fn draw_filtered(a: &LmHeadArgs, inv_t: f32, smem: *mut f32) -> u32 {
     if a.logits_scratch.is_null() {
         trap(); // the caller's choice of `logits_scratch` missed a case
     }
-    let max = f32::from_bits(*out.add(4));
     sample_top_p(a.logits_scratch, a.vocab, inv_t, max, a.top_p, a.seed, a.pos, smem as *mut u32)
 }
 
