@@ -1,4 +1,4 @@
-//! bf16 matrix x matrix on the tensor cores: the operation prefill is made of (issue #14).
+//! bf16 matrix x matrix on the tensor cores: the operation prefill is made of.
 //!
 //! `C[M, N] = A[M, K] W[N, K]^T`: A the activations (row-major, one row per prompt position),
 //! W a weight matrix as the checkpoint stores it (row-major `[out, in]`), C in f32 (row-major).

@@ -12,7 +12,9 @@
 //!   That is exact whenever the distribution to draw from lies within those 32: top-k <= 32
 //!   (Qwen3's default is 20), or top-p alone with a nucleus of at most 32 tokens. Otherwise,
 //!   and only then, one block finishes exactly over the logits the others wrote out:
-//!   `sample_top_k` (top-k up to 256) or `sample_top_p` (top-p alone, any nucleus).
+//!   `sample_top_k` (top-k up to 256) or `sample_top_p` (top-p alone, any nucleus). In the
+//!   decode kernel, top-p alone is drawn by every block instead (`lm_head::grid_top_p`: the
+//!   same radix select over the grid's histograms, the same token).
 
 use crate::device::*;
 
