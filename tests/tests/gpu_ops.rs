@@ -380,23 +380,6 @@ fn run_lm_head(
     top_p: f32,
     trials: u32,
     grid: u32,
-) -> LmHeadRun {
-    run_lm_head_drawing(gpu, w, vocab, hidden, xn, target, temperature, top_k, top_p, trials, grid, TopPDraw::OneBlock)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_lm_head_drawing(
-    gpu: &Gpu,
-    w: &[bf16],
-    vocab: usize,
-    hidden: usize,
-    xn: &[f32],
-    target: u32,
-    temperature: f32,
-    top_k: u32,
-    top_p: f32,
-    trials: u32,
-    grid: u32,
     draw: TopPDraw,
 ) -> LmHeadRun {
     let dw = gpu.upload(&bits(w), "lm head").unwrap();
@@ -466,7 +449,7 @@ fn lm_head_argmax_and_log_sum_exp_match_cpu() {
     let w = rng.bf16s(vocab * hidden, 0.05);
     let xn = rng.vec(hidden, 2.0);
     let target = 77_777;
-    let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, target, 0.0, 0, 1.0, 1, gpu.sm_count());
+    let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, target, 0.0, 0, 1.0, 1, gpu.sm_count(), TopPDraw::OneBlock);
     let want = ops::gemv(&w, vocab, hidden, &xn);
     let err = rel_err(&r.logits, &want);
     assert!(err < 1e-5, "LM-head logits: relative error {err}");
@@ -502,7 +485,7 @@ fn lm_head_ties_go_to_the_lowest_id() {
     for row in [4321usize, 1234, 3000] {
         w[row * hidden..(row + 1) * hidden].copy_from_slice(&best);
     }
-    let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, 0.0, 0, 1.0, 1, gpu.sm_count());
+    let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, 0.0, 0, 1.0, 1, gpu.sm_count(), TopPDraw::OneBlock);
     assert_eq!(r.tokens[0], 1234);
     assert_eq!(ops::argmax(&r.logits), 1234);
 }
@@ -531,17 +514,54 @@ fn sampling_distribution_matches_cpu() {
             &[(1.0, 40, 1.0), (1.0, 0, 0.9), (0.6, 20, 0.95), (1.0, 256, 0.5)]
         };
         for &(temperature, top_k, top_p) in cases {
-            let r = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4);
+            let r = run_lm_head(
+                &gpu,
+                &w,
+                vocab,
+                hidden,
+                &xn,
+                u32::MAX,
+                temperature,
+                top_k,
+                top_p,
+                trials,
+                4,
+                TopPDraw::OneBlock,
+            );
             check_draws(&r, vocab, temperature, top_k, top_p, trials);
             if vocab == 300 || top_k == 20 {
-                let again = run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4);
+                let again = run_lm_head(
+                    &gpu,
+                    &w,
+                    vocab,
+                    hidden,
+                    &xn,
+                    u32::MAX,
+                    temperature,
+                    top_k,
+                    top_p,
+                    trials,
+                    4,
+                    TopPDraw::OneBlock,
+                );
                 assert_eq!(r.tokens, again.tokens, "T={temperature} k={top_k} p={top_p}: same seed, other tokens");
             }
             if top_k == 0 && top_p < 1.0 {
                 // The decode kernel's draw of top-p alone (every block) picks the very tokens
                 // the one-block draw does.
-                let grid = run_lm_head_drawing(
-                    &gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4, TopPDraw::Grid,
+                let grid = run_lm_head(
+                    &gpu,
+                    &w,
+                    vocab,
+                    hidden,
+                    &xn,
+                    u32::MAX,
+                    temperature,
+                    top_k,
+                    top_p,
+                    trials,
+                    4,
+                    TopPDraw::Grid,
                 );
                 assert_eq!(r.tokens, grid.tokens, "T={temperature} p={top_p}: the grid draw differs from one block's");
             }
@@ -563,8 +583,22 @@ fn top_p_grid_draw_matches_one_block_at_full_vocab() {
     let xn = rng.vec(hidden, 1.0);
     let grid = gpu.sm_count();
     for (temperature, top_p) in [(0.6f32, 0.95f32), (1.0, 0.5)] {
-        let one = run_lm_head_drawing(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, 0, top_p, trials, grid, TopPDraw::OneBlock);
-        let all = run_lm_head_drawing(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, 0, top_p, trials, grid, TopPDraw::Grid);
+        let one = run_lm_head(
+            &gpu,
+            &w,
+            vocab,
+            hidden,
+            &xn,
+            u32::MAX,
+            temperature,
+            0,
+            top_p,
+            trials,
+            grid,
+            TopPDraw::OneBlock,
+        );
+        let all =
+            run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, 0, top_p, trials, grid, TopPDraw::Grid);
         let params = host::backend::SamplingParams { temperature, top_k: 0, top_p, seed: 0 };
         let nucleus = host::model::sampling::filtered_distribution(&one.logits, &params);
         assert!(nucleus.len() > 1000, "T={temperature} p={top_p}: nucleus of only {} tokens", nucleus.len());
