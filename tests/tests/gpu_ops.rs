@@ -514,55 +514,18 @@ fn sampling_distribution_matches_cpu() {
             &[(1.0, 40, 1.0), (1.0, 0, 0.9), (0.6, 20, 0.95), (1.0, 256, 0.5)]
         };
         for &(temperature, top_k, top_p) in cases {
-            let r = run_lm_head(
-                &gpu,
-                &w,
-                vocab,
-                hidden,
-                &xn,
-                u32::MAX,
-                temperature,
-                top_k,
-                top_p,
-                trials,
-                4,
-                TopPDraw::OneBlock,
-            );
+            let draw =
+                |how| run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, top_k, top_p, trials, 4, how);
+            let r = draw(TopPDraw::OneBlock);
             check_draws(&r, vocab, temperature, top_k, top_p, trials);
             if vocab == 300 || top_k == 20 {
-                let again = run_lm_head(
-                    &gpu,
-                    &w,
-                    vocab,
-                    hidden,
-                    &xn,
-                    u32::MAX,
-                    temperature,
-                    top_k,
-                    top_p,
-                    trials,
-                    4,
-                    TopPDraw::OneBlock,
-                );
+                let again = draw(TopPDraw::OneBlock);
                 assert_eq!(r.tokens, again.tokens, "T={temperature} k={top_k} p={top_p}: same seed, other tokens");
             }
             if top_k == 0 && top_p < 1.0 {
                 // The decode kernel's draw of top-p alone (every block) picks the very tokens
                 // the one-block draw does.
-                let grid = run_lm_head(
-                    &gpu,
-                    &w,
-                    vocab,
-                    hidden,
-                    &xn,
-                    u32::MAX,
-                    temperature,
-                    top_k,
-                    top_p,
-                    trials,
-                    4,
-                    TopPDraw::Grid,
-                );
+                let grid = draw(TopPDraw::Grid);
                 assert_eq!(r.tokens, grid.tokens, "T={temperature} p={top_p}: the grid draw differs from one block's");
             }
         }
@@ -583,22 +546,9 @@ fn top_p_grid_draw_matches_one_block_at_full_vocab() {
     let xn = rng.vec(hidden, 1.0);
     let grid = gpu.sm_count();
     for (temperature, top_p) in [(0.6f32, 0.95f32), (1.0, 0.5)] {
-        let one = run_lm_head(
-            &gpu,
-            &w,
-            vocab,
-            hidden,
-            &xn,
-            u32::MAX,
-            temperature,
-            0,
-            top_p,
-            trials,
-            grid,
-            TopPDraw::OneBlock,
-        );
-        let all =
-            run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, 0, top_p, trials, grid, TopPDraw::Grid);
+        let draw = |how| run_lm_head(&gpu, &w, vocab, hidden, &xn, u32::MAX, temperature, 0, top_p, trials, grid, how);
+        let one = draw(TopPDraw::OneBlock);
+        let all = draw(TopPDraw::Grid);
         let params = host::backend::SamplingParams { temperature, top_k: 0, top_p, seed: 0 };
         let nucleus = host::model::sampling::filtered_distribution(&one.logits, &params);
         assert!(nucleus.len() > 1000, "T={temperature} p={top_p}: nucleus of only {} tokens", nucleus.len());
