@@ -373,3 +373,62 @@ pub const fn gemm_shape_error(m: u32, n: u32, k: u32) -> Option<&'static str> {
 pub const fn gemm_grid(m: u32, n: u32) -> u32 {
     m.div_ceil(GEMM_TILE_M) * (n / GEMM_TILE_N)
 }
+
+// ---------------------------------------------------------------- prefill (kernel/src/prefill.rs)
+
+/// Threads per block of every prefill kernel but the GEMM (which takes `GEMM_THREADS`): four
+/// warps. The row ops and attention give each warp one row, head or (position, head).
+pub const PREFILL_THREADS: u32 = 128;
+pub const PREFILL_WARPS: u32 = PREFILL_THREADS / 32;
+
+/// Blocks of a prefill launch that gives one warp to each of `items` rows, heads or
+/// (position, head) pairs.
+pub const fn prefill_warp_grid(items: u32) -> u32 {
+    items.div_ceil(PREFILL_WARPS)
+}
+
+/// Blocks of a prefill launch that gives one thread to each of `n` elements (grid-stride
+/// loops cover any `n`; this many blocks is enough to fill a GPU and no more).
+pub const fn prefill_elementwise_grid(n: u32) -> u32 {
+    let blocks = n.div_ceil(PREFILL_THREADS);
+    if blocks > 4096 {
+        4096
+    } else if blocks == 0 {
+        1
+    } else {
+        blocks
+    }
+}
+
+/// What the prefill's q/k norm + RoPE (`prefill_qk_rope_hd*`) and attention
+/// (`prefill_attention_hd*`) kernels need, for one layer and one chunk of `rows` positions
+/// `start_pos .. start_pos + rows`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrefillAttentionParams {
+    /// f32 `[rows, q_dim + 2 * kv_dim]`: the q/k/v GEMM's output, each row q of all heads,
+    /// then k and v of all kv heads (the stacked `wqkv`'s order).
+    pub qkv: u64,
+    /// bf16 `[head_dim]` each.
+    pub q_norm: u64,
+    pub k_norm: u64,
+    /// f32 `[max_ctx, head_dim / 2]` each: the whole RoPE tables (row `pos` is used).
+    pub rope_cos: u64,
+    pub rope_sin: u64,
+    /// bf16 `[n_kv_heads, max_ctx, head_dim]` each: the decode kernel's KV cache of this layer.
+    pub k_cache: u64,
+    pub v_cache: u64,
+    /// f32 `[rows, q_dim]`: q after its norm and RoPE (written by the RoPE kernel, read by
+    /// attention).
+    pub q: u64,
+    /// bf16 `[rows, q_dim]`: the attention output, the o GEMM's A.
+    pub out: u64,
+    pub rows: u32,
+    pub start_pos: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub max_ctx: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}

@@ -4,7 +4,7 @@
 use std::io::Write;
 
 /// Every name the host and the GPU tests pass to `Gpu::kernel`, found in their sources,
-/// plus the entries the engine names by head_dim. `None` where the sources are not there (a
+/// plus the entries the engine and the prefill launchers name by head_dim or from a list. `None` where the sources are not there (a
 /// test binary copied to another machine).
 fn looked_up() -> Option<Vec<String>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -40,7 +40,10 @@ fn looked_up() -> Option<Vec<String>> {
     for hd in host::engine::HEAD_DIMS {
         names.push(host::engine::decode_kernel_name(hd));
         names.push(host::engine::phase_kernel_name(hd));
+        names.push(host::gpu::prefill::qk_rope_kernel_name(hd));
+        names.push(host::gpu::prefill::attention_kernel_name(hd));
     }
+    names.extend(host::gpu::prefill::PREFILL_KERNELS.iter().map(|n| n.to_string()));
     names.sort();
     names.dedup();
     Some(names)

@@ -42,6 +42,7 @@ unsafe impl DeviceCopy for DecodeState {}
 unsafe impl DeviceCopy for DecodeParams {}
 unsafe impl DeviceCopy for AttentionTestParams {}
 unsafe impl DeviceCopy for LmHeadTestParams {}
+unsafe impl DeviceCopy for PrefillAttentionParams {}
 
 /// Most end-of-sequence ids one launch stops at: the length of `DecodeParams::eos`.
 pub const MAX_EOS: usize = 4;

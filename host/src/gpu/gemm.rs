@@ -49,6 +49,21 @@ pub fn gemm_bf16(
     k: usize,
 ) -> Result<()> {
     check_gemm_shape(m, n, k)?;
+    let pa = check_buffer(a, m * k, "A")?;
+    let pw = check_buffer(w, n * k, "W")?;
+    let pc = check_buffer(c, m * n, "C")?;
+    // SAFETY: the buffers were just checked to hold the shape and to be 16-byte aligned.
+    unsafe { gemm_bf16_raw(gpu, pa, pw, pc, m, n, k) }
+}
+
+/// [`gemm_bf16`] on raw device addresses (the engine's weights are known by address only):
+/// checks the shape and the alignment, not what the addresses hold.
+///
+/// # Safety
+/// `a`, `w` and `c` must be device allocations of at least `m * k` bf16, `n * k` bf16 and
+/// `m * n` f32, live until the kernel has run.
+pub unsafe fn gemm_bf16_raw(gpu: &Gpu, a: u64, w: u64, c: u64, m: usize, n: usize, k: usize) -> Result<()> {
+    check_gemm_shape(m, n, k)?;
     if gpu.compute_capability() < (8, 0) {
         bail!(
             "gemm: mma.sync with bf16 needs compute capability 8.0 or newer, {} is {:?}",
@@ -56,9 +71,13 @@ pub fn gemm_bf16(
             gpu.compute_capability()
         );
     }
-    let mut pa = check_buffer(a, m * k, "A")?;
-    let mut pw = check_buffer(w, n * k, "W")?;
-    let mut pc = check_buffer(c, m * n, "C")?;
+    for (name, ptr) in [("A", a), ("W", w), ("C", c)] {
+        // cp.async copies 16-byte chunks, and the kernel stores C in 8-byte pairs.
+        if !ptr.is_multiple_of(16) {
+            bail!("gemm: {name} at {ptr:#x} is not 16-byte aligned");
+        }
+    }
+    let (mut pa, mut pw, mut pc) = (a, w, c);
     let (mut m32, mut n32, mut k32) = (m as u32, n as u32, k as u32);
     let mut args = [
         &mut pa as *mut u64 as *mut c_void,
@@ -70,6 +89,7 @@ pub fn gemm_bf16(
     ];
     let kernel = gpu.kernel("test_gemm_bf16")?;
     // SAFETY: the arguments match test_gemm_bf16(a: *const u16, w: *const u16, c: *mut f32,
-    // m: u32, n: u32, k: u32); the shape is one the kernel takes, and the buffers hold it.
+    // m: u32, n: u32, k: u32); the shape is one the kernel takes, and the caller vouches for
+    // the buffers.
     unsafe { kernel.launch(gpu.stream(), gemm_grid(m32, n32), GEMM_THREADS, GEMM_SMEM_BYTES, &mut args) }
 }

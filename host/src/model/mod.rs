@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod ops;
+pub mod prefill;
 pub mod reference;
 pub mod sampling;
 pub mod synth;

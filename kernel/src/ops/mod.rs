@@ -9,4 +9,5 @@ pub mod gemv;
 pub mod lm_head;
 pub mod mlp;
 pub mod norm;
+pub mod prefill;
 pub mod sampling;

@@ -1,0 +1,123 @@
+//! CPU twins of the prefill kernels (kernel/src/ops/prefill.rs): the same operations on a
+//! chunk of positions, with the GPU's roundings to bf16 (the GEMMs' inputs and the KV cache)
+//! made explicit, and otherwise the reference's f32 maths ([`super::ops`]). The GPU unit tests
+//! compare each kernel with its twin.
+
+use super::ops;
+use half::bf16;
+
+/// The attention heads' shape and the KV cache's: the cache is bf16
+/// `[n_kv_heads, max_ctx, head_dim]` per layer, the decode kernel's layout.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_ctx: usize,
+}
+
+impl HeadShape {
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    /// Elements of one layer's K (or V) cache.
+    pub fn cache_len(&self) -> usize {
+        self.n_kv_heads * self.max_ctx * self.head_dim
+    }
+    /// Index in the cache of kv head `h`'s row at position `pos`.
+    pub fn cache_index(&self, h: usize, pos: usize) -> usize {
+        (h * self.max_ctx + pos) * self.head_dim
+    }
+}
+
+/// `rows` rows of `weight.len()` values: each RMSNormed ([`ops::rms_norm`]) and rounded to
+/// bf16, the GEMM's A (`prefill_rms_norm`).
+pub fn rms_norm_rows_bf16(x: &[f32], weight: &[bf16], eps: f32) -> Vec<bf16> {
+    let n = weight.len();
+    assert!(n > 0 && x.len().is_multiple_of(n), "rms_norm_rows_bf16: x is not whole rows of the weight's length");
+    x.chunks_exact(n).flat_map(|row| ops::rms_norm(row, weight, eps)).map(bf16::from_f32).collect()
+}
+
+/// `bf16(silu(gate) * up)` elementwise (`prefill_silu_mul`).
+pub fn silu_mul_bf16(gate: &[f32], up: &[f32]) -> Vec<bf16> {
+    ops::silu_mul(gate, up).into_iter().map(bf16::from_f32).collect()
+}
+
+/// `prefill_qk_rope_hd*`: for each of the `rows` rows of `qkv` (`[q_dim + 2 kv_dim]` each,
+/// q then k then v), position `start_pos + row`: q heads get q_norm + RoPE (returned,
+/// `[rows, q_dim]` f32), k heads k_norm + RoPE and v heads nothing, both rounded to bf16 into
+/// the caches at that position. `cos`/`sin` are the whole tables (`[positions][head_dim/2]`).
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope_append(
+    qkv: &[f32],
+    start_pos: usize,
+    s: &HeadShape,
+    q_norm: &[bf16],
+    k_norm: &[bf16],
+    eps: f32,
+    cos: &[f32],
+    sin: &[f32],
+    k_cache: &mut [bf16],
+    v_cache: &mut [bf16],
+) -> Vec<f32> {
+    let (d, q_dim, kv_dim) = (s.head_dim, s.q_dim(), s.kv_dim());
+    let width = q_dim + 2 * kv_dim;
+    assert!(qkv.len().is_multiple_of(width), "qk_norm_rope_append: qkv is not whole rows");
+    let rows = qkv.len() / width;
+    assert!(start_pos + rows <= s.max_ctx, "qk_norm_rope_append: positions beyond the cache");
+    assert!(k_cache.len() == s.cache_len() && v_cache.len() == s.cache_len(), "qk_norm_rope_append: cache size");
+    let half = d / 2;
+    let mut q_out = Vec::with_capacity(rows * q_dim);
+    for (r, row) in qkv.chunks_exact(width).enumerate() {
+        let pos = start_pos + r;
+        let (c, sn) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+        let mut q = row[..q_dim].to_vec();
+        for head in q.chunks_exact_mut(d) {
+            ops::head_norm_rope(head, q_norm, eps, c, sn);
+        }
+        q_out.extend_from_slice(&q);
+        for h in 0..s.n_kv_heads {
+            let mut k = row[q_dim + h * d..q_dim + (h + 1) * d].to_vec();
+            ops::head_norm_rope(&mut k, k_norm, eps, c, sn);
+            let v = &row[q_dim + kv_dim + h * d..q_dim + kv_dim + (h + 1) * d];
+            let at = s.cache_index(h, pos);
+            for i in 0..d {
+                k_cache[at + i] = bf16::from_f32(k[i]);
+                v_cache[at + i] = bf16::from_f32(v[i]);
+            }
+        }
+    }
+    q_out
+}
+
+/// `prefill_attention_hd*`: each of the `q.len() / q_dim` rows of `q` (position
+/// `start_pos + row`) attends causally over cache positions `0 ..= start_pos + row`
+/// ([`ops::attention`], GQA, softmax in f64). Returns `[rows, q_dim]` in f32; the GPU rounds
+/// the same values to bf16.
+pub fn causal_attention(q: &[f32], start_pos: usize, s: &HeadShape, k_cache: &[bf16], v_cache: &[bf16]) -> Vec<f32> {
+    let (d, q_dim, kv_dim) = (s.head_dim, s.q_dim(), s.kv_dim());
+    assert!(q.len().is_multiple_of(q_dim), "causal_attention: q is not whole rows");
+    let rows = q.len() / q_dim;
+    let len = start_pos + rows;
+    assert!(len <= s.max_ctx, "causal_attention: positions beyond the cache");
+    // The cache position-major, as ops::attention takes it: [len][kv_dim].
+    let (mut keys, mut values) = (vec![0.0f32; len * kv_dim], vec![0.0f32; len * kv_dim]);
+    for pos in 0..len {
+        for h in 0..s.n_kv_heads {
+            let at = s.cache_index(h, pos);
+            for i in 0..d {
+                keys[pos * kv_dim + h * d + i] = k_cache[at + i].to_f32();
+                values[pos * kv_dim + h * d + i] = v_cache[at + i].to_f32();
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(rows * q_dim);
+    for (r, qr) in q.chunks_exact(q_dim).enumerate() {
+        let n = start_pos + r + 1;
+        out.extend(ops::attention(qr, &keys, &values, s.n_heads, s.n_kv_heads, d, n));
+    }
+    out
+}

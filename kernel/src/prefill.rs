@@ -1,0 +1,83 @@
+//! `prefill_*`: the kernels of a prefill chunk besides the GEMM (`ops::gemm`, launched through
+//! `test_gemm_bf16` for now). Ordinary launches of `abi::PREFILL_THREADS` threads, no shared
+//! memory; the host (host/src/engine/prefill.rs) runs them in order, per layer:
+//!
+//! `prefill_rms_norm` -> q/k/v GEMM -> `prefill_qk_rope_hd*` -> `prefill_attention_hd*` ->
+//! o GEMM -> `prefill_add` -> `prefill_rms_norm` -> gate and up GEMMs -> `prefill_silu_mul` ->
+//! down GEMM -> `prefill_add`, after `prefill_embed` once per chunk.
+//!
+//! The head-sized kernels have one entry per head_dim, as the decode kernel does, so that each
+//! is compiled for its own register tile.
+
+use crate::abi::PrefillAttentionParams;
+use crate::ops::prefill::*;
+
+/// `x[r] = embed[tokens[r]]` (f32) for `rows` rows of `hidden`. Any grid.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_embed(
+    embed: *const u16,
+    tokens: *const u32,
+    rows: u32,
+    hidden: u32,
+    x: *mut f32,
+) {
+    embed_rows(embed, tokens, rows, hidden, x)
+}
+
+/// bf16 RMSNorm of `rows` rows of `n` (a multiple of 4), one warp per row:
+/// `abi::prefill_warp_grid(rows)` blocks.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_rms_norm(
+    x: *const f32,
+    weight: *const u16,
+    rows: u32,
+    n: u32,
+    eps: f32,
+    out: *mut u16,
+) {
+    rms_norm_row_bf16(x, weight, rows, n, eps, out)
+}
+
+/// `out = bf16(silu(gate) * up)` over `n` elements. Any grid.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_silu_mul(gate: *const f32, up: *const f32, n: u32, out: *mut u16) {
+    silu_mul_bf16(gate, up, n, out)
+}
+
+/// `x += delta` over `n` elements. Any grid.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_add(x: *mut f32, delta: *const f32, n: u32) {
+    add_into(x, delta, n)
+}
+
+// q/k norm + RoPE + K/V append: `abi::prefill_warp_grid(rows * (n_heads + 2 n_kv_heads))`.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_qk_rope_hd128(p: PrefillAttentionParams) {
+    qk_norm_rope_append::<4>(&p)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_qk_rope_hd64(p: PrefillAttentionParams) {
+    qk_norm_rope_append::<2>(&p)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_qk_rope_hd32(p: PrefillAttentionParams) {
+    qk_norm_rope_append::<1>(&p)
+}
+
+// Causal attention of the chunk over the cache: `abi::prefill_warp_grid(rows * n_heads)`.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_attention_hd128(p: PrefillAttentionParams) {
+    causal_attention::<4>(&p)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_attention_hd64(p: PrefillAttentionParams) {
+    causal_attention::<2>(&p)
+}
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_attention_hd32(p: PrefillAttentionParams) {
+    causal_attention::<1>(&p)
+}

@@ -1,0 +1,287 @@
+//! The prefill kernels (kernel/src/ops/prefill.rs) on the GPU against their CPU twins
+//! (host::model::prefill), through the launchers the engine uses (host::gpu::prefill), on
+//! random data, at chunk and cache boundaries: one-row chunks, chunk tails, chunks that start
+//! past position 0 and chunks that end at the cache's last position; GQA groups 2 and 4 and
+//! head_dim 32, 64 and 128. Outputs start as NaN, so an element a kernel forgot fails.
+//!
+//! Tolerances: values the GPU rounds to bf16 (the norm's rows, SiLU * up, K, attention) may
+//! sit one bf16 step (2^-8 relative) from the CPU's rounding of its own f32, whose last bits
+//! differ (approximate rsqrt/exp2, summation order); V is stored unchanged, so bit-exact. q
+//! stays f32: relative L2 error under 1e-5, as the decode kernel's q/k norm test allows.
+
+mod common;
+use common::rel_err;
+use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
+use half::bf16;
+use host::engine::abi::PrefillAttentionParams;
+use host::gpu::{prefill, Gpu};
+use host::model::ops;
+use host::model::prefill::{self as twin, HeadShape};
+
+fn gpu() -> Gpu {
+    Gpu::new(0).expect("these tests need a CUDA GPU")
+}
+
+fn dptr<T: DeviceCopy>(b: &DeviceBuffer<T>) -> u64 {
+    b.as_device_ptr().as_raw()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(-scale, scale)).collect()
+    }
+    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f32(self.uniform(-scale, scale))).collect()
+    }
+}
+
+fn bits(v: &[bf16]) -> Vec<u16> {
+    v.iter().map(|b| b.to_bits()).collect()
+}
+
+fn download<T: DeviceCopy + Default + Clone>(b: &DeviceBuffer<T>) -> Vec<T> {
+    let mut v = vec![T::default(); b.len()];
+    b.copy_to(&mut v[..]).unwrap();
+    v
+}
+
+fn download_bf16(b: &DeviceBuffer<u16>) -> Vec<f32> {
+    download(b).into_iter().map(|x| bf16::from_bits(x).to_f32()).collect()
+}
+
+/// Waits for the kernels; a kernel that hangs would stall every later test, so give up on the
+/// whole process after 30 s.
+fn finish(gpu: &Gpu, what: &str) {
+    if let Err(e) = gpu.synchronize_timeout(std::time::Duration::from_secs(30)) {
+        eprintln!("{what}: {e:#}");
+        std::process::exit(3);
+    }
+}
+
+/// `got` (a GPU value rounded to bf16) against the CPU's f32 `want`: within one bf16 step of
+/// it plus `abs` (what the two sides' f32 may differ by before rounding). NaN never passes.
+fn within_bf16_step(got: f32, want: f32, abs: f32) -> bool {
+    (got - want).abs() <= want.abs() / 128.0 + abs
+}
+
+/// NaN as bf16 bits: the poison of bf16 outputs and of cache rows no kernel may read.
+const NAN_BF16: u16 = 0x7fc0;
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_rms_norm_rows_match_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(101);
+    // One row (M = 1), a chunk tail, a chunk of Qwen3-0.6B's hidden size; a tiny-model row.
+    for (rows, n) in [(1usize, 1024usize), (5, 1024), (37, 1024), (16, 64), (3, 200)] {
+        let x = rng.vec(rows * n, 3.0);
+        let w = rng.bf16s(n, 1.5);
+        let (dx, dw) = (gpu.upload(&x, "x").unwrap(), gpu.upload(&bits(&w), "w").unwrap());
+        let out = gpu.upload(&vec![NAN_BF16; rows * n], "out").unwrap();
+        unsafe { prefill::rms_norm_rows(&gpu, dptr(&dx), dptr(&dw), rows, n, 1e-6, dptr(&out)) }.unwrap();
+        finish(&gpu, "prefill_rms_norm");
+        let got = download_bf16(&out);
+        let want = twin::rms_norm_rows_bf16(&x, &w, 1e-6);
+        for (i, (&g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(within_bf16_step(g, w.to_f32(), 1e-6), "rms_norm rows={rows} n={n} [{i}]: gpu {g}, cpu {w}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_embed_silu_mul_and_add_match_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(102);
+    // Embedding: rows of the table, exactly.
+    let (vocab, hidden, rows) = (300usize, 64usize, 7usize);
+    let table = rng.bf16s(vocab * hidden, 1.0);
+    let tokens: Vec<u32> = (0..rows).map(|i| ((i * 97 + 5) % vocab) as u32).collect();
+    let (dt, dtok) = (gpu.upload(&bits(&table), "embed").unwrap(), gpu.upload(&tokens, "tokens").unwrap());
+    let x = gpu.upload(&vec![f32::NAN; rows * hidden], "x").unwrap();
+    unsafe { prefill::embed(&gpu, dptr(&dt), dptr(&dtok), rows, hidden, dptr(&x)) }.unwrap();
+    finish(&gpu, "prefill_embed");
+    let got = download(&x);
+    for (r, &t) in tokens.iter().enumerate() {
+        for c in 0..hidden {
+            assert_eq!(got[r * hidden + c], table[t as usize * hidden + c].to_f32(), "embed row {r} col {c}");
+        }
+    }
+
+    // SiLU(gate) * up at a chunk of Qwen3-0.6B's MLP width, plus a ragged count.
+    for n in [37 * 3072usize, 1001] {
+        let (g, u) = (rng.vec(n, 6.0), rng.vec(n, 3.0));
+        let (dg, du) = (gpu.upload(&g, "gate").unwrap(), gpu.upload(&u, "up").unwrap());
+        let out = gpu.upload(&vec![NAN_BF16; n], "out").unwrap();
+        unsafe { prefill::silu_mul(&gpu, dptr(&dg), dptr(&du), n, dptr(&out)) }.unwrap();
+        finish(&gpu, "prefill_silu_mul");
+        let want = twin::silu_mul_bf16(&g, &u);
+        for (i, (&gv, w)) in download_bf16(&out).iter().zip(&want).enumerate() {
+            // exp2.approx: a few ulp of f32 before the rounding.
+            assert!(within_bf16_step(gv, w.to_f32(), 1e-5), "silu_mul n={n} [{i}]: gpu {gv}, cpu {w}");
+        }
+
+        // x += delta: one f32 addition each, exact to the bit.
+        let (a, d) = (rng.vec(n, 2.0), rng.vec(n, 2.0));
+        let (da, dd) = (gpu.upload(&a, "x").unwrap(), gpu.upload(&d, "delta").unwrap());
+        unsafe { prefill::add(&gpu, dptr(&da), dptr(&dd), n) }.unwrap();
+        finish(&gpu, "prefill_add");
+        let sum: Vec<f32> = a.iter().zip(&d).map(|(x, y)| x + y).collect();
+        assert_eq!(download(&da), sum, "prefill_add n={n}");
+    }
+}
+
+/// One chunk of `rows` positions from `start` through q/k norm + RoPE (with the K/V append)
+/// and causal attention, against the twins. Cache rows before `start` hold random values (as
+/// earlier chunks would have left them), rows from `start + rows` on hold NaN: attention
+/// reading one of those, or a later position of its own chunk (the causal mask), fails.
+fn chunk_case(gpu: &Gpu, s: HeadShape, start: usize, rows: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let what = format!(
+        "heads {}/{} d={} start={start} rows={rows} max_ctx={}",
+        s.n_heads, s.n_kv_heads, s.head_dim, s.max_ctx
+    );
+    let (d, q_dim, kv_dim) = (s.head_dim, s.q_dim(), s.kv_dim());
+    let qkv = rng.vec(rows * (q_dim + 2 * kv_dim), 3.0);
+    let (qn, kn) = (rng.bf16s(d, 1.5), rng.bf16s(d, 1.5));
+    let (cos, sin) = ops::rope_table(1e6, d, s.max_ctx);
+    let mut kc = vec![bf16::from_bits(NAN_BF16); s.cache_len()];
+    let mut vc = kc.clone();
+    for h in 0..s.n_kv_heads {
+        for p in 0..start {
+            for i in 0..d {
+                kc[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+                vc[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+            }
+        }
+    }
+    let dqkv = gpu.upload(&qkv, "qkv").unwrap();
+    let (dqn, dkn) = (gpu.upload(&bits(&qn), "q_norm").unwrap(), gpu.upload(&bits(&kn), "k_norm").unwrap());
+    let (dcos, dsin) = (gpu.upload(&cos, "cos").unwrap(), gpu.upload(&sin, "sin").unwrap());
+    let (dkc, dvc) = (gpu.upload(&bits(&kc), "k cache").unwrap(), gpu.upload(&bits(&vc), "v cache").unwrap());
+    let dq = gpu.upload(&vec![f32::NAN; rows * q_dim], "q").unwrap();
+    let dout = gpu.upload(&vec![NAN_BF16; rows * q_dim], "attention out").unwrap();
+    let p = PrefillAttentionParams {
+        qkv: dptr(&dqkv),
+        q_norm: dptr(&dqn),
+        k_norm: dptr(&dkn),
+        rope_cos: dptr(&dcos),
+        rope_sin: dptr(&dsin),
+        k_cache: dptr(&dkc),
+        v_cache: dptr(&dvc),
+        q: dptr(&dq),
+        out: dptr(&dout),
+        rows: rows as u32,
+        start_pos: start as u32,
+        n_heads: s.n_heads as u32,
+        n_kv_heads: s.n_kv_heads as u32,
+        head_dim: d as u32,
+        max_ctx: s.max_ctx as u32,
+        eps: 1e-6,
+        _pad: 0,
+    };
+    unsafe { prefill::qk_rope(gpu, &p) }.unwrap();
+    finish(gpu, "prefill_qk_rope");
+    let gpu_q = download(&dq);
+    let (gpu_kc, gpu_vc) = (download(&dkc), download(&dvc));
+
+    // q/k norm + RoPE and the append.
+    let (mut want_kc, mut want_vc) = (kc.clone(), vc.clone());
+    let want_q = twin::qk_norm_rope_append(&qkv, start, &s, &qn, &kn, 1e-6, &cos, &sin, &mut want_kc, &mut want_vc);
+    let err = rel_err(&gpu_q, &want_q);
+    assert!(err < 1e-5, "{what}: q relative error {err}");
+    for i in 0..s.cache_len() {
+        let (g, w) = (bf16::from_bits(gpu_kc[i]).to_f32(), want_kc[i].to_f32());
+        let (h, pos) = (i / d / s.max_ctx, i / d % s.max_ctx);
+        if (start..start + rows).contains(&pos) {
+            assert!(within_bf16_step(g, w, 1e-6), "{what}: K cache head {h} pos {pos} [{}]: gpu {g}, cpu {w}", i % d);
+        } else {
+            assert_eq!(gpu_kc[i], want_kc[i].to_bits(), "{what}: K cache head {h} pos {pos} changed");
+        }
+        assert_eq!(gpu_vc[i], want_vc[i].to_bits(), "{what}: V cache head {h} pos {pos} [{}]", i % d);
+    }
+
+    // Attention, from the GPU's own q and cache, so that this checks the attention kernel alone.
+    unsafe { prefill::attention(gpu, &p) }.unwrap();
+    finish(gpu, "prefill_attention");
+    let gpu_kc: Vec<bf16> = gpu_kc.into_iter().map(bf16::from_bits).collect();
+    let gpu_vc: Vec<bf16> = gpu_vc.into_iter().map(bf16::from_bits).collect();
+    let want = twin::causal_attention(&gpu_q, start, &s, &gpu_kc, &gpu_vc);
+    let got = download_bf16(&dout);
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let (r, col) = (i / q_dim, i % q_dim);
+        assert!(
+            within_bf16_step(g, w, 1e-4),
+            "{what}: attention row {r} (position {}) head {} [{}]: gpu {g}, cpu {w}",
+            start + r,
+            col / d,
+            col % d
+        );
+    }
+    let err = rel_err(&got, &want);
+    assert!(err < 4e-3, "{what}: attention relative error {err}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_attention_chunks_match_cpu() {
+    let gpu = gpu();
+    let shape = |n_heads, n_kv_heads, head_dim, max_ctx| HeadShape { n_heads, n_kv_heads, head_dim, max_ctx };
+    // (shape, start, rows): a first chunk, M = 1 at 0 and later, a tail after full chunks, a
+    // chunk ending at the cache's last position, and a long context.
+    let cases = [
+        (shape(16, 8, 128, 4096), 0, 16), // Qwen3-0.6B: group 2, head_dim 128
+        (shape(16, 8, 128, 4096), 37, 1),
+        (shape(16, 8, 128, 4096), 1000, 37),
+        (shape(8, 2, 128, 64), 48, 16), // group 4, ends at max_ctx
+        (shape(4, 2, 32, 64), 0, 1),    // the tiny model: group 2, head_dim 32
+        (shape(4, 2, 32, 64), 32, 5),
+        (shape(4, 1, 32, 64), 16, 16),   // group 4, head_dim 32
+        (shape(16, 4, 64, 128), 0, 37),  // group 4, head_dim 64
+        (shape(8, 4, 64, 128), 100, 28), // group 2, head_dim 64, ends at max_ctx
+    ];
+    for (seed, (s, start, rows)) in (200..).zip(cases) {
+        chunk_case(&gpu, s, start, rows, seed);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_launchers_refuse_bad_chunks() {
+    let gpu = gpu();
+    let base = PrefillAttentionParams {
+        rows: 4,
+        start_pos: 60,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 32,
+        max_ctx: 64,
+        ..Default::default()
+    };
+    // Positions 60..64 fit a cache of 64; nothing is launched on these null addresses because
+    // each case below is refused first.
+    for (p, why) in [
+        (PrefillAttentionParams { rows: 5, ..base }, "beyond the KV cache"),
+        (PrefillAttentionParams { head_dim: 96, ..base }, "has no entry"),
+        (PrefillAttentionParams { n_kv_heads: 3, ..base }, "whole groups"),
+        (PrefillAttentionParams { rows: 0, ..base }, "empty chunk"),
+    ] {
+        let e = unsafe { prefill::qk_rope(&gpu, &p) }.unwrap_err();
+        assert!(format!("{e:#}").contains(why), "qk_rope: {e:#} (wanted `{why}`)");
+        let e = unsafe { prefill::attention(&gpu, &p) }.unwrap_err();
+        assert!(format!("{e:#}").contains(why), "attention: {e:#} (wanted `{why}`)");
+    }
+    let e = unsafe { prefill::rms_norm_rows(&gpu, 0, 0, 1, 62, 1e-6, 0) }.unwrap_err();
+    assert!(format!("{e:#}").contains("multiple of 4"), "{e:#}");
+}
