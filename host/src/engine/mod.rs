@@ -8,6 +8,7 @@
 //! - `upload`: the checkpoint into device memory, the KV cache and work buffers.
 //! - `launch`: one launch's settings and the kernel parameters built from them.
 //! - `stream`: the generated tokens while the launch runs, and the wait for its end.
+//! - `prefill`: prompt positions in chunks through matrix products, into the KV cache.
 //! - `fault`: a device error reported with the step the kernel had reached.
 //! - `graph`: the same step as split kernels captured in a CUDA graph (`bench --compare`).
 //! - `backend`: [`Backend`] on top of launches: generation, scoring, logits.
@@ -16,6 +17,7 @@ mod backend;
 mod fault;
 mod graph;
 mod launch;
+mod prefill;
 mod stream;
 mod upload;
 
@@ -103,6 +105,10 @@ pub struct GpuEngine {
     // Owned only to keep the uploaded weights alive; the kernel reaches them by address.
     _weights: Vec<DeviceBuffer<u16>>,
     layer_table: DeviceBuffer<LayerPtrs>,
+    /// The same table on the host: prefill launches a kernel per matrix and reads it here.
+    layers: Vec<LayerPtrs>,
+    /// Prefill's work buffers, sized by the largest chunk asked for so far (`prefill.rs`).
+    prefill: Option<prefill::PrefillBuffers>,
     rope_cos: DeviceBuffer<f32>,
     rope_sin: DeviceBuffer<f32>,
     x: DeviceBuffer<f32>,

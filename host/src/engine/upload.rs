@@ -103,6 +103,8 @@ impl GpuEngine {
             ring: gpu.host_ring(RING_TOKENS + max_context + 1)?,
             _weights: weights,
             layer_table,
+            layers: table,
+            prefill: None,
             rope_cos,
             rope_sin,
             kv_caches,

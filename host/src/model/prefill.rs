@@ -121,3 +121,71 @@ pub fn causal_attention(q: &[f32], start_pos: usize, s: &HeadShape, k_cache: &[b
     }
     out
 }
+
+/// The KV cache a prefill leaves, per layer position-major `[len][kv_dim]` (as
+/// [`super::reference::CpuReference`] keeps it), every value already rounded to bf16.
+pub struct PrefillCache {
+    pub keys: Vec<Vec<f32>>,
+    pub values: Vec<Vec<f32>>,
+}
+
+/// The CPU twin of the GPU engine's whole prefill (host/src/engine/prefill.rs) from position
+/// 0: `tokens` in chunks of `chunk`, each layer's activations rounded to bf16 wherever the GPU
+/// hands them to a GEMM (the normed rows, the attention output, SiLU * up), K and V rounded as
+/// the cache stores them. Its cache, loaded into the CPU reference
+/// ([`super::reference::CpuReference::load_kv_cache`]), gives the logits the GPU's prefill plus
+/// one megakernel step should approach (up to summation order and approximate exp/rsqrt).
+pub fn prefill_forward(w: &super::Weights, tokens: &[u32], chunk: usize, max_context: usize) -> PrefillCache {
+    let c = &w.config;
+    assert!(chunk >= 1 && tokens.len() <= max_context, "prefill_forward: bad chunk or too many tokens");
+    let (hidden, d, eps) = (c.hidden_size, c.head_dim, c.rms_norm_eps);
+    let (q_dim, kv_dim, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let (cos, sin) = ops::rope_table(c.rope_theta, d, max_context.max(1));
+    let half = d / 2;
+    let layers = c.num_hidden_layers;
+    let mut cache = PrefillCache { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers] };
+    for (ci, ids) in tokens.chunks(chunk).enumerate() {
+        let (p0, m) = (ci * chunk, ids.len());
+        let mut x: Vec<f32> = ids
+            .iter()
+            .flat_map(|&t| w.embed_tokens[t as usize * hidden..(t as usize + 1) * hidden].iter().map(|b| b.to_f32()))
+            .collect();
+        for (l, lw) in w.layers.iter().enumerate() {
+            let h = rms_norm_rows_bf16(&x, &lw.input_layernorm, eps);
+            let q_all = ops::gemm_bf16(&h, &lw.q_proj, m, q_dim, hidden);
+            let k_all = ops::gemm_bf16(&h, &lw.k_proj, m, kv_dim, hidden);
+            let v_all = ops::gemm_bf16(&h, &lw.v_proj, m, kv_dim, hidden);
+            let mut q_rows = Vec::with_capacity(m * q_dim);
+            for r in 0..m {
+                let pos = p0 + r;
+                let (cr, sr) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+                let mut q = q_all[r * q_dim..(r + 1) * q_dim].to_vec();
+                for head in q.chunks_exact_mut(d) {
+                    ops::head_norm_rope(head, &lw.q_norm, eps, cr, sr);
+                }
+                q_rows.push(q);
+                let mut k = k_all[r * kv_dim..(r + 1) * kv_dim].to_vec();
+                for head in k.chunks_exact_mut(d) {
+                    ops::head_norm_rope(head, &lw.k_norm, eps, cr, sr);
+                }
+                cache.keys[l].extend(k.iter().map(|&v| ops::round_bf16(v)));
+                cache.values[l].extend(v_all[r * kv_dim..(r + 1) * kv_dim].iter().map(|&v| ops::round_bf16(v)));
+            }
+            let mut attn = Vec::with_capacity(m * q_dim);
+            for (r, q) in q_rows.iter().enumerate() {
+                let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+                let a = ops::attention(q, &cache.keys[l], &cache.values[l], heads, kv_heads, d, p0 + r + 1);
+                attn.extend(a.into_iter().map(bf16::from_f32));
+            }
+            let o = ops::gemm_bf16(&attn, &lw.o_proj, m, hidden, q_dim);
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let h = rms_norm_rows_bf16(&x, &lw.post_attention_layernorm, eps);
+            let gate = ops::gemm_bf16(&h, &lw.gate_proj, m, inter, hidden);
+            let up = ops::gemm_bf16(&h, &lw.up_proj, m, inter, hidden);
+            let act = silu_mul_bf16(&gate, &up);
+            let down = ops::gemm_bf16(&act, &lw.down_proj, m, hidden, inter);
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+    }
+    cache
+}

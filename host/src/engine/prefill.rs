@@ -1,0 +1,212 @@
+//! Prefill: prompt positions through the model a chunk of M at a time, as matrix products,
+//! filling the decode kernel's KV cache exactly where the megakernel would have (same layout,
+//! same bf16 rounding of K and V), so that the megakernel can continue from the first position
+//! after them. No LM head runs here: the megakernel's step at the last prompt token computes
+//! the logits it needs, as it does today.
+//!
+//! Per chunk (positions `p0 .. p0 + m`), after the embedding rows, per layer (ordinary
+//! launches on the engine's stream, in order, so each sees the previous one's writes):
+//!
+//! ```text
+//! x (f32) -> RMSNorm -> bf16 rows -> q/k/v GEMM (the stacked wqkv) -> q/k norm + RoPE, K/V
+//!   into the cache at p0..p0+m -> causal attention over 0..=p (bf16) -> o GEMM -> x +=
+//!   -> RMSNorm -> gate GEMM, up GEMM -> bf16(SiLU(gate) * up) -> down GEMM -> x +=
+//! ```
+//!
+//! Activations enter the GEMMs as bf16 (the megakernel's GEMVs read them in f32): the one
+//! numerical difference from the one-position-per-step path, and why prefill's logits are
+//! compared with a tolerance rather than bit for bit.
+
+use super::abi::{PrefillAttentionParams, FLAG_WRITE_LOGITS};
+use super::{dptr, GpuEngine, LaunchSpec};
+use crate::backend::check_ids;
+use crate::gpu::{check_gemm_shape, gemm_bf16_raw, prefill, Gpu};
+use anyhow::{bail, ensure, Context, Result};
+use cust::memory::{CopyDestination, DeviceBuffer};
+
+/// The work buffers of chunks of up to `chunk` positions (all row-major, a row per position).
+pub(super) struct PrefillBuffers {
+    chunk: usize,
+    /// f32 `[chunk, hidden]`: the residual stream of the chunk.
+    x: DeviceBuffer<f32>,
+    /// bf16 `[chunk, hidden]`: a norm's output, the q/k/v and gate/up GEMMs' A.
+    normed: DeviceBuffer<u16>,
+    /// f32 `[chunk, q_dim + 2 kv_dim]`.
+    qkv: DeviceBuffer<f32>,
+    /// f32 `[chunk, q_dim]`: q after its norm and RoPE.
+    q: DeviceBuffer<f32>,
+    /// bf16 `[chunk, q_dim]`: attention output, the o GEMM's A.
+    attn: DeviceBuffer<u16>,
+    /// f32 `[chunk, hidden]`: the o and down GEMMs' output, before the residual add.
+    proj: DeviceBuffer<f32>,
+    /// f32 `[chunk, inter]` each.
+    gate: DeviceBuffer<f32>,
+    up: DeviceBuffer<f32>,
+    /// bf16 `[chunk, inter]`: SiLU(gate) * up, the down GEMM's A.
+    act: DeviceBuffer<u16>,
+}
+
+impl PrefillBuffers {
+    fn new(gpu: &Gpu, chunk: usize, hidden: usize, q_dim: usize, kv_dim: usize, inter: usize) -> Result<Self> {
+        Ok(PrefillBuffers {
+            chunk,
+            x: gpu.alloc(chunk * hidden, "prefill residual")?,
+            normed: gpu.alloc(chunk * hidden, "prefill normed rows")?,
+            qkv: gpu.alloc(chunk * (q_dim + 2 * kv_dim), "prefill q/k/v")?,
+            q: gpu.alloc(chunk * q_dim, "prefill q")?,
+            attn: gpu.alloc(chunk * q_dim, "prefill attention output")?,
+            proj: gpu.alloc(chunk * hidden, "prefill projection")?,
+            gate: gpu.alloc(chunk * inter, "prefill gate")?,
+            up: gpu.alloc(chunk * inter, "prefill up")?,
+            act: gpu.alloc(chunk * inter, "prefill MLP activations")?,
+        })
+    }
+}
+
+impl GpuEngine {
+    /// Checks a prefill request: a chunk size the GEMMs take for this model, ids within the
+    /// vocabulary, positions within the KV cache.
+    fn check_prefill(&self, tokens: &[u32], start_pos: u32, chunk: usize) -> Result<()> {
+        let c = &self.config;
+        ensure!(chunk >= 1, "prefill: the chunk size must be at least 1 position");
+        ensure!(chunk <= u32::MAX as usize / 4, "prefill: a chunk of {chunk} positions is too large");
+        check_ids("prefill", tokens, c.vocab_size)?;
+        let end = start_pos as u64 + tokens.len() as u64;
+        if end > self.max_ctx as u64 {
+            bail!(
+                "prefill: positions {start_pos}..{end} are beyond the KV cache of {} positions (--max-context)",
+                self.max_ctx
+            );
+        }
+        let (hidden, inter, q_dim, kv_dim) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        for (what, n, k) in [
+            ("q/k/v projection", q_dim + 2 * kv_dim, hidden),
+            ("o projection", hidden, q_dim),
+            ("gate/up projection", inter, hidden),
+            ("down projection", hidden, inter),
+        ] {
+            check_gemm_shape(chunk, n, k).with_context(|| format!("prefill's {what} of this model"))?;
+        }
+        ensure!(hidden.is_multiple_of(4), "prefill: hidden size {hidden} is not a multiple of 4");
+        Ok(())
+    }
+
+    /// Runs `tokens` at positions `start_pos ..` through every layer, `chunk` positions at a
+    /// time (the last chunk may be shorter), writing their K and V into the KV cache, and
+    /// waits for the GPU. Positions before `start_pos` must already be in the cache (an
+    /// earlier prefill or launch); nothing after the last position is touched. Computes no
+    /// logits: run the megakernel from position `start_pos + tokens.len()` for those.
+    pub fn prefill(&mut self, tokens: &[u32], start_pos: u32, chunk: usize) -> Result<()> {
+        self.check_prefill(tokens, start_pos, chunk)?;
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let c = self.config.clone();
+        let (hidden, inter, q_dim, kv_dim) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        // Chunks never exceed the prompt: a short prompt needs no buffers of a large chunk.
+        let chunk = chunk.min(tokens.len());
+        if self.prefill.as_ref().is_none_or(|b| b.chunk < chunk) {
+            self.prefill = None; // free the smaller buffers first
+            self.prefill = Some(PrefillBuffers::new(&self.gpu, chunk, hidden, q_dim, kv_dim, inter)?);
+        }
+        // All ids at once, before any launch: one upload, never racing a kernel that reads it.
+        let ids = self.gpu.upload(tokens, "prefill token ids")?;
+        let b = self.prefill.as_ref().expect("allocated above");
+        let gpu = &self.gpu;
+        let eps = c.rms_norm_eps;
+        let mut p0 = 0usize;
+        while p0 < tokens.len() {
+            let m = chunk.min(tokens.len() - p0);
+            let start = start_pos + p0 as u32;
+            // SAFETY (every launch below): each address is a live allocation of this engine,
+            // sized for its role at `chunk >= m` rows (PrefillBuffers, upload.rs); ids are
+            // within the vocabulary and positions within the cache (check_prefill).
+            unsafe {
+                prefill::embed(gpu, self.embed, dptr(&ids) + 4 * p0 as u64, m, hidden, dptr(&b.x))
+                    .context("prefill: embedding")?;
+                for (layer, lw) in self.layers.iter().enumerate() {
+                    let at = || format!("prefill: layer {layer}, positions {start}..{}", start as usize + m);
+                    prefill::rms_norm_rows(gpu, dptr(&b.x), lw.input_norm, m, hidden, eps, dptr(&b.normed))
+                        .with_context(at)?;
+                    gemm_bf16_raw(gpu, dptr(&b.normed), lw.wqkv, dptr(&b.qkv), m, q_dim + 2 * kv_dim, hidden)
+                        .with_context(at)?;
+                    let heads = PrefillAttentionParams {
+                        qkv: dptr(&b.qkv),
+                        q_norm: lw.q_norm,
+                        k_norm: lw.k_norm,
+                        rope_cos: dptr(&self.rope_cos),
+                        rope_sin: dptr(&self.rope_sin),
+                        k_cache: lw.k_cache,
+                        v_cache: lw.v_cache,
+                        q: dptr(&b.q),
+                        out: dptr(&b.attn),
+                        rows: m as u32,
+                        start_pos: start,
+                        n_heads: c.num_attention_heads as u32,
+                        n_kv_heads: c.num_key_value_heads as u32,
+                        head_dim: c.head_dim as u32,
+                        max_ctx: self.max_ctx,
+                        eps,
+                        _pad: 0,
+                    };
+                    prefill::qk_rope(gpu, &heads).with_context(at)?;
+                    prefill::attention(gpu, &heads).with_context(at)?;
+                    gemm_bf16_raw(gpu, dptr(&b.attn), lw.wo, dptr(&b.proj), m, hidden, q_dim).with_context(at)?;
+                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden).with_context(at)?;
+
+                    prefill::rms_norm_rows(gpu, dptr(&b.x), lw.post_norm, m, hidden, eps, dptr(&b.normed))
+                        .with_context(at)?;
+                    gemm_bf16_raw(gpu, dptr(&b.normed), lw.w_gate, dptr(&b.gate), m, inter, hidden).with_context(at)?;
+                    gemm_bf16_raw(gpu, dptr(&b.normed), lw.w_up, dptr(&b.up), m, inter, hidden).with_context(at)?;
+                    prefill::silu_mul(gpu, dptr(&b.gate), dptr(&b.up), m * inter, dptr(&b.act)).with_context(at)?;
+                    gemm_bf16_raw(gpu, dptr(&b.act), lw.w_down, dptr(&b.proj), m, hidden, inter).with_context(at)?;
+                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden).with_context(at)?;
+                }
+            }
+            p0 += m;
+        }
+        // `ids` must outlive the kernels that read it; errors of any launch surface here.
+        gpu.synchronize().with_context(|| {
+            format!("prefill of positions {start_pos}..{} (chunks of {chunk})", start_pos as usize + tokens.len())
+        })?;
+        drop(ids);
+        Ok(())
+    }
+}
+
+impl GpuEngine {
+    /// The logits at the last of `tokens` (positions `0 .. tokens.len()`): every token before
+    /// it through [`GpuEngine::prefill`] in chunks of `chunk`, then one megakernel step at the
+    /// last, which computes its LM head as a decode step does.
+    pub fn prefill_logits(&mut self, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        self.prefill_logits_from(tokens, 0, chunk)
+    }
+
+    /// As [`GpuEngine::prefill_logits`] with positions `0 .. from` already in the cache (an
+    /// earlier prefill of `tokens[..from]`): only `tokens[from .. last]` are prefilled.
+    pub fn prefill_logits_from(&mut self, tokens: &[u32], from: usize, chunk: usize) -> Result<Vec<f32>> {
+        let Some((&last_token, before)) = tokens.split_last() else {
+            bail!("prefill_logits: no tokens");
+        };
+        ensure!(
+            from <= before.len(),
+            "prefill_logits: {from} positions cached, but only {} precede the last",
+            before.len()
+        );
+        self.prefill(&before[from..], from as u32, chunk)?;
+        let vocab = self.config.vocab_size;
+        let out = self.gpu.alloc::<f32>(vocab, "logits output")?;
+        let spec = LaunchSpec {
+            start_pos: before.len() as u32,
+            prompt_len: 1,
+            n_steps: 1,
+            flags: FLAG_WRITE_LOGITS,
+            logits_out: dptr(&out),
+            ..Default::default()
+        };
+        self.launch(&spec, &[last_token], None)?;
+        let mut row = vec![0f32; vocab];
+        out.copy_to(&mut row[..]).context("reading logits")?;
+        Ok(row)
+    }
+}
