@@ -1,0 +1,156 @@
+//! Prefill end to end: the prompt but its last token through `GpuEngine::prefill` (chunks of
+//! matrix products), then one megakernel step at the last token, whose logits must match
+//!
+//! - the CPU twin of the same prefill (host::model::prefill::prefill_forward, whose bf16
+//!   roundings are the GPU's) followed by one CPU reference step: the tolerance of the
+//!   megakernel against the CPU (gpu_decode.rs: 2e-3 tiny, 5e-3 full size), since the
+//!   arithmetic is the same up to summation order and approximate exp/rsqrt;
+//! - the CPU reference itself (activations in f32, bf16 KV): the twin alone is 1.0e-3 (tiny)
+//!   and 5.6e-3 (full size) from it (tests/tests/cpu_prefill.rs), so 5e-3 and 1.5e-2;
+//! - the one-position-per-step megakernel path (`logits`): the same 5e-3 and 1.5e-2;
+//!
+//! all as relative L2 error of the logit row, with the arg-max equal wherever the CPU's top-2
+//! margin exceeds 0.05. A prompt of 37 tokens in chunks of 16 has a tail chunk (16 + 16 + 4).
+
+mod common;
+use common::{rel_err, top2_margin};
+use host::backend::Backend;
+use host::engine::GpuEngine;
+use host::model::prefill::prefill_forward;
+use host::model::reference::CpuReference;
+use host::model::synth::{write_checkpoint, SynthSpec};
+use host::model::{checkpoint, ops, Weights};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// (vs the CPU twin, vs the CPU reference and vs the per-step megakernel).
+const TINY_TOL: (f64, f64) = (2e-3, 5e-3);
+const FULL_TOL: (f64, f64) = (5e-3, 1.5e-2);
+const MARGIN: f32 = 0.05;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("qwen3-gpu-prefill-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tiny_weights(seed: u64) -> Arc<Weights> {
+    let dir = temp_dir(&format!("tiny{seed}"));
+    write_checkpoint(&dir, &SynthSpec::tiny(seed)).unwrap();
+    let w = checkpoint::load(&dir, false).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    Arc::new(w)
+}
+
+/// A full-size Qwen3-0.6B-shaped checkpoint: `QWEN3_FULL_CHECKPOINT` if set, else synthesised.
+fn full_weights() -> Arc<Weights> {
+    if let Ok(dir) = std::env::var("QWEN3_FULL_CHECKPOINT") {
+        return Arc::new(checkpoint::load(Path::new(&dir), false).unwrap());
+    }
+    let dir = temp_dir("full");
+    write_checkpoint(&dir, &SynthSpec::qwen3_0_6b(7)).unwrap();
+    let w = checkpoint::load(&dir, false).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    Arc::new(w)
+}
+
+fn prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let err = rel_err(got, want);
+    let margin = top2_margin(want);
+    eprintln!("{what}: relative error {err:.2e} (tolerance {tol:.0e}), top-2 margin {margin:.3}");
+    assert!(err < tol, "{what}: logits relative error {err} >= {tol}");
+    if margin > MARGIN {
+        assert_eq!(ops::argmax(got), ops::argmax(want), "{what}: arg-max differs");
+    }
+}
+
+/// Prefill of `n - 1` tokens in chunks of `chunk` + one step, against the three yardsticks.
+fn compare_prefill(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol: (f64, f64)) {
+    let tokens = prompt(n, w.config.vocab_size, 9);
+    let last = n - 1;
+    let mut gpu = GpuEngine::new(w, max_ctx).unwrap();
+    let got = gpu.prefill_logits(&tokens, chunk).unwrap();
+
+    let mut twin = CpuReference::new(w.clone(), max_ctx).with_bf16_kv(true);
+    twin.load_kv_cache(prefill_forward(w, &tokens[..last], chunk, max_ctx)).unwrap();
+    check(&format!("n={n} chunk={chunk}: vs the CPU twin of prefill"), &got, &twin.forward(tokens[last], last), tol.0);
+
+    let mut cpu = CpuReference::new(w.clone(), max_ctx).with_bf16_kv(true);
+    let reference = cpu.logits(&tokens, &[last]).unwrap().remove(0);
+    check(&format!("n={n} chunk={chunk}: vs the CPU reference"), &got, &reference, tol.1);
+
+    // The same engine, its cache now refilled one position per step by the megakernel.
+    let per_step = gpu.logits(&tokens, &[last]).unwrap().remove(0);
+    check(&format!("n={n} chunk={chunk}: vs the per-step megakernel"), &got, &per_step, tol.1);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tiny_model_prefill_then_step_matches_cpu_and_megakernel() {
+    let w = tiny_weights(41);
+    compare_prefill(&w, 37, 16, 64, TINY_TOL); // chunks 16 + 16 + 4
+    compare_prefill(&w, 37, 1, 64, TINY_TOL); // M = 1 throughout
+    compare_prefill(&w, 37, 128, 64, TINY_TOL); // one chunk, larger than the prompt
+    compare_prefill(&w, 64, 16, 64, TINY_TOL); // the last token at the cache's last position
+    compare_prefill(&w, 2, 16, 64, TINY_TOL); // a prefill of one token
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn full_size_prefill_then_step_matches_cpu_and_megakernel() {
+    let w = full_weights();
+    compare_prefill(&w, 37, 16, 256, FULL_TOL);
+    compare_prefill(&w, 200, 128, 256, FULL_TOL); // a full GEMM tile of M, then a tail of 71
+}
+
+/// Chunks are independent of how they are grouped into calls: two calls (0..16, then 16..36
+/// from start_pos 16) run the same chunks as one call, so the step after gives the same
+/// logits bit for bit. Another chunk size changes only which GEMM tile row a position lands
+/// in, which should not change its sums (expected identical; allowed 1e-4 in case a bf16
+/// rounding flips).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_in_two_calls_matches_one() {
+    let w = tiny_weights(42);
+    let tokens = prompt(37, w.config.vocab_size, 4);
+    let mut gpu = GpuEngine::new(&w, 64).unwrap();
+    let one = gpu.prefill_logits(&tokens, 16).unwrap();
+    let mut resumed = GpuEngine::new(&w, 64).unwrap();
+    resumed.prefill(&tokens[..16], 0, 16).unwrap();
+    let two = resumed.prefill_logits_from(&tokens, 16, 16).unwrap();
+    assert_eq!(two, one, "a prefill resumed at position 16 differs from one from 0");
+    let other_chunk = GpuEngine::new(&w, 64).unwrap().prefill_logits(&tokens, 7).unwrap();
+    let err = rel_err(&other_chunk, &one);
+    eprintln!("chunk 7 vs chunk 16: relative error {err:.2e} ({})", if err == 0.0 { "identical" } else { "differs" });
+    assert!(err < 1e-4, "chunk 7 vs chunk 16: relative error {err}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_refuses_bad_requests() {
+    let w = tiny_weights(43);
+    let mut gpu = GpuEngine::new(&w, 64).unwrap();
+    let vocab = w.config.vocab_size as u32;
+    let cases: [(&[u32], u32, usize, &str); 4] = [
+        (&[1, 2, 3], 62, 16, "beyond the KV cache of 64 positions"),
+        (&[1, vocab, 3], 0, 16, "outside the vocabulary"),
+        (&[1, 2, 3], 0, 0, "at least 1 position"),
+        (&[1; 65], 0, 16, "beyond the KV cache"),
+    ];
+    for (tokens, start, chunk, why) in cases {
+        let e = gpu.prefill(tokens, start, chunk).unwrap_err();
+        assert!(format!("{e:#}").contains(why), "prefill({start}, {chunk}): {e:#} (wanted `{why}`)");
+    }
+    // The engine still works after refusals.
+    gpu.prefill(&[1, 2, 3], 61, 16).unwrap();
+}
