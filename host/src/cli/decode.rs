@@ -1,6 +1,6 @@
 //! `host decode`: prompt in, streamed text out (or one JSON object with timings).
 
-use super::{max_context, model_dir, open_backend, parse_ids, utf8_arg, Device};
+use super::{max_context, model_dir, open_backend_with_prefill, parse_ids, utf8_arg, Device};
 use anyhow::{bail, Context};
 use host::backend::{check_request, SamplingParams, StopReason};
 use host::engine::MAX_EOS;
@@ -56,6 +56,11 @@ pub struct DecodeArgs {
     /// Print one JSON object (tokens, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// GPU only, experimental: run the prompt (all but its last token) through the chunked
+    /// prefill, N positions per chunk, before the megakernel starts; 0 = off, every prompt
+    /// token through the megakernel one per step.
+    #[arg(long, default_value_t = 0)]
+    prefill_chunk: usize,
 }
 
 /// Sampling: the checkpoint's defaults, each overridden by its flag.
@@ -119,7 +124,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let sampling = sampling_params(&args, &gen_config)?;
     let eos = eos_ids(&dir, &config, &gen_config, tokenizer.as_ref(), args.device)?;
 
-    let mut backend = open_backend(&dir, args.device, max_context)?;
+    let mut backend = open_backend_with_prefill(&dir, args.device, max_context, args.prefill_chunk)?;
 
     // Ctrl-C finishes the current token, then stops and prints what there is.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -88,11 +88,22 @@ pub fn utf8_arg<'a>(flag: &str, value: &'a OsStr) -> anyhow::Result<&'a str> {
 
 /// Loads the checkpoint (with a progress bar) and opens the backend for `device`.
 pub fn open_backend(dir: &Path, device: Device, max_context: usize) -> anyhow::Result<Box<dyn Backend>> {
+    open_backend_with_prefill(dir, device, max_context, 0)
+}
+
+/// [`open_backend`] whose GPU engine prefills prompts in chunks of `prefill_chunk` positions
+/// (0: off; the CPU reference has no prefill and ignores it).
+pub fn open_backend_with_prefill(
+    dir: &Path,
+    device: Device,
+    max_context: usize,
+    prefill_chunk: usize,
+) -> anyhow::Result<Box<dyn Backend>> {
     let weights: Weights =
         checkpoint::load(dir, true).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
     let weights = Arc::new(weights);
     match device {
-        Device::Gpu => host::engine::open_gpu_backend(weights, max_context),
+        Device::Gpu => host::engine::open_gpu_backend(weights, max_context, prefill_chunk),
         Device::Cpu => Ok(Box::new(CpuReference::new(weights, max_context))),
     }
 }

@@ -141,6 +141,10 @@ pub struct GpuEngine {
     eos: Vec<u32>,
     /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `decode` makes the kernel fault at this step.
     pub fault_step: Option<u32>,
+    /// Positions per prefill chunk for `decode` (`--prefill-chunk`): with N > 0, a prompt's
+    /// tokens before its last go through [`GpuEngine::prefill`] and the megakernel starts at
+    /// the last; 0 (the default) feeds the whole prompt to the megakernel one per step.
+    pub prefill_chunk: usize,
     gpu: Gpu,
 }
 
@@ -203,8 +207,10 @@ impl GpuEngine {
 /// Opens the GPU backend for the CLI.
 /// `QWEN3_INJECT_FAULT_AT_STEP=N` (tests only) makes generation fault at decode step N
 /// (0-based), to check that device errors are reported with their name and step.
-pub fn open_gpu_backend(weights: Arc<Weights>, max_context: usize) -> Result<Box<dyn Backend>> {
+/// `prefill_chunk` sets [`GpuEngine::prefill_chunk`] (0: off).
+pub fn open_gpu_backend(weights: Arc<Weights>, max_context: usize, prefill_chunk: usize) -> Result<Box<dyn Backend>> {
     let mut engine = GpuEngine::new(&weights, max_context)?;
+    engine.prefill_chunk = prefill_chunk;
     if let Ok(v) = std::env::var("QWEN3_INJECT_FAULT_AT_STEP") {
         engine.fault_step = Some(v.parse().context("QWEN3_INJECT_FAULT_AT_STEP must be a step number")?);
     }

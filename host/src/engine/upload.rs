@@ -113,6 +113,7 @@ impl GpuEngine {
             lm_head,
             eos: c.eos_token_ids.clone(),
             fault_step: None,
+            prefill_chunk: 0,
             config: c,
             max_ctx,
             grid,
