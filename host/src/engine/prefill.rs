@@ -210,3 +210,29 @@ impl GpuEngine {
         Ok(row)
     }
 }
+
+impl GpuEngine {
+    /// Layer `layer`'s cached K and V of positions `0 .. positions`, position-major
+    /// `[positions][kv_dim]` as f32 (the layout of `model::prefill::PrefillCache`), for tests
+    /// and diagnostics: where a prefill and its CPU twin part ways.
+    pub fn download_kv(&self, layer: usize, positions: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = &self.config;
+        ensure!(layer < c.num_hidden_layers, "download_kv: no layer {layer}");
+        ensure!(positions <= self.max_ctx as usize, "download_kv: {positions} positions exceed the cache");
+        let (d, kv_heads, max_ctx) = (c.head_dim, c.num_key_value_heads, self.max_ctx as usize);
+        let mut out = Vec::with_capacity(2);
+        for cache in &self.kv_caches[2 * layer..2 * layer + 2] {
+            let raw = self.gpu.download(cache).context("download_kv")?;
+            let mut rows = Vec::with_capacity(positions * kv_heads * d);
+            for pos in 0..positions {
+                for h in 0..kv_heads {
+                    let at = (h * max_ctx + pos) * d;
+                    rows.extend(raw[at..at + d].iter().map(|&b| half::bf16::from_bits(b).to_f32()));
+                }
+            }
+            out.push(rows);
+        }
+        let v = out.pop().expect("two caches");
+        Ok((out.pop().expect("two caches"), v))
+    }
+}
