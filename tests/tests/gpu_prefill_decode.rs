@@ -228,3 +228,21 @@ fn decode_with_prefill_chunk_matches_cpu_greedy() {
     let w = full_weights();
     compare_greedy_with_prefill(&w, 37, 16, 8, 256);
 }
+
+/// Not a check, a report for the speed goals: prompt tokens per second of the
+/// full-size prefill at 1024 tokens, for a few chunk sizes (after a warm-up call). The
+/// attention here is the simple warp-per-(position, head) kernel, so expect it to dominate.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn full_size_prefill_speed_report() {
+    let w = full_weights();
+    let tokens = prompt(1024, w.config.vocab_size, 10);
+    let mut gpu = GpuEngine::new(&w, 1024).unwrap();
+    gpu.prefill(&tokens[..128], 0, 128).unwrap();
+    for chunk in [64, 128, 256, 512] {
+        let t = std::time::Instant::now();
+        gpu.prefill(&tokens, 0, chunk).unwrap();
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("prefill of 1024 tokens, chunks of {chunk}: {:.1} ms, {:.0} tokens/s", s * 1e3, 1024.0 / s);
+    }
+}
