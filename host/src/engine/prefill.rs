@@ -111,18 +111,35 @@ impl GpuEngine {
         }
         // All ids at once, before any launch: one upload, never racing a kernel that reads it.
         let ids = self.gpu.upload(tokens, "prefill token ids")?;
-        let b = self.prefill.as_ref().expect("allocated above");
+        // Enqueue every chunk; whether that stops early or not, wait for what was enqueued
+        // before `ids` and the buffers can be freed or reused.
+        let enqueued = self.enqueue_prefill(dptr(&ids), tokens.len(), start_pos, chunk);
+        // `ids` must outlive the kernels that read it; errors of any kernel surface here.
+        let finished = self.gpu.synchronize().with_context(|| {
+            format!("prefill of positions {start_pos}..{} (chunks of {chunk})", start_pos as usize + tokens.len())
+        });
+        drop(ids);
+        enqueued?;
+        finished
+    }
+
+    /// Enqueues the launches of a prefill of `n` tokens (u32 ids at device address `ids`) at
+    /// positions `start_pos ..`, in chunks of `chunk`, on the buffers `prefill` allocated.
+    fn enqueue_prefill(&self, ids: u64, n: usize, start_pos: u32, chunk: usize) -> Result<()> {
+        let c = &self.config;
+        let (hidden, inter, q_dim, kv_dim) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let b = self.prefill.as_ref().context("prefill: no work buffers")?;
         let gpu = &self.gpu;
         let eps = c.rms_norm_eps;
         let mut p0 = 0usize;
-        while p0 < tokens.len() {
-            let m = chunk.min(tokens.len() - p0);
+        while p0 < n {
+            let m = chunk.min(n - p0);
             let start = start_pos + p0 as u32;
             // SAFETY (every launch below): each address is a live allocation of this engine,
             // sized for its role at `chunk >= m` rows (PrefillBuffers, upload.rs); ids are
             // within the vocabulary and positions within the cache (check_prefill).
             unsafe {
-                prefill::embed(gpu, self.embed, dptr(&ids) + 4 * p0 as u64, m, hidden, dptr(&b.x))
+                prefill::embed(gpu, self.embed, ids + 4 * p0 as u64, m, hidden, dptr(&b.x))
                     .context("prefill: embedding")?;
                 for (layer, lw) in self.layers.iter().enumerate() {
                     let at = || format!("prefill: layer {layer}, positions {start}..{}", start as usize + m);
@@ -165,11 +182,6 @@ impl GpuEngine {
             }
             p0 += m;
         }
-        // `ids` must outlive the kernels that read it; errors of any launch surface here.
-        gpu.synchronize().with_context(|| {
-            format!("prefill of positions {start_pos}..{} (chunks of {chunk})", start_pos as usize + tokens.len())
-        })?;
-        drop(ids);
         Ok(())
     }
 }
