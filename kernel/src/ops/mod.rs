@@ -1,7 +1,8 @@
-//! The operations a decode step is made of, as block- and warp-level device functions (and
-//! `gemm`, the tensor-core matrix product prefill is to be built from). The megakernel
-//! (`decode.rs`) composes them; `op_tests.rs` exposes each one as a small kernel so
-//! the host can check it against its CPU twin.
+//! The operations a decode step is made of, as block- and warp-level device functions, and
+//! those of prefill: `gemm`, the tensor-core matrix product, and `prefill`, the row-wise ops
+//! and the chunk's causal attention. The megakernel (`decode.rs`) composes the first;
+//! `op_tests.rs` exposes each one as a small kernel so the host can check it against its CPU
+//! twin. The prefill kernels (`../prefill.rs`) are ordinary launches the host checks directly.
 
 pub mod attention;
 pub mod gemm;
