@@ -108,7 +108,7 @@ pub struct GpuEngine {
     /// The same table on the host: prefill launches a kernel per matrix and reads it here.
     layers: Vec<LayerPtrs>,
     /// Prefill's work buffers, sized by the largest chunk asked for so far (`prefill.rs`).
-    prefill: Option<prefill::PrefillBuffers>,
+    prefill_buffers: Option<prefill::PrefillBuffers>,
     rope_cos: DeviceBuffer<f32>,
     rope_sin: DeviceBuffer<f32>,
     x: DeviceBuffer<f32>,

@@ -105,9 +105,9 @@ impl GpuEngine {
         let (hidden, inter, q_dim, kv_dim) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         // Chunks never exceed the prompt: a short prompt needs no buffers of a large chunk.
         let chunk = chunk.min(tokens.len());
-        if self.prefill.as_ref().is_none_or(|b| b.chunk < chunk) {
-            self.prefill = None; // free the smaller buffers first
-            self.prefill = Some(PrefillBuffers::new(&self.gpu, chunk, hidden, q_dim, kv_dim, inter)?);
+        if self.prefill_buffers.as_ref().is_none_or(|b| b.chunk < chunk) {
+            self.prefill_buffers = None; // free the smaller buffers first
+            self.prefill_buffers = Some(PrefillBuffers::new(&self.gpu, chunk, hidden, q_dim, kv_dim, inter)?);
         }
         // All ids at once, before any launch: one upload, never racing a kernel that reads it.
         let ids = self.gpu.upload(tokens, "prefill token ids")?;
@@ -124,11 +124,11 @@ impl GpuEngine {
     }
 
     /// Enqueues the launches of a prefill of `n` tokens (u32 ids at device address `ids`) at
-    /// positions `start_pos ..`, in chunks of `chunk`, on the buffers `prefill` allocated.
+    /// positions `start_pos ..`, in chunks of `chunk`, on the buffers `prefill` allocated (`prefill_buffers`).
     fn enqueue_prefill(&self, ids: u64, n: usize, start_pos: u32, chunk: usize) -> Result<()> {
         let c = &self.config;
         let (hidden, inter, q_dim, kv_dim) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
-        let b = self.prefill.as_ref().context("prefill: no work buffers")?;
+        let b = self.prefill_buffers.as_ref().context("prefill: no work buffers")?;
         let gpu = &self.gpu;
         let eps = c.rms_norm_eps;
         let mut p0 = 0usize;

@@ -104,7 +104,7 @@ impl GpuEngine {
             _weights: weights,
             layer_table,
             layers: table,
-            prefill: None,
+            prefill_buffers: None,
             rope_cos,
             rope_sin,
             kv_caches,
