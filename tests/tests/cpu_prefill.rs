@@ -43,7 +43,11 @@ fn prefill_logits_error(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize
     let got = twin.forward(tokens[last], last);
     let err = rel_err(&got, &want);
     let margin = top2_margin(&want);
-    eprintln!("prefill of {last} tokens in chunks of {chunk} + 1 step: logits relative error {err:.2e}, top-2 margin {margin:.3}");
+    let max_abs = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    eprintln!(
+        "prefill of {last} tokens in chunks of {chunk} + 1 step: logits relative error {err:.2e}, largest difference \
+         {max_abs:.3}, top-2 margin {margin:.3}"
+    );
     (err, margin, ops::argmax(&got) == ops::argmax(&want))
 }
 
@@ -73,6 +77,6 @@ fn prefill_twin_logits_stay_close_to_the_reference_tiny() {
 fn prefill_twin_logits_stay_close_to_the_reference_full_size() {
     let w = weights(&SynthSpec::qwen3_0_6b(7));
     let (err, margin, same) = prefill_logits_error(&w, 37, 16, 64);
-    assert!(err < 2e-2, "relative error {err}"); // measured: 5.6e-3
+    assert!(err < 2e-2, "relative error {err}"); // measured: 5.6e-3, largest difference 0.043
     assert!(same || margin < 0.05, "arg-max differs at a top-2 margin of {margin}");
 }

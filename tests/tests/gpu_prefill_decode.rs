@@ -9,8 +9,11 @@
 //!   and 5.6e-3 (full size) from it (tests/tests/cpu_prefill.rs), so 5e-3 and 1.5e-2;
 //! - the one-position-per-step megakernel path (`logits`): the same 5e-3 and 1.5e-2;
 //!
-//! all as relative L2 error of the logit row, with the arg-max equal wherever the CPU's top-2
-//! margin exceeds 0.05. A prompt of 37 tokens in chunks of 16 has a tail chunk (16 + 16 + 4).
+//! all as relative L2 error of the logit row, with the arg-max equal wherever the yardstick's
+//! top-2 margin exceeds a margin: 0.05 (tiny) as in gpu_decode.rs, but 0.1 at full size, where
+//! the twin's logits already differ from the reference's by up to 0.043 (cpu_prefill.rs), so
+//! two logits may trade places by twice that. Greedy choices are held to the same margins. A
+//! prompt of 37 tokens in chunks of 16 has a tail chunk (16 + 16 + 4).
 
 mod common;
 use common::{rel_err, top2_margin};
@@ -23,10 +26,16 @@ use host::model::{checkpoint, ops, Weights};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// (vs the CPU twin, vs the CPU reference and vs the per-step megakernel).
-const TINY_TOL: (f64, f64) = (2e-3, 5e-3);
-const FULL_TOL: (f64, f64) = (5e-3, 1.5e-2);
-const MARGIN: f32 = 0.05;
+/// Relative L2 error vs the CPU twin, and vs the CPU reference and the per-step megakernel;
+/// the top-2 margin above which arg-maxes must agree (and below which greedy may differ).
+#[derive(Clone, Copy)]
+struct Tolerance {
+    twin: f64,
+    reference: f64,
+    margin: f32,
+}
+const TINY_TOL: Tolerance = Tolerance { twin: 2e-3, reference: 5e-3, margin: 0.05 };
+const FULL_TOL: Tolerance = Tolerance { twin: 5e-3, reference: 1.5e-2, margin: 0.1 };
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("qwen3-gpu-prefill-test-{name}-{}", std::process::id()));
@@ -64,18 +73,18 @@ fn prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64, min_margin: f32) {
     let err = rel_err(got, want);
     let margin = top2_margin(want);
     eprintln!("{what}: relative error {err:.2e} (tolerance {tol:.0e}), top-2 margin {margin:.3}");
     assert!(err < tol, "{what}: logits relative error {err} >= {tol}");
-    if margin > MARGIN {
+    if margin > min_margin {
         assert_eq!(ops::argmax(got), ops::argmax(want), "{what}: arg-max differs");
     }
 }
 
 /// Prefill of `n - 1` tokens in chunks of `chunk` + one step, against the three yardsticks.
-fn compare_prefill(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol: (f64, f64)) {
+fn compare_prefill(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol: Tolerance) {
     let tokens = prompt(n, w.config.vocab_size, 9);
     let last = n - 1;
     let mut gpu = GpuEngine::new(w, max_ctx).unwrap();
@@ -83,15 +92,21 @@ fn compare_prefill(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol
 
     let mut twin = CpuReference::new(w.clone(), max_ctx).with_bf16_kv(true);
     twin.load_kv_cache(prefill_forward(w, &tokens[..last], chunk, max_ctx)).unwrap();
-    check(&format!("n={n} chunk={chunk}: vs the CPU twin of prefill"), &got, &twin.forward(tokens[last], last), tol.0);
+    check(
+        &format!("n={n} chunk={chunk}: vs the CPU twin of prefill"),
+        &got,
+        &twin.forward(tokens[last], last),
+        tol.twin,
+        tol.margin,
+    );
 
     let mut cpu = CpuReference::new(w.clone(), max_ctx).with_bf16_kv(true);
     let reference = cpu.logits(&tokens, &[last]).unwrap().remove(0);
-    check(&format!("n={n} chunk={chunk}: vs the CPU reference"), &got, &reference, tol.1);
+    check(&format!("n={n} chunk={chunk}: vs the CPU reference"), &got, &reference, tol.reference, tol.margin);
 
     // The same engine, its cache now refilled one position per step by the megakernel.
     let per_step = gpu.logits(&tokens, &[last]).unwrap().remove(0);
-    check(&format!("n={n} chunk={chunk}: vs the per-step megakernel"), &got, &per_step, tol.1);
+    check(&format!("n={n} chunk={chunk}: vs the per-step megakernel"), &got, &per_step, tol.reference, tol.margin);
 }
 
 #[test]
@@ -186,10 +201,17 @@ fn prefill_refuses_bad_requests() {
 
 /// `decode` with `prefill_chunk` set (the CLI's `--prefill-chunk`): greedy generation after a
 /// prefilled prompt, checked step by step by the CPU reference fed the GPU's own tokens: each
-/// must be the CPU's arg-max or within MARGIN of its best logit. Also counts how many agree
+/// must be the CPU's arg-max or within `margin` of its best logit. Also counts how many agree
 /// with the per-step path's tokens (reported, not asserted: a near-tie may go either way and
 /// then the continuations differ).
-fn compare_greedy_with_prefill(w: &Arc<Weights>, n_prompt: usize, chunk: usize, n_new: usize, max_ctx: usize) {
+fn compare_greedy_with_prefill(
+    w: &Arc<Weights>,
+    n_prompt: usize,
+    chunk: usize,
+    n_new: usize,
+    max_ctx: usize,
+    margin: f32,
+) {
     use host::backend::SamplingParams;
     let prompt = prompt(n_prompt, w.config.vocab_size, 6);
     let mut gpu = GpuEngine::new(w, max_ctx).unwrap();
@@ -214,7 +236,7 @@ fn compare_greedy_with_prefill(w: &Arc<Weights>, n_prompt: usize, chunk: usize, 
     for (i, &gt) in g.iter().enumerate() {
         let best = ops::argmax(&logits);
         let gap = logits[best as usize] - logits[gt as usize];
-        assert!(gap <= MARGIN, "greedy token {i}: GPU chose {gt}, {gap} below the CPU's best {best}");
+        assert!(gap <= margin, "greedy token {i}: GPU chose {gt}, {gap} below the CPU's best {best}");
         logits = cpu.forward(gt, prompt.len() + i);
     }
 }
@@ -223,10 +245,10 @@ fn compare_greedy_with_prefill(w: &Arc<Weights>, n_prompt: usize, chunk: usize, 
 #[ignore = "needs a CUDA GPU"]
 fn decode_with_prefill_chunk_matches_cpu_greedy() {
     let w = tiny_weights(44);
-    compare_greedy_with_prefill(&w, 37, 16, 20, 64);
-    compare_greedy_with_prefill(&w, 1, 16, 5, 64); // a one-token prompt: nothing to prefill
+    compare_greedy_with_prefill(&w, 37, 16, 20, 64, TINY_TOL.margin);
+    compare_greedy_with_prefill(&w, 1, 16, 5, 64, TINY_TOL.margin); // a one-token prompt: nothing to prefill
     let w = full_weights();
-    compare_greedy_with_prefill(&w, 37, 16, 8, 256);
+    compare_greedy_with_prefill(&w, 37, 16, 8, 256, FULL_TOL.margin);
 }
 
 /// Not a check, a report for the speed goals: prompt tokens per second of the
