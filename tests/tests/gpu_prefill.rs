@@ -285,3 +285,106 @@ fn prefill_launchers_refuse_bad_chunks() {
     let e = unsafe { prefill::rms_norm_rows(&gpu, 0, 0, 1, 62, 1e-6, 0) }.unwrap_err();
     assert!(format!("{e:#}").contains("multiple of 4"), "{e:#}");
 }
+
+/// Prefill writes K and V exactly as the decode kernel does: the same q/k/v row at the same
+/// position, through the decode attention phase (`test_attention`, the megakernel's device
+/// function) and through `prefill_qk_rope` (M = 1), leaves bit-identical cache rows; and the
+/// two attention outputs agree within prefill's bf16 rounding.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn prefill_kv_rows_are_bit_identical_to_decode() {
+    use host::engine::abi::{attention_smem_words, AttentionTestParams, MAX_SPLITS, OP_TEST_THREADS};
+    use std::ffi::c_void;
+    let gpu = gpu();
+    for (seed, (n_heads, n_kv, d, pos)) in
+        (300..).zip([(16usize, 8usize, 128usize, 300usize), (4, 2, 32, 0), (16, 4, 64, 63)])
+    {
+        let mut rng = Rng(seed);
+        let max_ctx = 512;
+        let s = HeadShape { n_heads, n_kv_heads: n_kv, head_dim: d, max_ctx };
+        let (q_dim, kv_dim) = (s.q_dim(), s.kv_dim());
+        let qkv = rng.vec(q_dim + 2 * kv_dim, 3.0);
+        let (qn, kn) = (rng.bf16s(d, 1.5), rng.bf16s(d, 1.5));
+        let (cos, sin) = ops::rope_table(1e6, d, max_ctx);
+        let mut cache = vec![bf16::from_bits(NAN_BF16); s.cache_len()];
+        let mut vcache = cache.clone();
+        for h in 0..n_kv {
+            for p in 0..pos {
+                for i in 0..d {
+                    cache[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+                    vcache[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+                }
+            }
+        }
+        let dqkv = gpu.upload(&qkv, "qkv").unwrap();
+        let (dqn, dkn) = (gpu.upload(&bits(&qn), "q_norm").unwrap(), gpu.upload(&bits(&kn), "k_norm").unwrap());
+        let (dcos, dsin) = (gpu.upload(&cos, "cos").unwrap(), gpu.upload(&sin, "sin").unwrap());
+
+        // Decode: one attention phase at `pos`.
+        let (dk_dec, dv_dec) = (gpu.upload(&bits(&cache), "k").unwrap(), gpu.upload(&bits(&vcache), "v").unwrap());
+        let out_dec = gpu.upload(&vec![f32::NAN; q_dim], "decode out").unwrap();
+        let partial = gpu.alloc::<f32>(n_heads * MAX_SPLITS as usize * (d + 2), "partials").unwrap();
+        let count = gpu.alloc::<u32>(n_kv, "counts").unwrap();
+        let half = d / 2;
+        let mut t = AttentionTestParams {
+            qkv: dptr(&dqkv),
+            q_norm: dptr(&dqn),
+            k_norm: dptr(&dkn),
+            cos: dptr(&dcos) + (pos * half * 4) as u64,
+            sin: dptr(&dsin) + (pos * half * 4) as u64,
+            k_cache: dptr(&dk_dec),
+            v_cache: dptr(&dv_dec),
+            out: dptr(&out_dec),
+            partial: dptr(&partial),
+            count: dptr(&count),
+            n_heads: n_heads as u32,
+            n_kv_heads: n_kv as u32,
+            head_dim: d as u32,
+            max_ctx: max_ctx as u32,
+            max_splits: MAX_SPLITS,
+            pos: pos as u32,
+            eps: 1e-6,
+            _pad: 0,
+        };
+        let smem = attention_smem_words(OP_TEST_THREADS / 32, (n_heads / n_kv) as u32, d as u32) * 4;
+        let k = gpu.kernel("test_attention").unwrap();
+        let mut args = [&mut t as *mut _ as *mut c_void];
+        unsafe { k.launch(gpu.stream(), gpu.sm_count(), OP_TEST_THREADS, smem, &mut args) }.unwrap();
+        finish(&gpu, "test_attention");
+
+        // Prefill: a chunk of one row at `pos`.
+        let (dk_pre, dv_pre) = (gpu.upload(&bits(&cache), "k").unwrap(), gpu.upload(&bits(&vcache), "v").unwrap());
+        let dq = gpu.upload(&vec![f32::NAN; q_dim], "q").unwrap();
+        let out_pre = gpu.upload(&vec![NAN_BF16; q_dim], "prefill out").unwrap();
+        let p = PrefillAttentionParams {
+            qkv: dptr(&dqkv),
+            q_norm: dptr(&dqn),
+            k_norm: dptr(&dkn),
+            rope_cos: dptr(&dcos),
+            rope_sin: dptr(&dsin),
+            k_cache: dptr(&dk_pre),
+            v_cache: dptr(&dv_pre),
+            q: dptr(&dq),
+            out: dptr(&out_pre),
+            rows: 1,
+            start_pos: pos as u32,
+            n_heads: n_heads as u32,
+            n_kv_heads: n_kv as u32,
+            head_dim: d as u32,
+            max_ctx: max_ctx as u32,
+            eps: 1e-6,
+            _pad: 0,
+        };
+        unsafe { prefill::qk_rope(&gpu, &p) }.unwrap();
+        unsafe { prefill::attention(&gpu, &p) }.unwrap();
+        finish(&gpu, "prefill_qk_rope + prefill_attention");
+
+        let what = format!("heads {n_heads}/{n_kv} d={d} pos={pos}");
+        assert!(download(&dk_pre) == download(&dk_dec), "{what}: the K caches differ");
+        assert!(download(&dv_pre) == download(&dv_dec), "{what}: the V caches differ");
+        let (dec, pre) = (download(&out_dec), download_bf16(&out_pre));
+        for (i, (&g, &w)) in pre.iter().zip(&dec).enumerate() {
+            assert!(within_bf16_step(g, w, 1e-4), "{what}: attention [{i}]: prefill {g}, decode {w}");
+        }
+    }
+}
