@@ -24,6 +24,7 @@ model=${1:-/tmp/qwen3-sanitize-tiny}
 ops=$(ls tests/gpu_ops-* 2>/dev/null | head -1)
 [ -n "$ops" ] || ops=./gpu_ops
 device=$(ls tests/gpu_device-* 2>/dev/null | head -1)
+prefill=$(ls tests/gpu_prefill-* 2>/dev/null | head -1)
 ids() { seq -s, 1 "$1" | awk -F, '{for(i=1;i<=NF;i++) printf "%s%d", (i>1?",":""), $i % 500}'; }
 tools=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
 bad=0
@@ -66,6 +67,10 @@ for tool in $tools; do
     # are what the tools check), and the tensor-core GEMM at every tested shape.
     QWEN3_SAMPLING_TRIALS=300 run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
         "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties top_p_grid sampling gemm_bf16_matches
+    # The prefill kernels (embedding, row norms, q/k norm + RoPE with the K/V append,
+    # attention over the cache, elementwise ops) at chunk and cache boundaries.
+    [ -n "$prefill" ] && run "$tool prefill kernels" "$san" --tool "$tool" "${extra[@]}" \
+        "$prefill" --ignored --test-threads=1
     # The grid barrier as the decode kernel uses it (sense in shared memory).
     [ -n "$device" ] && QWEN3_BARRIER_ROUNDS=1000 run "$tool grid barrier (sense in shared memory, 2000 uses)" \
         "$san" --tool "$tool" "${extra[@]}" "$device" --ignored --test-threads=1 grid_barrier_with_sense_in_shared_memory
@@ -84,6 +89,10 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
         # merge (and, above 8 splits, its two-warp form) runs. initcheck is left to the tiny model.
         [ "$tool" = initcheck ] && continue
         [ "${SANITIZE_QUICK:-0}" = 1 ] && [ "$tool" != memcheck ] && continue
+        # A 300-token prompt through the chunked prefill (then the megakernel from position 299).
+        run "$tool full-size decode, 300-token prompt through prefill (chunks of 64)" "$san" --tool "$tool" "${extra[@]}" \
+            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids 300)" --max-new-tokens 2 --max-context 400 \
+            --json --prefill-chunk 64
         if [ "$tool" = racecheck ]; then
             # A 300-token prompt is 300 steps, more than ten minutes under racecheck at full
             # size: bench starts at position 300 over a random KV cache instead (the same code

@@ -62,6 +62,8 @@ fn decode_errors_are_clear() {
     assert!(e.contains("tokenizer") && e.contains("--json"), "{e}");
     let e = fails(&with(&["--prompt", "hello", "--json"]));
     assert!(e.contains("tokenizer"), "{e}");
+    let e = fails(&with(&["--prompt-ids", "1,2,3", "--json", "--prefill-chunk", "16"]));
+    assert!(e.contains("--prefill-chunk") && e.contains("--device cpu"), "{e}");
     let e = fails(&["decode", "--model", "/nonexistent/model", "--prompt-ids", "1", "--json"]);
     assert!(e.contains("/nonexistent/model"), "{e}");
     // The GPU path reports its own errors the same way (no GPU here, or one: either way no panic).

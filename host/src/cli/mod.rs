@@ -99,6 +99,11 @@ pub fn open_backend_with_prefill(
     max_context: usize,
     prefill_chunk: usize,
 ) -> anyhow::Result<Box<dyn Backend>> {
+    // Refused (before anything loads) rather than ignored, which would seem to have used it.
+    anyhow::ensure!(
+        prefill_chunk == 0 || device == Device::Gpu,
+        "--prefill-chunk runs the GPU's prefill kernels; the CPU reference (--device cpu) has none"
+    );
     let weights: Weights =
         checkpoint::load(dir, true).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
     let weights = Arc::new(weights);
