@@ -1,6 +1,6 @@
-//! `prefill_*`: the kernels of a prefill chunk besides the GEMM (`ops::gemm`, launched through
-//! `test_gemm_bf16` for now). Ordinary launches of `abi::PREFILL_THREADS` threads, no shared
-//! memory; the host (host/src/engine/prefill.rs) runs them in order, per layer:
+//! The kernels of a prefill chunk: `gemm_bf16` (`ops::gemm`, the matrix products) and the
+//! `prefill_*` ones around it. Ordinary launches of `abi::PREFILL_THREADS` threads, no shared
+//! memory (the GEMM: `abi::GEMM_THREADS` threads and `abi::GEMM_SMEM_BYTES`); the host (host/src/engine/prefill.rs) runs them in order, per layer:
 //!
 //! `prefill_rms_norm` -> q/k/v GEMM -> `prefill_qk_rope_hd*` -> `prefill_attention_hd*` ->
 //! o GEMM -> `prefill_add` -> `prefill_rms_norm` -> gate and up GEMMs -> `prefill_silu_mul` ->
@@ -9,8 +9,26 @@
 //! The head-sized kernels have one entry per head_dim, as the decode kernel does, so that each
 //! is compiled for its own register tile.
 
-use crate::abi::PrefillAttentionParams;
+use crate::abi::{gemm_grid, gemm_shape_error, PrefillAttentionParams, GEMM_THREADS};
+use crate::device::*;
+use crate::ops::gemm::{gemm_bf16_tile, GemmArgs, SmemChunk};
 use crate::ops::prefill::*;
+
+/// `c = a w^T` (bf16 `a [m, k]`, `w [n, k]`, f32 `c [m, n]`), one tile of C per block: launch
+/// `abi::gemm_grid(m, n)` blocks of `abi::GEMM_THREADS` threads with
+/// `abi::GEMM_SMEM_BYTES` of shared memory. Traps on a shape outside `abi::gemm_shape_error`'s
+/// contract or a block of another size.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn gemm_bf16(a: *const u16, w: *const u16, c: *mut f32, m: u32, n: u32, k: u32) {
+    if block_dim() != GEMM_THREADS || gemm_shape_error(m, n, k).is_some() {
+        trap();
+    }
+    if block_idx() >= gemm_grid(m, n) {
+        return;
+    }
+    let args = GemmArgs { a, w, c, m, n, k };
+    gemm_bf16_tile(&args, block_idx(), dynamic_shared::<SmemChunk>());
+}
 
 /// `x[r] = embed[tokens[r]]` (f32) for `rows` rows of `hidden`. Any grid.
 #[no_mangle]

@@ -637,7 +637,7 @@ fn gemm_bf16_matches_cpu() {
             let da = gpu.upload(&bits(&a), "a").unwrap();
             let mut dc = poisoned(&gpu, m * n);
             host::gpu::gemm_bf16(&gpu, &da, &dw, &mut dc, m, n, k).unwrap();
-            finish(&gpu, "test_gemm_bf16");
+            finish(&gpu, "gemm_bf16");
             let got = download(&dc);
             for i in 0..m * n {
                 assert!(
@@ -684,7 +684,7 @@ fn gemm_bf16_throughput_at_4096() {
     let (da, dw) = (gpu.upload(&bits(&a), "a").unwrap(), gpu.upload(&bits(&w), "w").unwrap());
     let mut dc = poisoned(&gpu, m * n);
     host::gpu::gemm_bf16(&gpu, &da, &dw, &mut dc, m, n, k).unwrap();
-    finish(&gpu, "test_gemm_bf16");
+    finish(&gpu, "gemm_bf16");
     const LAUNCHES: usize = 3;
     let mut times = Vec::new();
     for _ in 0..7 {

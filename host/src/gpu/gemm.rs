@@ -37,8 +37,6 @@ fn check_buffer<T: DeviceCopy>(buf: &DeviceSlice<T>, elements: usize, name: &str
 /// Enqueues `c = a w^T` on the GPU's stream and returns without waiting (errors of the kernel
 /// itself show at the next synchronisation). `a` holds bf16 bits `[m, k]`, `w` bf16 bits
 /// `[n, k]`, `c` f32 `[m, n]`, all row-major. Refuses a shape or buffer the kernel cannot take.
-///
-/// It runs through the op-test entry `test_gemm_bf16` until prefill has kernels of its own.
 pub fn gemm_bf16(
     gpu: &Gpu,
     a: &DeviceSlice<u16>,
@@ -87,8 +85,8 @@ pub unsafe fn gemm_bf16_raw(gpu: &Gpu, a: u64, w: u64, c: u64, m: usize, n: usiz
         &mut n32 as *mut u32 as *mut c_void,
         &mut k32 as *mut u32 as *mut c_void,
     ];
-    let kernel = gpu.kernel("test_gemm_bf16")?;
-    // SAFETY: the arguments match test_gemm_bf16(a: *const u16, w: *const u16, c: *mut f32,
+    let kernel = gpu.kernel("gemm_bf16")?;
+    // SAFETY: the arguments match the kernel gemm_bf16(a: *const u16, w: *const u16, c: *mut f32,
     // m: u32, n: u32, k: u32); the shape is one the kernel takes, and the caller vouches for
     // the buffers.
     unsafe { kernel.launch(gpu.stream(), gemm_grid(m32, n32), GEMM_THREADS, GEMM_SMEM_BYTES, &mut args) }
