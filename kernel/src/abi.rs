@@ -400,6 +400,33 @@ pub const fn prefill_elementwise_grid(n: u32) -> u32 {
     }
 }
 
+/// Prefill attention (`prefill_attention_hd*`, kernel/src/ops/flash_attention.rs): a block of
+/// `PREFILL_THREADS` takes `FLASH_BLOCK_M` query rows of one q head (16 per warp, the height
+/// of an `mma.sync` fragment) and walks the keys in tiles of `FLASH_BLOCK_N`.
+pub const FLASH_BLOCK_M: u32 = 64;
+pub const FLASH_BLOCK_N: u32 = 64;
+/// Stages of the K/V tile pipeline: tile j + 1 is copied while tile j is used.
+pub const FLASH_STAGES: u32 = 2;
+
+/// Bytes of one K or V tile row in shared memory: `head_dim` bf16 plus 16 bytes of padding,
+/// so that the eight 16-byte rows an `ldmatrix` reads start on distinct groups of banks.
+pub const fn flash_row_bytes(head_dim: u32) -> u32 {
+    head_dim * 2 + 16
+}
+
+/// Dynamic shared memory of a prefill attention block: `FLASH_STAGES` K tiles and as many V
+/// tiles (69632 bytes at head_dim 128: over the default 48 KiB, so the host opts in).
+pub const fn flash_smem_bytes(head_dim: u32) -> u32 {
+    2 * FLASH_STAGES * FLASH_BLOCK_N * flash_row_bytes(head_dim)
+}
+
+/// Blocks of a prefill attention launch: one per (tile of `FLASH_BLOCK_M` rows, q head).
+pub const fn flash_grid(rows: u32, n_heads: u32) -> u32 {
+    rows.div_ceil(FLASH_BLOCK_M) * n_heads
+}
+
+const _: () = assert!(PREFILL_THREADS == 32 * FLASH_BLOCK_M / 16);
+
 /// What the prefill's q/k norm + RoPE (`prefill_qk_rope_hd*`) and attention
 /// (`prefill_attention_hd*`) kernels need, for one layer and one chunk of `rows` positions
 /// `start_pos .. start_pos + rows`.
@@ -418,8 +445,8 @@ pub struct PrefillAttentionParams {
     /// bf16 `[n_kv_heads, max_ctx, head_dim]` each: the decode kernel's KV cache of this layer.
     pub k_cache: u64,
     pub v_cache: u64,
-    /// f32 `[rows, q_dim]`: q after its norm and RoPE (written by the RoPE kernel, read by
-    /// attention).
+    /// bf16 `[rows, q_dim]`: q after its norm and RoPE (written by the RoPE kernel, read by
+    /// attention's tensor cores).
     pub q: u64,
     /// bf16 `[rows, q_dim]`: the attention output, the o GEMM's A.
     pub out: u64,

@@ -1,6 +1,7 @@
 //! The kernels of a prefill chunk: `gemm_bf16` (`ops::gemm`, the matrix products) and the
 //! `prefill_*` ones around it. Ordinary launches of `abi::PREFILL_THREADS` threads, no shared
-//! memory (the GEMM: `abi::GEMM_THREADS` threads and `abi::GEMM_SMEM_BYTES`); the host (host/src/engine/prefill.rs) runs them in order, per layer:
+//! memory (the GEMM: `abi::GEMM_THREADS` threads and `abi::GEMM_SMEM_BYTES`; attention:
+//! `abi::flash_smem_bytes`); the host (host/src/engine/prefill.rs) runs them in order, per layer:
 //!
 //! `prefill_rms_norm` -> q/k/v GEMM -> `prefill_qk_rope_hd*` -> `prefill_attention_hd*` ->
 //! o GEMM -> `prefill_add` -> `prefill_rms_norm` -> gate and up GEMMs -> `prefill_silu_mul` ->
@@ -9,8 +10,9 @@
 //! The head-sized kernels have one entry per head_dim, as the decode kernel does, so that each
 //! is compiled for its own register tile.
 
-use crate::abi::{gemm_grid, gemm_shape_error, PrefillAttentionParams, GEMM_THREADS};
+use crate::abi::{flash_grid, gemm_grid, gemm_shape_error, PrefillAttentionParams, GEMM_THREADS, PREFILL_THREADS};
 use crate::device::*;
+use crate::ops::flash_attention::flash_attention;
 use crate::ops::gemm::{gemm_bf16_tile, GemmArgs, SmemChunk};
 use crate::ops::prefill::*;
 
@@ -84,18 +86,33 @@ pub unsafe extern "ptx-kernel" fn prefill_qk_rope_hd32(p: PrefillAttentionParams
     qk_norm_rope_append::<1>(&p)
 }
 
-// Causal attention of the chunk over the cache: `abi::prefill_warp_grid(rows * n_heads)`.
+// Causal attention of the chunk over the cache, on the tensor cores (`ops::flash_attention`):
+// `abi::flash_grid(rows, n_heads)` blocks of `PREFILL_THREADS`, `abi::flash_smem_bytes(head_dim)`
+// of dynamic shared memory.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn prefill_attention_hd128(p: PrefillAttentionParams) {
-    causal_attention::<4>(&p)
+    attention_entry::<8, 16>(&p)
 }
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn prefill_attention_hd64(p: PrefillAttentionParams) {
-    causal_attention::<2>(&p)
+    attention_entry::<4, 8>(&p)
 }
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn prefill_attention_hd32(p: PrefillAttentionParams) {
-    causal_attention::<1>(&p)
+    attention_entry::<2, 4>(&p)
+}
+
+/// Traps on a launch the tiling does not fit (another block size, a grid past the tiles), so
+/// that a launcher's mistake is an error, not wrong attention.
+#[inline(always)]
+unsafe fn attention_entry<const KS: usize, const NT: usize>(p: &PrefillAttentionParams) {
+    if block_dim() != PREFILL_THREADS || p.head_dim != 16 * KS as u32 {
+        trap();
+    }
+    if block_idx() >= flash_grid(p.rows, p.n_heads) {
+        return;
+    }
+    flash_attention::<KS, NT>(p, dynamic_shared::<SmemChunk>())
 }

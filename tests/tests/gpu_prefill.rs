@@ -4,10 +4,12 @@
 //! past position 0 and chunks that end at the cache's last position; GQA groups 2 and 4 and
 //! head_dim 32, 64 and 128. Outputs start as NaN, so an element a kernel forgot fails.
 //!
-//! Tolerances: values the GPU rounds to bf16 (the norm's rows, SiLU * up, K, attention) may
+//! Tolerances: values the GPU rounds to bf16 (the norm's rows, SiLU * up, q, K, attention) may
 //! sit one bf16 step (2^-8 relative) from the CPU's rounding of its own f32, whose last bits
-//! differ (approximate rsqrt/exp2, summation order); V is stored unchanged, so bit-exact. q
-//! stays f32: relative L2 error under 1e-5, as the decode kernel's q/k norm test allows.
+//! differ (approximate rsqrt/exp2, summation order); V is stored unchanged, so bit-exact.
+//! Attention's tensor cores also take the softmax weights as bf16, which its twin does not:
+//! each weight off by up to 2^-9 of itself moves an output by at most 2^-9 of the largest
+//! |v| (`within_attention`).
 
 mod common;
 use common::rel_err;
@@ -73,6 +75,13 @@ fn finish(gpu: &Gpu, what: &str) {
 /// it plus `abs` (what the two sides' f32 may differ by before rounding). NaN never passes.
 fn within_bf16_step(got: f32, want: f32, abs: f32) -> bool {
     (got - want).abs() <= want.abs() / 128.0 + abs
+}
+
+/// An attention output `got` (bf16, from bf16 softmax weights) against the twin's `want`
+/// (exact weights), for values |v| <= `v_max`: one bf16 step of the output, plus what the
+/// weights' rounding can move it (2^-9 v_max), plus `abs`.
+fn within_attention(got: f32, want: f32, v_max: f32, abs: f32) -> bool {
+    within_bf16_step(got, want, v_max / 512.0 + abs)
 }
 
 /// NaN as bf16 bits: the poison of bf16 outputs and of cache rows no kernel may read.
@@ -170,7 +179,7 @@ fn chunk_case(gpu: &Gpu, s: HeadShape, start: usize, rows: usize, seed: u64) {
     let (dqn, dkn) = (gpu.upload(&bits(&qn), "q_norm").unwrap(), gpu.upload(&bits(&kn), "k_norm").unwrap());
     let (dcos, dsin) = (gpu.upload(&cos, "cos").unwrap(), gpu.upload(&sin, "sin").unwrap());
     let (dkc, dvc) = (gpu.upload(&bits(&kc), "k cache").unwrap(), gpu.upload(&bits(&vc), "v cache").unwrap());
-    let dq = gpu.upload(&vec![f32::NAN; rows * q_dim], "q").unwrap();
+    let dq = gpu.upload(&vec![NAN_BF16; rows * q_dim], "q").unwrap();
     let dout = gpu.upload(&vec![NAN_BF16; rows * q_dim], "attention out").unwrap();
     let p = PrefillAttentionParams {
         qkv: dptr(&dqkv),
@@ -193,14 +202,15 @@ fn chunk_case(gpu: &Gpu, s: HeadShape, start: usize, rows: usize, seed: u64) {
     };
     unsafe { prefill::qk_rope(gpu, &p) }.unwrap();
     finish(gpu, "prefill_qk_rope");
-    let gpu_q = download(&dq);
+    let gpu_q = download_bf16(&dq);
     let (gpu_kc, gpu_vc) = (download(&dkc), download(&dvc));
 
     // q/k norm + RoPE and the append.
     let (mut want_kc, mut want_vc) = (kc.clone(), vc.clone());
     let want_q = twin::qk_norm_rope_append(&qkv, start, &s, &qn, &kn, 1e-6, &cos, &sin, &mut want_kc, &mut want_vc);
-    let err = rel_err(&gpu_q, &want_q);
-    assert!(err < 1e-5, "{what}: q relative error {err}");
+    for (i, (&g, &w)) in gpu_q.iter().zip(&want_q).enumerate() {
+        assert!(within_bf16_step(g, w, 1e-6), "{what}: q row {} [{}]: gpu {g}, cpu {w}", i / q_dim, i % q_dim);
+    }
     for i in 0..s.cache_len() {
         let (g, w) = (bf16::from_bits(gpu_kc[i]).to_f32(), want_kc[i].to_f32());
         let (h, pos) = (i / d / s.max_ctx, i / d % s.max_ctx);
@@ -219,10 +229,11 @@ fn chunk_case(gpu: &Gpu, s: HeadShape, start: usize, rows: usize, seed: u64) {
     let gpu_vc: Vec<bf16> = gpu_vc.into_iter().map(bf16::from_bits).collect();
     let want = twin::causal_attention(&gpu_q, start, &s, &gpu_kc, &gpu_vc);
     let got = download_bf16(&dout);
+    // |v| <= 3: the chunk's own rows come from `qkv` (within 3), earlier ones within 2.
     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
         let (r, col) = (i / q_dim, i % q_dim);
         assert!(
-            within_bf16_step(g, w, 1e-4),
+            within_attention(g, w, 3.0, 1e-5),
             "{what}: attention row {r} (position {}) head {} [{}]: gpu {g}, cpu {w}",
             start + r,
             col / d,
@@ -230,6 +241,7 @@ fn chunk_case(gpu: &Gpu, s: HeadShape, start: usize, rows: usize, seed: u64) {
         );
     }
     let err = rel_err(&got, &want);
+    eprintln!("{what}: attention relative error {err:.2e}");
     assert!(err < 4e-3, "{what}: attention relative error {err}");
 }
 
@@ -250,6 +262,11 @@ fn prefill_attention_chunks_match_cpu() {
         (shape(4, 1, 32, 64), 16, 16),   // group 4, head_dim 32
         (shape(16, 4, 64, 128), 0, 37),  // group 4, head_dim 64
         (shape(8, 4, 64, 128), 100, 28), // group 2, head_dim 64, ends at max_ctx
+        // Several tiles of 64 rows (the last one partial) and of 64 keys.
+        (shape(16, 8, 128, 1024), 0, 130),
+        (shape(16, 8, 128, 1024), 100, 200),
+        (shape(4, 2, 32, 256), 3, 150),
+        (shape(8, 2, 64, 256), 64, 192), // group 4, tiles aligned to the chunk, ends at max_ctx
     ];
     for (seed, (s, start, rows)) in (200..).zip(cases) {
         chunk_case(&gpu, s, start, rows, seed);
@@ -289,7 +306,7 @@ fn prefill_launchers_refuse_bad_chunks() {
 /// Prefill writes K and V exactly as the decode kernel does: the same q/k/v row at the same
 /// position, through the decode attention phase (`test_attention`, the megakernel's device
 /// function) and through `prefill_qk_rope` (M = 1), leaves bit-identical cache rows; and the
-/// two attention outputs agree within prefill's bf16 rounding.
+/// two attention outputs agree within prefill's bf16 roundings (of q and of the weights).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn prefill_kv_rows_are_bit_identical_to_decode() {
@@ -354,7 +371,7 @@ fn prefill_kv_rows_are_bit_identical_to_decode() {
 
         // Prefill: a chunk of one row at `pos`.
         let (dk_pre, dv_pre) = (gpu.upload(&bits(&cache), "k").unwrap(), gpu.upload(&bits(&vcache), "v").unwrap());
-        let dq = gpu.upload(&vec![f32::NAN; q_dim], "q").unwrap();
+        let dq = gpu.upload(&vec![NAN_BF16; q_dim], "q").unwrap();
         let out_pre = gpu.upload(&vec![NAN_BF16; q_dim], "prefill out").unwrap();
         let p = PrefillAttentionParams {
             qkv: dptr(&dqkv),
@@ -384,7 +401,8 @@ fn prefill_kv_rows_are_bit_identical_to_decode() {
         assert!(download(&dv_pre) == download(&dv_dec), "{what}: the V caches differ");
         let (dec, pre) = (download(&out_dec), download_bf16(&out_pre));
         for (i, (&g, &w)) in pre.iter().zip(&dec).enumerate() {
-            assert!(within_bf16_step(g, w, 1e-4), "{what}: attention [{i}]: prefill {g}, decode {w}");
+            // Decode keeps q and the softmax weights in f32; prefill rounds both to bf16.
+            assert!(within_attention(g, w, 3.0, 1e-3), "{what}: attention [{i}]: prefill {g}, decode {w}");
         }
     }
 }

@@ -33,8 +33,8 @@ pub(super) struct PrefillBuffers {
     normed: DeviceBuffer<u16>,
     /// f32 `[chunk, q_dim + 2 kv_dim]`.
     qkv: DeviceBuffer<f32>,
-    /// f32 `[chunk, q_dim]`: q after its norm and RoPE.
-    q: DeviceBuffer<f32>,
+    /// bf16 `[chunk, q_dim]`: q after its norm and RoPE, attention's A.
+    q: DeviceBuffer<u16>,
     /// bf16 `[chunk, q_dim]`: attention output, the o GEMM's A.
     attn: DeviceBuffer<u16>,
     /// f32 `[chunk, hidden]`: the o and down GEMMs' output, before the residual add.

@@ -4,7 +4,9 @@
 //! `unsafe`: the caller vouches that each address holds what the kernel reads or writes.
 
 use super::Gpu;
-use crate::engine::abi::{prefill_elementwise_grid, prefill_warp_grid, PrefillAttentionParams, PREFILL_THREADS};
+use crate::engine::abi::{
+    flash_grid, flash_smem_bytes, prefill_elementwise_grid, prefill_warp_grid, PrefillAttentionParams, PREFILL_THREADS,
+};
 use anyhow::{ensure, Result};
 use std::ffi::c_void;
 
@@ -117,13 +119,17 @@ pub unsafe fn qk_rope(gpu: &Gpu, p: &PrefillAttentionParams) -> Result<()> {
     launch(gpu, &qk_rope_kernel_name(p.head_dim as usize), grid, &mut [arg(&mut params)])
 }
 
-/// Causal attention of a chunk's q (`p.q`) over the cache, into `p.out` (bf16).
+/// Causal attention of a chunk's q (`p.q`, bf16) over the cache, into `p.out` (bf16), on the
+/// tensor cores.
 ///
 /// # Safety
 /// As [`qk_rope`]; the chunk's K and V must be in the cache (its launch enqueued earlier).
 pub unsafe fn attention(gpu: &Gpu, p: &PrefillAttentionParams) -> Result<()> {
     check_heads(p, "prefill attention")?;
     let mut params = *p;
-    let grid = prefill_warp_grid(p.rows * p.n_heads);
-    launch(gpu, &attention_kernel_name(p.head_dim as usize), grid, &mut [arg(&mut params)])
+    let kernel = gpu.kernel(&attention_kernel_name(p.head_dim as usize))?;
+    let smem = flash_smem_bytes(p.head_dim);
+    // Above the default 48 KiB at head_dim 128: the kernel must be allowed that much.
+    kernel.set_max_dynamic_smem(smem)?;
+    kernel.launch(gpu.stream(), flash_grid(p.rows, p.n_heads), PREFILL_THREADS, smem, &mut [arg(&mut params)])
 }

@@ -78,7 +78,7 @@ pub fn qk_norm_rope_append(
         for head in q.chunks_exact_mut(d) {
             ops::head_norm_rope(head, q_norm, eps, c, sn);
         }
-        q_out.extend_from_slice(&q);
+        q_out.extend(q.iter().map(|&v| ops::round_bf16(v)));
         for h in 0..s.n_kv_heads {
             let mut k = row[q_dim + h * d..q_dim + (h + 1) * d].to_vec();
             ops::head_norm_rope(&mut k, k_norm, eps, c, sn);
@@ -96,7 +96,9 @@ pub fn qk_norm_rope_append(
 /// `prefill_attention_hd*`: each of the `q.len() / q_dim` rows of `q` (position
 /// `start_pos + row`) attends causally over cache positions `0 ..= start_pos + row`
 /// ([`ops::attention`], GQA, softmax in f64). Returns `[rows, q_dim]` in f32; the GPU rounds
-/// the same values to bf16.
+/// the same values to bf16, and its tensor cores also take the softmax weights as bf16 (the
+/// one rounding the twin leaves out: an error of about 2^-9 of each weight, averaged over the
+/// keys).
 pub fn causal_attention(q: &[f32], start_pos: usize, s: &HeadShape, k_cache: &[bf16], v_cache: &[bf16]) -> Vec<f32> {
     let (d, q_dim, kv_dim) = (s.head_dim, s.q_dim(), s.kv_dim());
     assert!(q.len().is_multiple_of(q_dim), "causal_attention: q is not whole rows");
@@ -163,7 +165,7 @@ pub fn prefill_forward(w: &super::Weights, tokens: &[u32], chunk: usize, max_con
                 for head in q.chunks_exact_mut(d) {
                     ops::head_norm_rope(head, &lw.q_norm, eps, cr, sr);
                 }
-                q_rows.push(q);
+                q_rows.push(q.iter().map(|&v| ops::round_bf16(v)).collect::<Vec<f32>>());
                 let mut k = k_all[r * kv_dim..(r + 1) * kv_dim].to_vec();
                 for head in k.chunks_exact_mut(d) {
                     ops::head_norm_rope(head, &lw.k_norm, eps, cr, sr);

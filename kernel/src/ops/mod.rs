@@ -5,6 +5,7 @@
 //! twin. The prefill kernels (`../prefill.rs`) are ordinary launches the host checks directly.
 
 pub mod attention;
+pub mod flash_attention;
 pub mod gemm;
 pub mod gemv;
 pub mod lm_head;

@@ -1,12 +1,10 @@
 //! The operations of a prefill chunk that are not matrix products (those are `gemm`): the
 //! embedding, RMSNorm of many rows into the GEMM's bf16 A, q/k norm + RoPE with the K/V append
-//! into the decode kernel's cache, causal attention of each chunk position over the cache,
-//! SiLU(gate) * up, and the residual add.
+//! into the decode kernel's cache, SiLU(gate) * up, and the residual add.
 //!
 //! Each runs as its own ordinary launch (`kernel/src/prefill.rs`), so its inputs were written
 //! by earlier launches: plain or read-only loads are coherent here, unlike in the megakernel.
-//! Correctness first: the attention is one warp per (position, q head) walking its keys with
-//! an online softmax, the decode kernel's arithmetic; tensor cores come later.
+//! The attention itself is on the tensor cores: `ops::flash_attention`.
 
 use crate::abi::PrefillAttentionParams;
 use crate::device::*;
@@ -90,8 +88,9 @@ pub unsafe fn add_into(x: *mut f32, delta: *const f32, n: u32) {
 }
 
 /// One warp per (chunk row, head) of q, k and v heads together (`rows * (n_heads + 2 *
-/// n_kv_heads)` warps, heads fastest): q heads get q_norm + RoPE into `p.q` (f32); k heads
-/// k_norm + RoPE, v heads nothing, both stored as bf16 into the cache at position
+/// n_kv_heads)` warps, heads fastest): q heads get q_norm + RoPE into `p.q`; k heads
+/// k_norm + RoPE, v heads nothing; all three rounded to bf16 (q for attention's tensor
+/// cores), k and v stored into the cache at position
 /// `start_pos + row`, in the decode kernel's layout `[kv head, max_ctx, head_dim]` and with
 /// its rounding (`norm::head_norm_rope`, `f32_to_bf16`), so decode reads them as if it had
 /// written them itself. `E` = head_dim / 32.
@@ -114,9 +113,9 @@ pub unsafe fn qk_norm_rope_append<const E: usize>(p: &PrefillAttentionParams) {
     let sin = (p.rope_sin as *const f32).add((pos * head_dim / 2) as usize);
     if h < p.n_heads {
         let r = head_norm_rope::<E>(x, p.q_norm as *const u16, p.eps, cos, sin);
-        let q = (p.q as *mut f32).add((row * q_dim + h * head_dim + d0) as usize);
+        let q = (p.q as *mut u16).add((row * q_dim + h * head_dim + d0) as usize);
         for e in 0..E {
-            *q.add(e) = r[e];
+            *q.add(e) = f32_to_bf16(r[e]);
         }
         return;
     }
@@ -128,85 +127,5 @@ pub unsafe fn qk_norm_rope_append<const E: usize>(p: &PrefillAttentionParams) {
     let dst = (cache as *mut u16).add(((kv_head * p.max_ctx + pos) * head_dim + d0) as usize);
     for e in 0..E {
         *dst.add(e) = f32_to_bf16(v[e]);
-    }
-}
-
-/// Keys a warp loads before it uses any (their loads overlap).
-const KEY_BATCH: usize = 4; // the unroll! below is written for 4
-
-/// One warp per (chunk row, q head) (`rows * n_heads` warps, heads fastest, so the warps of a
-/// block share a position and mostly a kv head): causal attention of position
-/// `start_pos + row` over cache positions `0 ..= start_pos + row` of its kv head (GQA: q head
-/// `h` reads kv head `h / (n_heads / n_kv_heads)`), with an online softmax in log2 units (q
-/// pre-scaled by log2(e)/sqrt(d)) as the decode kernel computes it; the result, rounded to
-/// bf16, goes to `p.out`. The chunk's own K/V must already be in the cache
-/// (`qk_norm_rope_append`, an earlier launch).
-#[inline(always)]
-pub unsafe fn causal_attention<const E: usize>(p: &PrefillAttentionParams) {
-    let head_dim = 32 * E as u32;
-    let item = global_warp();
-    if item >= p.rows * p.n_heads {
-        return;
-    }
-    let (row, qh) = (item / p.n_heads, item % p.n_heads);
-    let kv_head = qh / (p.n_heads / p.n_kv_heads);
-    let pos = p.start_pos + row;
-    let q_dim = p.n_heads * head_dim;
-    let d0 = lane() * E as u32;
-    let q_off = (row * q_dim + qh * head_dim + d0) as usize;
-    let q_scale = LOG2_E * rsqrt(head_dim as f32);
-    let mut q = ld_nc_f32s::<E>((p.q as *const f32).add(q_off));
-    for e in 0..E {
-        q[e] *= q_scale;
-    }
-    let base = (kv_head * p.max_ctx * head_dim + d0) as usize;
-    let (k_cache, v_cache) = (p.k_cache as *const u16, p.v_cache as *const u16);
-    let mut m = f32::NEG_INFINITY;
-    let mut l = 0.0f32;
-    let mut acc = [0.0f32; E];
-    let mut j0 = 0;
-    while j0 <= pos {
-        let mut k = [[0.0f32; E]; KEY_BATCH];
-        let mut v = [[0.0f32; E]; KEY_BATCH];
-        crate::unroll!(4, J, {
-            let j = j0 + J as u32;
-            if j <= pos {
-                let off = base + (j * head_dim) as usize;
-                k[J] = ld_nc_bf16s::<E>(k_cache.add(off));
-                v[J] = ld_nc_bf16s::<E>(v_cache.add(off));
-            }
-        });
-        let mut s = [f32::NEG_INFINITY; KEY_BATCH];
-        crate::unroll!(4, J, {
-            if j0 + (J as u32) <= pos {
-                let mut d = 0.0f32;
-                for e in 0..E {
-                    d = fma(q[e], k[J][e], d);
-                }
-                s[J] = warp_sum(d);
-            }
-        });
-        // Key j0 is always valid, so the batch's max is finite and exp2 of a missing key's
-        // -inf score is 0.
-        let m_new = fmaxf(fmaxf(m, fmaxf(s[0], s[1])), fmaxf(s[2], s[3]));
-        let corr = exp2(m - m_new);
-        l *= corr;
-        for e in 0..E {
-            acc[e] *= corr;
-        }
-        crate::unroll!(4, J, {
-            let pr = exp2(s[J] - m_new);
-            l += pr;
-            for e in 0..E {
-                acc[e] = fma(pr, v[J][e], acc[e]);
-            }
-        });
-        m = m_new;
-        j0 += KEY_BATCH as u32;
-    }
-    let inv = 1.0 / l;
-    let out = (p.out as *mut u16).add(q_off);
-    for e in 0..E {
-        *out.add(e) = f32_to_bf16(acc[e] * inv);
     }
 }
