@@ -374,6 +374,28 @@ pub const fn gemm_grid(m: u32, n: u32) -> u32 {
     m.div_ceil(GEMM_TILE_M) * (n / GEMM_TILE_N)
 }
 
+/// Most splits of K one GEMM launch takes.
+pub const GEMM_MAX_SPLITS: u32 = 16;
+
+/// Why the GEMM cannot split K of this shape `splits` ways (each split a block per tile of C,
+/// writing its partial product to its own `[m, n]` slice of C), if it cannot: the shape must
+/// pass `gemm_shape_error`, and each split be whole K-tiles.
+pub const fn gemm_split_error(m: u32, n: u32, k: u32, splits: u32) -> Option<&'static str> {
+    if let Some(why) = gemm_shape_error(m, n, k) {
+        Some(why)
+    } else if splits == 0 || splits > GEMM_MAX_SPLITS {
+        Some("splits of K must be 1 ..= GEMM_MAX_SPLITS (16)")
+    } else if !k.is_multiple_of(splits * GEMM_TILE_K) {
+        Some("K is not a multiple of splits x GEMM_TILE_K (32)")
+    } else if (gemm_grid(m, n) as u64) * (splits as u64) > i32::MAX as u64 {
+        Some("more tiles x splits than a 1-D grid has blocks")
+    } else if (m as u64) * (n as u64) * (splits as u64) > u32::MAX as u64 {
+        Some("C's splits hold more elements than 32-bit offsets reach")
+    } else {
+        None
+    }
+}
+
 // ---------------------------------------------------------------- prefill (kernel/src/prefill.rs)
 
 /// Threads per block of every prefill kernel but the GEMM (which takes `GEMM_THREADS`): four

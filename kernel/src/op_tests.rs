@@ -207,4 +207,3 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
         grid_wait_at(bar, sense);
     }
 }
-

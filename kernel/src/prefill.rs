@@ -10,26 +10,41 @@
 //! The head-sized kernels have one entry per head_dim, as the decode kernel does, so that each
 //! is compiled for its own register tile.
 
-use crate::abi::{flash_grid, gemm_grid, gemm_shape_error, PrefillAttentionParams, GEMM_THREADS, PREFILL_THREADS};
+use crate::abi::{flash_grid, gemm_grid, gemm_split_error, PrefillAttentionParams, GEMM_THREADS, PREFILL_THREADS};
 use crate::device::*;
 use crate::ops::flash_attention::flash_attention;
 use crate::ops::gemm::{gemm_bf16_tile, GemmArgs, SmemChunk};
 use crate::ops::prefill::*;
 
-/// `c = a w^T` (bf16 `a [m, k]`, `w [n, k]`, f32 `c [m, n]`), one tile of C per block: launch
-/// `abi::gemm_grid(m, n)` blocks of `abi::GEMM_THREADS` threads with
-/// `abi::GEMM_SMEM_BYTES` of shared memory. Traps on a shape outside `abi::gemm_shape_error`'s
+/// `c = a w^T` (bf16 `a [m, k]`, `w [n, k]`, f32 `c [m, n]`), one tile of C per block, K cut
+/// into `splits` equal parts: split `s` writes its partial product to `c + s m n` (the parts
+/// sum to the product; with `splits` = 1 that is the product). Launch
+/// `abi::gemm_grid(m, n) * splits` blocks of `abi::GEMM_THREADS` threads with
+/// `abi::GEMM_SMEM_BYTES` of shared memory. Traps on a shape outside `abi::gemm_split_error`'s
 /// contract or a block of another size.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn gemm_bf16(a: *const u16, w: *const u16, c: *mut f32, m: u32, n: u32, k: u32) {
-    if block_dim() != GEMM_THREADS || gemm_shape_error(m, n, k).is_some() {
+pub unsafe extern "ptx-kernel" fn gemm_bf16(
+    a: *const u16,
+    w: *const u16,
+    c: *mut f32,
+    m: u32,
+    n: u32,
+    k: u32,
+    splits: u32,
+) {
+    if block_dim() != GEMM_THREADS || gemm_split_error(m, n, k, splits).is_some() {
         trap();
     }
-    if block_idx() >= gemm_grid(m, n) {
+    let tiles = gemm_grid(m, n);
+    if block_idx() >= tiles * splits {
         return;
     }
-    let args = GemmArgs { a, w, c, m, n, k };
-    gemm_bf16_tile(&args, block_idx(), dynamic_shared::<SmemChunk>());
+    // Consecutive blocks take consecutive tiles of one split, as without splits.
+    let (split, tile) = (block_idx() / tiles, block_idx() % tiles);
+    let k_len = k / splits;
+    let c = c.add((split * m * n) as usize);
+    let args = GemmArgs { a, w, c, m, n, k, k_begin: split * k_len, k_len };
+    gemm_bf16_tile(&args, tile, dynamic_shared::<SmemChunk>());
 }
 
 /// `x[r] = embed[tokens[r]]` (f32) for `rows` rows of `hidden`. Any grid.
@@ -64,10 +79,11 @@ pub unsafe extern "ptx-kernel" fn prefill_silu_mul(gate: *const f32, up: *const 
     silu_mul_bf16(gate, up, n, out)
 }
 
-/// `x += delta` over `n` elements. Any grid.
+/// `x += delta_0 + delta_1 + ...` over `n` elements, `parts` deltas of `n` each back to back
+/// (a split-K GEMM's partial products). Any grid.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn prefill_add(x: *mut f32, delta: *const f32, n: u32) {
-    add_into(x, delta, n)
+pub unsafe extern "ptx-kernel" fn prefill_add(x: *mut f32, deltas: *const f32, n: u32, parts: u32) {
+    add_parts_into(x, deltas, n, parts)
 }
 
 // q/k norm + RoPE + K/V append: `abi::prefill_warp_grid(rows * (n_heads + 2 n_kv_heads))`.

@@ -141,13 +141,61 @@ fn prefill_embed_silu_mul_and_add_match_cpu() {
             assert!(within_bf16_step(gv, w.to_f32(), 1e-5), "silu_mul n={n} [{i}]: gpu {gv}, cpu {w}");
         }
 
-        // x += delta: one f32 addition each, exact to the bit.
-        let (a, d) = (rng.vec(n, 2.0), rng.vec(n, 2.0));
-        let (da, dd) = (gpu.upload(&a, "x").unwrap(), gpu.upload(&d, "delta").unwrap());
-        unsafe { prefill::add(&gpu, dptr(&da), dptr(&dd), n) }.unwrap();
-        finish(&gpu, "prefill_add");
-        let sum: Vec<f32> = a.iter().zip(&d).map(|(x, y)| x + y).collect();
-        assert_eq!(download(&da), sum, "prefill_add n={n}");
+        // x += the sum of 1, 3 or 8 deltas: f32 additions in a fixed order, exact to the bit.
+        for parts in [1usize, 3, 8] {
+            let (a, d) = (rng.vec(n, 2.0), rng.vec(n * parts, 2.0));
+            let (da, dd) = (gpu.upload(&a, "x").unwrap(), gpu.upload(&d, "deltas").unwrap());
+            unsafe { prefill::add(&gpu, dptr(&da), dptr(&dd), n, parts) }.unwrap();
+            finish(&gpu, "prefill_add");
+            let mut want = a.clone();
+            twin::add_parts(&mut want, &d);
+            assert_eq!(download(&da), want, "prefill_add n={n} parts={parts}");
+        }
+    }
+}
+
+/// The GEMM with K split (what the o and down projections run, `residual_splits`): each
+/// split's slice of C is the product of its columns of A and W, within the GEMM's tolerance
+/// (as tests/gpu_ops.rs states it: 1e-4 of the sum of |a w|), and nothing past the last slice
+/// is written. Shapes: M = 1, a tail past a tile, N = hidden and narrow, K of o and down.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_split_k_slices_match_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(103);
+    for (m, n, k, splits) in
+        [(1usize, 1024usize, 2048usize, 8usize), (130, 1024, 3072, 4), (257, 64, 1024, 2), (64, 128, 256, 8)]
+    {
+        let (a, w) = (rng.bf16s(m * k, 1.0), rng.bf16s(n * k, 1.0));
+        let (da, dw) = (gpu.upload(&bits(&a), "A").unwrap(), gpu.upload(&bits(&w), "W").unwrap());
+        // One slice more than the launch writes: it must stay NaN.
+        let dc = gpu.upload(&vec![f32::NAN; (splits + 1) * m * n], "C").unwrap();
+        unsafe { host::gpu::gemm_bf16_split_raw(&gpu, dptr(&da), dptr(&dw), dptr(&dc), m, n, k, splits) }.unwrap();
+        finish(&gpu, "gemm_bf16 (split K)");
+        let got = download(&dc);
+        let kl = k / splits;
+        let columns = |x: &[bf16], rows: usize, s: usize| -> Vec<bf16> {
+            (0..rows).flat_map(|r| x[r * k + s * kl..r * k + (s + 1) * kl].iter().copied()).collect()
+        };
+        let abs = |x: &[bf16]| -> Vec<bf16> { x.iter().map(|v| bf16::from_f32(v.to_f32().abs())).collect() };
+        for s in 0..splits {
+            let (sa, sw) = (columns(&a, m, s), columns(&w, n, s));
+            let want = ops::gemm_bf16(&sa, &sw, m, n, kl);
+            let scale = ops::gemm_bf16(&abs(&sa), &abs(&sw), m, n, kl);
+            for i in 0..m * n {
+                let g = got[s * m * n + i];
+                assert!(
+                    g.is_finite() && (g - want[i]).abs() as f64 <= 1e-4 * scale[i] as f64 + 1e-30,
+                    "gemm {m}x{n}x{k} split {s} of {splits} [{}, {}]: gpu {g}, cpu {}",
+                    i / n,
+                    i % n,
+                    want[i]
+                );
+            }
+        }
+        assert!(got[splits * m * n..].iter().all(|v| v.is_nan()), "gemm {m}x{n}x{k}: wrote past its {splits} slices");
+        let e = unsafe { host::gpu::gemm_bf16_split_raw(&gpu, dptr(&da), dptr(&dw), dptr(&dc), m, n, k, 3) };
+        assert!(k % 96 == 0 || e.is_err(), "gemm {m}x{n}x{k}: 3 splits of K should be refused");
     }
 }
 

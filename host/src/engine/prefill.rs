@@ -17,10 +17,10 @@
 //! numerical difference from the one-position-per-step path, and why prefill's logits are
 //! compared with a tolerance rather than bit for bit.
 
-use super::abi::{PrefillAttentionParams, FLAG_WRITE_LOGITS};
+use super::abi::{gemm_grid, PrefillAttentionParams, FLAG_WRITE_LOGITS, GEMM_TILE_K};
 use super::{dptr, GpuEngine, LaunchSpec};
 use crate::backend::check_ids;
-use crate::gpu::{check_gemm_shape, gemm_bf16_raw, prefill, Gpu};
+use crate::gpu::{check_gemm_shape, gemm_bf16_raw, gemm_bf16_split_raw, prefill, Gpu};
 use anyhow::{bail, ensure, Context, Result};
 use cust::memory::{CopyDestination, DeviceBuffer};
 
@@ -37,7 +37,9 @@ pub(super) struct PrefillBuffers {
     q: DeviceBuffer<u16>,
     /// bf16 `[chunk, q_dim]`: attention output, the o GEMM's A.
     attn: DeviceBuffer<u16>,
-    /// f32 `[chunk, hidden]`: the o and down GEMMs' output, before the residual add.
+    /// f32 `[splits, rows, hidden]`: the o and down GEMMs' partial products (one per split of
+    /// K, `residual_splits`), before the residual add sums them; sized for the most
+    /// `splits * rows` of any chunk up to `chunk` rows.
     proj: DeviceBuffer<f32>,
     /// f32 `[chunk, inter]` each.
     gate: DeviceBuffer<f32>,
@@ -48,6 +50,11 @@ pub(super) struct PrefillBuffers {
 
 impl PrefillBuffers {
     fn new(gpu: &Gpu, chunk: usize, hidden: usize, q_dim: usize, kv_dim: usize, inter: usize) -> Result<Self> {
+        let sms = gpu.sm_count();
+        let proj_rows = (1..=chunk)
+            .map(|m| m * residual_splits(m, hidden, q_dim, sms).max(residual_splits(m, hidden, inter, sms)))
+            .max()
+            .unwrap_or(chunk);
         Ok(PrefillBuffers {
             chunk,
             x: gpu.alloc(chunk * hidden, "prefill residual")?,
@@ -55,12 +62,30 @@ impl PrefillBuffers {
             qkv: gpu.alloc(chunk * (q_dim + 2 * kv_dim), "prefill q/k/v")?,
             q: gpu.alloc(chunk * q_dim, "prefill q")?,
             attn: gpu.alloc(chunk * q_dim, "prefill attention output")?,
-            proj: gpu.alloc(chunk * hidden, "prefill projection")?,
+            proj: gpu.alloc(proj_rows * hidden, "prefill projections")?,
             gate: gpu.alloc(chunk * inter, "prefill gate")?,
             up: gpu.alloc(chunk * inter, "prefill up")?,
             act: gpu.alloc(chunk * inter, "prefill MLP activations")?,
         })
     }
+}
+
+/// Splits of K for a GEMM whose partial products the residual add sums (the o and down
+/// projections, N = hidden: few tiles of C, e.g. 16 at M = 128, 128 at M = 1024): double
+/// them while the launch stays within four blocks per SM (what fits at once: 128 threads and
+/// 45 KiB of shared memory a block) and each split keeps 8 K-tiles or more, so that its copy
+/// pipeline fills. At most 8.
+pub fn residual_splits(m: usize, n: usize, k: usize, sm_count: u32) -> usize {
+    let tiles = gemm_grid(m as u32, n as u32) as usize;
+    let mut s = 1;
+    while s < 8
+        && tiles * s * 2 <= 4 * sm_count as usize
+        && k.is_multiple_of(2 * s * GEMM_TILE_K as usize)
+        && k / (2 * s) >= 8 * GEMM_TILE_K as usize
+    {
+        s *= 2;
+    }
+    s
 }
 
 impl GpuEngine {
@@ -130,6 +155,7 @@ impl GpuEngine {
         let (hidden, inter, q_dim, kv_dim) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         let b = self.prefill_buffers.as_ref().context("prefill: no work buffers")?;
         let gpu = &self.gpu;
+        let sms = gpu.sm_count();
         let eps = c.rms_norm_eps;
         let mut p0 = 0usize;
         while p0 < n {
@@ -168,16 +194,20 @@ impl GpuEngine {
                     };
                     prefill::qk_rope(gpu, &heads).with_context(at)?;
                     prefill::attention(gpu, &heads).with_context(at)?;
-                    gemm_bf16_raw(gpu, dptr(&b.attn), lw.wo, dptr(&b.proj), m, hidden, q_dim).with_context(at)?;
-                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden).with_context(at)?;
+                    let s = residual_splits(m, hidden, q_dim, sms);
+                    gemm_bf16_split_raw(gpu, dptr(&b.attn), lw.wo, dptr(&b.proj), m, hidden, q_dim, s)
+                        .with_context(at)?;
+                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden, s).with_context(at)?;
 
                     prefill::rms_norm_rows(gpu, dptr(&b.x), lw.post_norm, m, hidden, eps, dptr(&b.normed))
                         .with_context(at)?;
                     gemm_bf16_raw(gpu, dptr(&b.normed), lw.w_gate, dptr(&b.gate), m, inter, hidden).with_context(at)?;
                     gemm_bf16_raw(gpu, dptr(&b.normed), lw.w_up, dptr(&b.up), m, inter, hidden).with_context(at)?;
                     prefill::silu_mul(gpu, dptr(&b.gate), dptr(&b.up), m * inter, dptr(&b.act)).with_context(at)?;
-                    gemm_bf16_raw(gpu, dptr(&b.act), lw.w_down, dptr(&b.proj), m, hidden, inter).with_context(at)?;
-                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden).with_context(at)?;
+                    let s = residual_splits(m, hidden, inter, sms);
+                    gemm_bf16_split_raw(gpu, dptr(&b.act), lw.w_down, dptr(&b.proj), m, hidden, inter, s)
+                        .with_context(at)?;
+                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden, s).with_context(at)?;
                 }
             }
             p0 += m;

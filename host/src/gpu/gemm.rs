@@ -4,7 +4,7 @@
 //! refused here, before anything reaches the GPU.
 
 use super::Gpu;
-use crate::engine::abi::{gemm_grid, gemm_shape_error, GEMM_SMEM_BYTES, GEMM_THREADS};
+use crate::engine::abi::{gemm_grid, gemm_shape_error, gemm_split_error, GEMM_SMEM_BYTES, GEMM_THREADS};
 use anyhow::{bail, Result};
 use cust::memory::{DeviceCopy, DeviceSlice};
 use std::ffi::c_void;
@@ -61,7 +61,31 @@ pub fn gemm_bf16(
 /// `a`, `w` and `c` must be device allocations of at least `m * k` bf16, `n * k` bf16 and
 /// `m * n` f32, live until the kernel has run.
 pub unsafe fn gemm_bf16_raw(gpu: &Gpu, a: u64, w: u64, c: u64, m: usize, n: usize, k: usize) -> Result<()> {
+    gemm_bf16_split_raw(gpu, a, w, c, m, n, k, 1)
+}
+
+/// [`gemm_bf16_raw`] with K cut into `splits` equal parts, each part's product written to its
+/// own `[m, n]` slice of `c` (`c + s m n`, f32): the slices sum to `a w^T`. More blocks for a
+/// shape with few tiles of C (small M, or N = hidden), for the caller to add up.
+///
+/// # Safety
+/// As [`gemm_bf16_raw`], with `c` holding `splits * m * n` f32.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16_split_raw(
+    gpu: &Gpu,
+    a: u64,
+    w: u64,
+    c: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    splits: usize,
+) -> Result<()> {
     check_gemm_shape(m, n, k)?;
+    let splits32 = u32::try_from(splits).unwrap_or(0);
+    if let Some(why) = gemm_split_error(m as u32, n as u32, k as u32, splits32) {
+        bail!("gemm C[{m}, {n}] = A[{m}, {k}] x W[{n}, {k}]^T in {splits} splits of K: {why}");
+    }
     if gpu.compute_capability() < (8, 0) {
         bail!(
             "gemm: mma.sync with bf16 needs compute capability 8.0 or newer, {} is {:?}",
@@ -76,7 +100,7 @@ pub unsafe fn gemm_bf16_raw(gpu: &Gpu, a: u64, w: u64, c: u64, m: usize, n: usiz
         }
     }
     let (mut pa, mut pw, mut pc) = (a, w, c);
-    let (mut m32, mut n32, mut k32) = (m as u32, n as u32, k as u32);
+    let (mut m32, mut n32, mut k32, mut s32) = (m as u32, n as u32, k as u32, splits32);
     let mut args = [
         &mut pa as *mut u64 as *mut c_void,
         &mut pw as *mut u64 as *mut c_void,
@@ -84,10 +108,12 @@ pub unsafe fn gemm_bf16_raw(gpu: &Gpu, a: u64, w: u64, c: u64, m: usize, n: usiz
         &mut m32 as *mut u32 as *mut c_void,
         &mut n32 as *mut u32 as *mut c_void,
         &mut k32 as *mut u32 as *mut c_void,
+        &mut s32 as *mut u32 as *mut c_void,
     ];
     let kernel = gpu.kernel("gemm_bf16")?;
+    let grid = gemm_grid(m32, n32) * s32;
     // SAFETY: the arguments match the kernel gemm_bf16(a: *const u16, w: *const u16, c: *mut f32,
-    // m: u32, n: u32, k: u32); the shape is one the kernel takes, and the caller vouches for
-    // the buffers.
-    unsafe { kernel.launch(gpu.stream(), gemm_grid(m32, n32), GEMM_THREADS, GEMM_SMEM_BYTES, &mut args) }
+    // m: u32, n: u32, k: u32, splits: u32); the shape is one the kernel takes, and the caller
+    // vouches for the buffers.
+    unsafe { kernel.launch(gpu.stream(), grid, GEMM_THREADS, GEMM_SMEM_BYTES, &mut args) }
 }

@@ -73,14 +73,17 @@ pub unsafe fn silu_mul(gpu: &Gpu, gate: u64, up: u64, n: usize, out: u64) -> Res
     launch(gpu, "prefill_silu_mul", prefill_elementwise_grid(n), &mut args)
 }
 
-/// `x += delta` over `n` elements.
+/// `x += deltas[0] + deltas[1] + ...` over `n` elements, `parts` deltas of `n` back to back
+/// (the slices of a split-K GEMM, `gemm_bf16_split_raw`), summed in that order.
 ///
 /// # Safety
-/// `x`, `delta` f32 `[n]`.
-pub unsafe fn add(gpu: &Gpu, x: u64, delta: u64, n: usize) -> Result<()> {
+/// `x` f32 `[n]`, `deltas` f32 `[parts, n]`.
+pub unsafe fn add(gpu: &Gpu, x: u64, deltas: u64, n: usize, parts: usize) -> Result<()> {
+    ensure!(parts >= 1, "prefill_add: no deltas to add");
     let n = count(n, "prefill_add")?;
-    let (mut px, mut d, mut nn) = (x, delta, n);
-    let mut args = [arg(&mut px), arg(&mut d), arg(&mut nn)];
+    count(n as usize * parts, "prefill_add's deltas")?;
+    let (mut px, mut d, mut nn, mut np) = (x, deltas, n, parts as u32);
+    let mut args = [arg(&mut px), arg(&mut d), arg(&mut nn), arg(&mut np)];
     launch(gpu, "prefill_add", prefill_elementwise_grid(n), &mut args)
 }
 

@@ -46,6 +46,24 @@ pub fn silu_mul_bf16(gate: &[f32], up: &[f32]) -> Vec<bf16> {
     ops::silu_mul(gate, up).into_iter().map(bf16::from_f32).collect()
 }
 
+/// `x += deltas[0] + deltas[1] + ...` elementwise, the deltas summed in that order first
+/// (`prefill_add`, which sums a split-K GEMM's partial products into the residual stream):
+/// bit for bit what the GPU computes.
+pub fn add_parts(x: &mut [f32], deltas: &[f32]) {
+    let n = x.len();
+    assert!(
+        n > 0 && deltas.len().is_multiple_of(n) && !deltas.is_empty(),
+        "add_parts: deltas are not whole parts of x"
+    );
+    for (i, xi) in x.iter_mut().enumerate() {
+        let mut sum = deltas[i];
+        for part in deltas.chunks_exact(n).skip(1) {
+            sum += part[i];
+        }
+        *xi += sum;
+    }
+}
+
 /// `prefill_qk_rope_hd*`: for each of the `rows` rows of `qkv` (`[q_dim + 2 kv_dim]` each,
 /// q then k then v), position `start_pos + row`: q heads get q_norm + RoPE (returned,
 /// `[rows, q_dim]` f32), k heads k_norm + RoPE and v heads nothing, both rounded to bf16 into

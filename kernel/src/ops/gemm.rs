@@ -26,7 +26,9 @@ use crate::device::*;
 #[repr(C, align(16))]
 pub struct SmemChunk(pub [u32; 4]);
 
-/// One GEMM: device pointers and the shape (see the module's shape contract).
+/// One GEMM, or one split of K of it: device pointers and the shape (see the module's shape
+/// contract). A split multiplies columns `k_begin .. k_begin + k_len` of A and W only (`c`
+/// then receives that part of the sum, for the caller to add up).
 #[derive(Clone, Copy)]
 pub struct GemmArgs {
     /// bf16 `[m, k]`, row-major.
@@ -37,7 +39,11 @@ pub struct GemmArgs {
     pub c: *mut f32,
     pub m: u32,
     pub n: u32,
+    /// The row length of A and W.
     pub k: u32,
+    /// The columns of this split: multiples of `GEMM_TILE_K`, inside `0 .. k`.
+    pub k_begin: u32,
+    pub k_len: u32,
 }
 
 // Shared memory: stage `s` holds A's tile (128 rows) then W's tile (64 rows), each row 32 bf16
@@ -85,7 +91,7 @@ unsafe fn copy_k_tile(g: &GemmArgs, m0: u32, n0: u32, kt: u32, stage_address: u3
     let t = thread_idx();
     let chunk = t % CHUNKS_PER_ROW;
     let first_row = t / CHUNKS_PER_ROW;
-    let column = (kt * GEMM_TILE_K + chunk * 8) as usize;
+    let column = (g.k_begin + kt * GEMM_TILE_K + chunk * 8) as usize;
     let k = g.k as usize;
     let mut r = first_row;
     while r < GEMM_TILE_M {
@@ -147,7 +153,7 @@ pub unsafe fn gemm_bf16_tile(g: &GemmArgs, tile: u32, smem: *mut SmemChunk) {
     let m0 = (tile % m_tiles) * GEMM_TILE_M;
     let n0 = (tile / m_tiles) * GEMM_TILE_N;
     let smem_address = shared_address(smem);
-    let k_tiles = g.k / GEMM_TILE_K;
+    let k_tiles = g.k_len / GEMM_TILE_K;
 
     // Fill the pipeline: tiles 0 .. STAGES - 1, one commit group each (empty past K's end, so
     // that the loop's group count is the same for every K).

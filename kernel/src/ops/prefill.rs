@@ -76,13 +76,19 @@ pub unsafe fn silu_mul_bf16(gate: *const f32, up: *const f32, n: u32, out: *mut 
     }
 }
 
-/// `x[i] += delta[i]` for `n` elements (a GEMM's output into the residual stream); any grid.
+/// `x[i] += (d_0[i] + d_1[i] + ...)` for `n` elements, `parts` deltas `d_s = deltas + s n`
+/// summed in that order (a split-K GEMM's partial products into the residual stream: the
+/// fixed order keeps the result the same on every run); any grid.
 #[inline(always)]
-pub unsafe fn add_into(x: *mut f32, delta: *const f32, n: u32) {
+pub unsafe fn add_parts_into(x: *mut f32, deltas: *const f32, n: u32, parts: u32) {
     let mut i = block_idx() * block_dim() + thread_idx();
     let stride = grid_dim() * block_dim();
     while i < n {
-        *x.add(i as usize) += *delta.add(i as usize);
+        let mut sum = *deltas.add(i as usize);
+        for s in 1..parts {
+            sum += *deltas.add((s * n + i) as usize);
+        }
+        *x.add(i as usize) += sum;
         i += stride;
     }
 }
