@@ -481,3 +481,7 @@ pub struct PrefillAttentionParams {
     pub eps: f32,
     pub _pad: u32,
 }
+
+/// Dynamic shared memory (bytes per block) of `prefill_nll`: the running log-sum-exp state of
+/// each warp of its `PREFILL_THREADS` (two f32), merged by thread 0.
+pub const PREFILL_NLL_SMEM_BYTES: u32 = 2 * PREFILL_WARPS * 4;

@@ -132,3 +132,25 @@ unsafe fn attention_entry<const KS: usize, const NT: usize>(p: &PrefillAttention
     }
     flash_attention::<KS, NT>(p, dynamic_shared::<SmemChunk>())
 }
+
+// ---------------------------------------------------------------- scoring (after the layers)
+
+/// Teacher-forced NLL of rows of logits (`ops::nll`): `nll[r] = logsumexp(logits[r, :]) -
+/// logits[r, targets[r]]` for `rows` rows of `vocab` f32 logits (the LM-head GEMM's output when
+/// a text is scored through prefill; the host's final norm is `prefill_rms_norm` with the
+/// final norm weight). One block of `abi::PREFILL_THREADS` threads per row (`rows` blocks;
+/// fewer also work) with `abi::PREFILL_NLL_SMEM_BYTES` of shared memory; traps on another
+/// block size, for which that shared memory would be too small.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn prefill_nll(
+    logits: *const f32,
+    targets: *const u32,
+    rows: u32,
+    vocab: u32,
+    nll: *mut f32,
+) {
+    if block_dim() != crate::abi::PREFILL_THREADS {
+        trap();
+    }
+    crate::ops::nll::nll_rows(logits, targets, rows, vocab, nll, dynamic_shared::<f32>())
+}

@@ -67,6 +67,11 @@ impl Backend for GpuEngine {
         if tokens.len() < 2 {
             return Ok(Vec::new());
         }
+        // With prefill on, every position through prefill's layers and an LM-head GEMM per
+        // chunk (score.rs); else one megakernel step per position.
+        if self.prefill_chunk > 0 {
+            return self.score_prefill(tokens, self.prefill_chunk);
+        }
         let nll = self.gpu.alloc::<f32>(tokens.len() - 1, "NLL output")?;
         let spec = LaunchSpec {
             start_pos: 0,

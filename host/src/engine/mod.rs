@@ -9,6 +9,8 @@
 //! - `launch`: one launch's settings and the kernel parameters built from them.
 //! - `stream`: the generated tokens while the launch runs, and the wait for its end.
 //! - `prefill`: prompt positions in chunks through matrix products, into the KV cache.
+//! - `score`: a text's NLL through prefill (the final norm, the LM head as a GEMM and the
+//!   NLL kernel after each chunk's layers).
 //! - `fault`: a device error reported with the step the kernel had reached.
 //! - `graph`: the same step as split kernels captured in a CUDA graph (`bench --compare`).
 //! - `backend`: [`Backend`] on top of launches: generation, scoring, logits.
@@ -18,11 +20,13 @@ mod fault;
 mod graph;
 mod launch;
 mod prefill;
+mod score;
 mod stream;
 mod upload;
 
 pub use graph::SplitCheck;
 pub use launch::{LaunchOutcome, LaunchSpec};
+pub use score::SCORE_ROWS;
 
 use crate::backend::Backend;
 use crate::gpu::{Gpu, HostRing};
@@ -141,9 +145,10 @@ pub struct GpuEngine {
     eos: Vec<u32>,
     /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `decode` makes the kernel fault at this step.
     pub fault_step: Option<u32>,
-    /// Positions per prefill chunk for `decode` (`--prefill-chunk`): with N > 0, a prompt's
-    /// tokens before its last go through [`GpuEngine::prefill`] and the megakernel starts at
-    /// the last; 0 (the default) feeds the whole prompt to the megakernel one per step.
+    /// Positions per prefill chunk for `decode` and `score` (`--prefill-chunk`): with N > 0, a
+    /// prompt's tokens before its last go through [`GpuEngine::prefill`] and the megakernel
+    /// starts at the last, and a scored text goes through [`GpuEngine::score_prefill`]; 0 (the
+    /// default) feeds every position to the megakernel, one per step.
     pub prefill_chunk: usize,
     gpu: Gpu,
 }

@@ -2,7 +2,8 @@
 //! filling the decode kernel's KV cache exactly where the megakernel would have (same layout,
 //! same bf16 rounding of K and V), so that the megakernel can continue from the first position
 //! after them. No LM head runs here: the megakernel's step at the last prompt token computes
-//! the logits it needs, as it does today.
+//! the logits it needs, as it does today (except when a text is scored: then each chunk's
+//! rows go on to the final norm, an LM-head GEMM and the NLL kernel, `score.rs`).
 //!
 //! Per chunk (positions `p0 .. p0 + m`), after the embedding rows, per layer (ordinary
 //! launches on the engine's stream, in order, so each sees the previous one's writes):
@@ -18,6 +19,7 @@
 //! compared with a tolerance rather than bit for bit.
 
 use super::abi::{gemm_grid, PrefillAttentionParams, FLAG_WRITE_LOGITS, GEMM_TILE_K};
+use super::score::ScoreTargets;
 use super::{dptr, GpuEngine, LaunchSpec};
 use crate::backend::check_ids;
 use crate::gpu::{check_gemm_shape, gemm_bf16_raw, gemm_bf16_split_raw, prefill, Gpu};
@@ -91,7 +93,7 @@ pub fn residual_splits(m: usize, n: usize, k: usize, sm_count: u32) -> usize {
 impl GpuEngine {
     /// Checks a prefill request: a chunk size the GEMMs take for this model, ids within the
     /// vocabulary, positions within the KV cache.
-    fn check_prefill(&self, tokens: &[u32], start_pos: u32, chunk: usize) -> Result<()> {
+    pub(super) fn check_prefill(&self, tokens: &[u32], start_pos: u32, chunk: usize) -> Result<()> {
         let c = &self.config;
         ensure!(chunk >= 1, "prefill: the chunk size must be at least 1 position");
         ensure!(chunk <= u32::MAX as usize / 4, "prefill: a chunk of {chunk} positions is too large");
@@ -122,6 +124,18 @@ impl GpuEngine {
     /// earlier prefill or launch); nothing after the last position is touched. Computes no
     /// logits: run the megakernel from position `start_pos + tokens.len()` for those.
     pub fn prefill(&mut self, tokens: &[u32], start_pos: u32, chunk: usize) -> Result<()> {
+        self.prefill_scored(tokens, start_pos, chunk, None)
+    }
+
+    /// [`GpuEngine::prefill`], and with `score`, each chunk's NLL against its targets after the
+    /// chunk's last layer (`score.rs`).
+    pub(super) fn prefill_scored(
+        &mut self,
+        tokens: &[u32],
+        start_pos: u32,
+        chunk: usize,
+        score: Option<&ScoreTargets>,
+    ) -> Result<()> {
         self.check_prefill(tokens, start_pos, chunk)?;
         if tokens.is_empty() {
             return Ok(());
@@ -138,7 +152,7 @@ impl GpuEngine {
         let ids = self.gpu.upload(tokens, "prefill token ids")?;
         // Enqueue every chunk; whether that stops early or not, wait for what was enqueued
         // before `ids` and the buffers can be freed or reused.
-        let enqueued = self.enqueue_prefill(dptr(&ids), tokens.len(), start_pos, chunk);
+        let enqueued = self.enqueue_prefill(dptr(&ids), tokens.len(), start_pos, chunk, score);
         // `ids` must outlive the kernels that read it; errors of any kernel surface here.
         let finished = self.gpu.synchronize().with_context(|| {
             format!("prefill of positions {start_pos}..{} (chunks of {chunk})", start_pos as usize + tokens.len())
@@ -149,8 +163,16 @@ impl GpuEngine {
     }
 
     /// Enqueues the launches of a prefill of `n` tokens (u32 ids at device address `ids`) at
-    /// positions `start_pos ..`, in chunks of `chunk`, on the buffers `prefill` allocated (`prefill_buffers`).
-    fn enqueue_prefill(&self, ids: u64, n: usize, start_pos: u32, chunk: usize) -> Result<()> {
+    /// positions `start_pos ..`, in chunks of `chunk`, on the buffers `prefill` allocated (`prefill_buffers`);
+    /// with `score`, each chunk's scoring launches follow its layers (`score.rs`).
+    fn enqueue_prefill(
+        &self,
+        ids: u64,
+        n: usize,
+        start_pos: u32,
+        chunk: usize,
+        score: Option<&ScoreTargets>,
+    ) -> Result<()> {
         let c = &self.config;
         let (hidden, inter, q_dim, kv_dim) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         let b = self.prefill_buffers.as_ref().context("prefill: no work buffers")?;
@@ -209,6 +231,11 @@ impl GpuEngine {
                         .with_context(at)?;
                     prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden, s).with_context(at)?;
                 }
+            }
+            if let Some(score) = score {
+                // SAFETY: the launches above leave the chunk's last hidden states in `b`'s
+                // residual rows, in stream order before the scoring's.
+                unsafe { self.enqueue_score_chunk(score, b, p0, m) }?;
             }
             p0 += m;
         }
@@ -276,5 +303,19 @@ impl GpuEngine {
         }
         let v = out.pop().expect("two caches");
         Ok((out.pop().expect("two caches"), v))
+    }
+}
+
+impl PrefillBuffers {
+    /// Device address of the residual rows (f32 `[chunk, hidden]`): after a chunk's last layer,
+    /// its final hidden states, which scoring normalises (`score.rs`).
+    pub(super) fn residual(&self) -> u64 {
+        dptr(&self.x)
+    }
+
+    /// Device address of the bf16 `[chunk, hidden]` rows the norms write for the GEMMs; free
+    /// after a chunk's last layer (scoring puts its final norm there).
+    pub(super) fn normed_rows(&self) -> u64 {
+        dptr(&self.normed)
     }
 }

@@ -136,3 +136,21 @@ pub unsafe fn attention(gpu: &Gpu, p: &PrefillAttentionParams) -> Result<()> {
     kernel.set_max_dynamic_smem(smem)?;
     kernel.launch(gpu.stream(), flash_grid(p.rows, p.n_heads), PREFILL_THREADS, smem, &mut [arg(&mut params)])
 }
+
+/// `nll[r] = logsumexp(logits[r, :]) - logits[r, targets[r]]` for `rows` rows of `vocab` f32
+/// logits (`prefill_nll`: one block per row).
+///
+/// # Safety
+/// `logits` f32 `[rows, vocab]`, `targets` u32 `[rows]` (each below `vocab`: the kernel writes
+/// NaN for one that is not), `nll` f32 `[rows]`.
+pub unsafe fn nll(gpu: &Gpu, logits: u64, targets: u64, rows: usize, vocab: usize, nll: u64) -> Result<()> {
+    ensure!(rows > 0 && vocab > 0, "prefill_nll: an empty matrix of logits ({rows} x {vocab})");
+    // One block per row, in a 1-D grid.
+    ensure!(rows <= i32::MAX as usize, "prefill_nll: {rows} rows are more than a 1-D grid has blocks");
+    let vocab = count(vocab, "prefill_nll")?;
+    let (mut l, mut t, mut r, mut v, mut o) = (logits, targets, rows as u32, vocab, nll);
+    let mut args = [arg(&mut l), arg(&mut t), arg(&mut r), arg(&mut v), arg(&mut o)];
+    let kernel = gpu.kernel("prefill_nll")?;
+    let smem = crate::engine::abi::PREFILL_NLL_SMEM_BYTES;
+    kernel.launch(gpu.stream(), rows as u32, PREFILL_THREADS, smem, &mut args)
+}

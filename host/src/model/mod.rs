@@ -8,6 +8,7 @@ pub mod ops;
 pub mod prefill;
 pub mod reference;
 pub mod sampling;
+pub mod score;
 pub mod synth;
 pub mod tensor_file;
 pub mod tokenizer;

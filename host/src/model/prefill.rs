@@ -147,6 +147,10 @@ pub fn causal_attention(q: &[f32], start_pos: usize, s: &HeadShape, k_cache: &[b
 pub struct PrefillCache {
     pub keys: Vec<Vec<f32>>,
     pub values: Vec<Vec<f32>>,
+    /// The residual stream after the last layer, position-major `[len][hidden]` f32: what the
+    /// final norm and the LM head read when a text is scored through prefill
+    /// ([`super::score::score_through_prefill`]).
+    pub hidden: Vec<f32>,
 }
 
 /// The CPU twin of the GPU engine's whole prefill (host/src/engine/prefill.rs) from position
@@ -163,7 +167,8 @@ pub fn prefill_forward(w: &super::Weights, tokens: &[u32], chunk: usize, max_con
     let (cos, sin) = ops::rope_table(c.rope_theta, d, max_context.max(1));
     let half = d / 2;
     let layers = c.num_hidden_layers;
-    let mut cache = PrefillCache { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers] };
+    let mut cache =
+        PrefillCache { keys: vec![Vec::new(); layers], values: vec![Vec::new(); layers], hidden: Vec::new() };
     for (ci, ids) in tokens.chunks(chunk).enumerate() {
         let (p0, m) = (ci * chunk, ids.len());
         let mut x: Vec<f32> = ids
@@ -206,6 +211,7 @@ pub fn prefill_forward(w: &super::Weights, tokens: &[u32], chunk: usize, max_con
             let down = ops::gemm_bf16(&act, &lw.down_proj, m, hidden, inter);
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
+        cache.hidden.extend_from_slice(&x);
     }
     cache
 }
