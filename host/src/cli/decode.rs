@@ -1,6 +1,6 @@
 //! `host decode`: prompt in, streamed text out (or one JSON object with timings).
 
-use super::{max_context, model_dir, open_backend_with_prefill, parse_ids, utf8_arg, Device};
+use super::{max_context, model_dir, open_backend, parse_ids, utf8_arg, Device};
 use anyhow::{bail, Context};
 use host::backend::{check_request, SamplingParams, StopReason};
 use host::engine::MAX_EOS;
@@ -56,11 +56,12 @@ pub struct DecodeArgs {
     /// Print one JSON object (tokens, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// GPU only, experimental: run the prompt (all but its last token) through the chunked
-    /// prefill, N positions per chunk, before the megakernel starts; 0 = off, every prompt
-    /// token through the megakernel one per step.
-    #[arg(long, default_value_t = 0)]
-    prefill_chunk: usize,
+    /// GPU only: the prompt (all but its last token) goes through the chunked prefill (matrix
+    /// products on the tensor cores), N positions per chunk, before the megakernel starts at
+    /// its last token; 0 = off, every prompt token through the megakernel one per step
+    /// [default: 1024 on the GPU; --device cpu has no prefill and refuses N > 0].
+    #[arg(long, value_name = "N")]
+    prefill_chunk: Option<usize>,
 }
 
 /// Sampling: the checkpoint's defaults, each overridden by its flag.
@@ -124,7 +125,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let sampling = sampling_params(&args, &gen_config)?;
     let eos = eos_ids(&dir, &config, &gen_config, tokenizer.as_ref(), args.device)?;
 
-    let mut backend = open_backend_with_prefill(&dir, args.device, max_context, args.prefill_chunk)?;
+    let mut backend = open_backend(&dir, args.device, max_context, args.prefill_chunk)?;
 
     // Ctrl-C finishes the current token, then stops and prints what there is.
     let interrupted = Arc::new(AtomicBool::new(false));

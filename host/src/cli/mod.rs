@@ -86,22 +86,20 @@ pub fn utf8_arg<'a>(flag: &str, value: &'a OsStr) -> anyhow::Result<&'a str> {
     })
 }
 
-/// Loads the checkpoint (with a progress bar) and opens the backend for `device`.
-pub fn open_backend(dir: &Path, device: Device, max_context: usize) -> anyhow::Result<Box<dyn Backend>> {
-    open_backend_with_prefill(dir, device, max_context, 0)
-}
-
-/// [`open_backend`] whose GPU engine prefills prompts in chunks of `prefill_chunk` positions
-/// (0: off; the CPU reference has no prefill and ignores it).
-pub fn open_backend_with_prefill(
+/// Loads the checkpoint (with a progress bar) and opens the backend for `device`. On the GPU,
+/// prompts and scored texts go through prefill in chunks of `prefill_chunk` positions
+/// (`--prefill-chunk`; 0: off, every position through the megakernel), by default
+/// [`host::engine::DEFAULT_PREFILL_CHUNK`]. The CPU reference has no prefill: it ignores the
+/// default and refuses a chunk asked for.
+pub fn open_backend(
     dir: &Path,
     device: Device,
     max_context: usize,
-    prefill_chunk: usize,
+    prefill_chunk: Option<usize>,
 ) -> anyhow::Result<Box<dyn Backend>> {
     // Refused (before anything loads) rather than ignored, which would seem to have used it.
     anyhow::ensure!(
-        prefill_chunk == 0 || device == Device::Gpu,
+        device == Device::Gpu || prefill_chunk.unwrap_or(0) == 0,
         "--prefill-chunk runs the GPU's prefill kernels; the CPU reference (--device cpu) has none"
     );
     let weights: Weights =

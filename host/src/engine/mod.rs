@@ -55,6 +55,13 @@ pub const MAX_EOS: usize = 4;
 // Fails to compile if `DecodeParams::eos` changes length without MAX_EOS.
 const _: fn(&DecodeParams) -> [u32; MAX_EOS] = |p| p.eos;
 
+/// Positions per prefill chunk of `decode`, `perplexity` and `bench --prefill` when
+/// `--prefill-chunk` is not given. Each chunk reads every weight once per layer, so larger
+/// chunks read them fewer times, and 1024 rows of work buffers are small beside the weights
+/// (the largest, the MLP's gate and up rows, 12 MiB each at Qwen3-0.6B's width): a prompt of up
+/// to 1025 tokens is one chunk (all but its last token are prefilled).
+pub const DEFAULT_PREFILL_CHUNK: usize = 1024;
+
 /// The head sizes the kernel has a decode entry for (kernel/src/decode.rs).
 pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
@@ -147,8 +154,9 @@ pub struct GpuEngine {
     pub fault_step: Option<u32>,
     /// Positions per prefill chunk for `decode` and `score` (`--prefill-chunk`): with N > 0, a
     /// prompt's tokens before its last go through [`GpuEngine::prefill`] and the megakernel
-    /// starts at the last, and a scored text goes through [`GpuEngine::score_prefill`]; 0 (the
-    /// default) feeds every position to the megakernel, one per step.
+    /// starts at the last, and a scored text goes through [`GpuEngine::score_prefill`]; 0 (what
+    /// [`GpuEngine::new`] sets; the CLI's default is [`DEFAULT_PREFILL_CHUNK`]) feeds every
+    /// position to the megakernel, one per step.
     pub prefill_chunk: usize,
     gpu: Gpu,
 }
@@ -212,10 +220,27 @@ impl GpuEngine {
 /// Opens the GPU backend for the CLI.
 /// `QWEN3_INJECT_FAULT_AT_STEP=N` (tests only) makes generation fault at decode step N
 /// (0-based), to check that device errors are reported with their name and step.
-/// `prefill_chunk` sets [`GpuEngine::prefill_chunk`] (0: off).
-pub fn open_gpu_backend(weights: Arc<Weights>, max_context: usize, prefill_chunk: usize) -> Result<Box<dyn Backend>> {
+/// `prefill_chunk` sets [`GpuEngine::prefill_chunk`]: `Some(n)` as given (a model whose
+/// shapes prefill cannot take is refused for n > 0), `None` [`DEFAULT_PREFILL_CHUNK`] where
+/// the model's shapes allow prefill and scoring through it, else 0 with a note on stderr.
+pub fn open_gpu_backend(
+    weights: Arc<Weights>,
+    max_context: usize,
+    prefill_chunk: Option<usize>,
+) -> Result<Box<dyn Backend>> {
     let mut engine = GpuEngine::new(&weights, max_context)?;
-    engine.prefill_chunk = prefill_chunk;
+    // The model's shapes (and a chunk asked for) against prefill's kernels, before any prompt.
+    let chunk = prefill_chunk.filter(|&n| n > 0).unwrap_or(1);
+    let shapes = engine.check_prefill(&[], 0, chunk).and_then(|()| engine.check_score_prefill());
+    engine.prefill_chunk = match (prefill_chunk, shapes) {
+        (Some(n), Err(e)) if n > 0 => return Err(e.context(format!("--prefill-chunk {n}"))),
+        (Some(n), _) => n,
+        (None, Ok(())) => DEFAULT_PREFILL_CHUNK,
+        (None, Err(e)) => {
+            eprintln!("note: prompts go through the megakernel one position per step, not prefill: {e:#}");
+            0
+        }
+    };
     if let Ok(v) = std::env::var("QWEN3_INJECT_FAULT_AT_STEP") {
         engine.fault_step = Some(v.parse().context("QWEN3_INJECT_FAULT_AT_STEP must be a step number")?);
     }

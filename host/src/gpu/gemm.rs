@@ -5,7 +5,7 @@
 
 use super::Gpu;
 use crate::engine::abi::{gemm_grid, gemm_shape_error, gemm_split_error, GEMM_SMEM_BYTES, GEMM_THREADS};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use cust::memory::{DeviceCopy, DeviceSlice};
 use std::ffi::c_void;
 
@@ -116,4 +116,46 @@ pub unsafe fn gemm_bf16_split_raw(
     // m: u32, n: u32, k: u32, splits: u32); the shape is one the kernel takes, and the caller
     // vouches for the buffers.
     unsafe { kernel.launch(gpu.stream(), grid, GEMM_THREADS, GEMM_SMEM_BYTES, &mut args) }
+}
+
+/// The matrix rate the GEMM itself reaches, in FLOP/s: `gemm_bf16` at M = N = K = `size`
+/// (4096 is what `bench --prefill` reports against) on random bf16 data in [-1, 1] (constant
+/// or zero data can draw less power, so clock higher, than real activations). One warm-up
+/// launch, then the median of seven timings of three back-to-back launches each, 2 M N K FLOP
+/// per launch.
+pub fn measure_gemm_rate(gpu: &Gpu, size: usize) -> Result<f64> {
+    check_gemm_shape(size, size, size).context("measure_gemm_rate")?;
+    let n = size * size;
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut random = || -> Vec<u16> {
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                half::bf16::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0).to_bits()
+            })
+            .collect()
+    };
+    let a = gpu.upload(&random(), "GEMM probe A")?;
+    let w = gpu.upload(&random(), "GEMM probe W")?;
+    let mut c = gpu.alloc::<f32>(n, "GEMM probe C")?;
+    gemm_bf16(gpu, &a, &w, &mut c, size, size, size)?;
+    gpu.synchronize().context("measure_gemm_rate: the warm-up launch")?;
+    const LAUNCHES: usize = 3;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let ms = gpu.time_ms(|| {
+            for _ in 0..LAUNCHES {
+                gemm_bf16(gpu, &a, &w, &mut c, size, size, size)?;
+            }
+            Ok(())
+        })?;
+        times.push(ms as f64 / LAUNCHES as f64);
+    }
+    let ms = crate::stats::median(&mut times);
+    if ms <= 0.0 {
+        bail!("measure_gemm_rate: the GEMM took no measurable time");
+    }
+    Ok(2.0 * (size as f64).powi(3) / (ms * 1e-3))
 }
