@@ -3,17 +3,20 @@
 //! memory (the GEMM: `abi::GEMM_THREADS` threads and `abi::GEMM_SMEM_BYTES`; attention:
 //! `abi::flash_smem_bytes`); the host (host/src/engine/prefill.rs) runs them in order, per layer:
 //!
-//! `prefill_rms_norm` -> q/k/v GEMM -> `prefill_qk_rope_hd*` -> `prefill_attention_hd*` ->
-//! o GEMM -> `prefill_add` -> `prefill_rms_norm` -> gate and up GEMMs -> `prefill_silu_mul` ->
-//! down GEMM -> `prefill_add`, after `prefill_embed` once per chunk.
+//! (`prefill_rms_norm` for the first layer) -> q/k/v GEMM -> `prefill_qk_rope_hd*` ->
+//! `prefill_attention_hd*` -> o GEMM (split K) -> `prefill_add_rms_norm` -> `gemm_gate_up_silu`
+//! -> down GEMM (split K) -> `prefill_add_rms_norm` with the next layer's norm (`prefill_add`
+//! after the last), after `prefill_embed` once per chunk.
 //!
 //! The head-sized kernels have one entry per head_dim, as the decode kernel does, so that each
 //! is compiled for its own register tile.
 
-use crate::abi::{flash_grid, gemm_grid, gemm_split_error, PrefillAttentionParams, GEMM_THREADS, PREFILL_THREADS};
+use crate::abi::{
+    flash_grid, gemm_grid, gemm_shape_error, gemm_split_error, PrefillAttentionParams, GEMM_THREADS, PREFILL_THREADS,
+};
 use crate::device::*;
 use crate::ops::flash_attention::flash_attention;
-use crate::ops::gemm::{gemm_bf16_tile, GemmArgs, SmemChunk};
+use crate::ops::gemm::{gemm_bf16_tile, gemm_gate_up_silu_tile, GemmArgs, SmemChunk};
 use crate::ops::prefill::*;
 
 /// `c = a w^T` (bf16 `a [m, k]`, `w [n, k]`, f32 `c [m, n]`), one tile of C per block, K cut
@@ -43,8 +46,34 @@ pub unsafe extern "ptx-kernel" fn gemm_bf16(
     let (split, tile) = (block_idx() / tiles, block_idx() % tiles);
     let k_len = k / splits;
     let c = c.add((split * m * n) as usize);
-    let args = GemmArgs { a, w, c, m, n, k, k_begin: split * k_len, k_len };
+    let args = GemmArgs { a, w, w_up: core::ptr::null(), c, m, n, k, k_begin: split * k_len, k_len };
     gemm_bf16_tile(&args, tile, dynamic_shared::<SmemChunk>());
+}
+
+/// The MLP's first half as one GEMM: `act = bf16(silu(a w_gate^T) * (a w_up^T))` (bf16 `a [m,
+/// k]`, `w_gate` and `w_up` `[inter, k]`, bf16 `act [m, inter]`), `ops::gemm`'s
+/// `gemm_gate_up_silu_tile`. Launch `abi::gemm_grid(m, 2 inter)` blocks of `abi::GEMM_THREADS`
+/// threads with `abi::GEMM_SMEM_BYTES` of shared memory. Traps on a shape outside
+/// `abi::gemm_shape_error(m, 2 inter, k)` or a block of another size.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn gemm_gate_up_silu(
+    a: *const u16,
+    w_gate: *const u16,
+    w_up: *const u16,
+    act: *mut u16,
+    m: u32,
+    inter: u32,
+    k: u32,
+) {
+    let n = 2 * inter;
+    if block_dim() != GEMM_THREADS || gemm_shape_error(m, n, k).is_some() {
+        trap();
+    }
+    if block_idx() >= gemm_grid(m, n) {
+        return;
+    }
+    let args = GemmArgs { a, w: w_gate, w_up, c: core::ptr::null_mut(), m, n, k, k_begin: 0, k_len: k };
+    gemm_gate_up_silu_tile(&args, act, block_idx(), dynamic_shared::<SmemChunk>());
 }
 
 /// `x[r] = embed[tokens[r]]` (f32) for `rows` rows of `hidden`. Any grid.
@@ -73,10 +102,20 @@ pub unsafe extern "ptx-kernel" fn prefill_rms_norm(
     rms_norm_row_bf16(x, weight, rows, n, eps, out)
 }
 
-/// `out = bf16(silu(gate) * up)` over `n` elements. Any grid.
+/// `x += deltas[0] + ... + deltas[parts - 1]` then `out = bf16(rms_norm(x) * weight)`, rows
+/// of `n` (a multiple of 4), one warp per row: `abi::prefill_warp_grid(rows)` blocks.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn prefill_silu_mul(gate: *const f32, up: *const f32, n: u32, out: *mut u16) {
-    silu_mul_bf16(gate, up, n, out)
+pub unsafe extern "ptx-kernel" fn prefill_add_rms_norm(
+    x: *mut f32,
+    deltas: *const f32,
+    parts: u32,
+    weight: *const u16,
+    rows: u32,
+    n: u32,
+    eps: f32,
+    out: *mut u16,
+) {
+    add_parts_rms_norm_row_bf16(x, deltas, parts, weight, rows, n, eps, out)
 }
 
 /// `x += delta_0 + delta_1 + ...` over `n` elements, `parts` deltas of `n` each back to back

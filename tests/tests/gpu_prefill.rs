@@ -110,7 +110,7 @@ fn prefill_rms_norm_rows_match_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn prefill_embed_silu_mul_and_add_match_cpu() {
+fn prefill_embed_add_and_add_rms_norm_match_cpu() {
     let gpu = gpu();
     let mut rng = Rng(102);
     // Embedding: rows of the table, exactly.
@@ -128,19 +128,9 @@ fn prefill_embed_silu_mul_and_add_match_cpu() {
         }
     }
 
-    // SiLU(gate) * up at a chunk of Qwen3-0.6B's MLP width, plus a ragged count.
-    for n in [37 * 3072usize, 1001] {
-        let (g, u) = (rng.vec(n, 6.0), rng.vec(n, 3.0));
-        let (dg, du) = (gpu.upload(&g, "gate").unwrap(), gpu.upload(&u, "up").unwrap());
-        let out = gpu.upload(&vec![NAN_BF16; n], "out").unwrap();
-        unsafe { prefill::silu_mul(&gpu, dptr(&dg), dptr(&du), n, dptr(&out)) }.unwrap();
-        finish(&gpu, "prefill_silu_mul");
-        let want = twin::silu_mul_bf16(&g, &u);
-        for (i, (&gv, w)) in download_bf16(&out).iter().zip(&want).enumerate() {
-            // exp2.approx: a few ulp of f32 before the rounding.
-            assert!(within_bf16_step(gv, w.to_f32(), 1e-5), "silu_mul n={n} [{i}]: gpu {gv}, cpu {w}");
-        }
-
+    // The residual add, alone and with the next norm, at a chunk of Qwen3-0.6B's hidden size
+    // and at a ragged count.
+    for n in [37 * 1024usize, 1001] {
         // x += the sum of 1, 3 or 8 deltas: f32 additions in a fixed order, exact to the bit.
         for parts in [1usize, 3, 8] {
             let (a, d) = (rng.vec(n, 2.0), rng.vec(n * parts, 2.0));
@@ -152,6 +142,68 @@ fn prefill_embed_silu_mul_and_add_match_cpu() {
             assert_eq!(download(&da), want, "prefill_add n={n} parts={parts}");
         }
     }
+    // x += deltas then RMSNorm of the rows: x exactly as add_parts, the rows within a bf16 step.
+    for (rows, width, parts) in [(37usize, 1024usize, 4usize), (3, 64, 1), (130, 1024, 8)] {
+        let (a, d) = (rng.vec(rows * width, 2.0), rng.vec(rows * width * parts, 1.0));
+        let w = rng.bf16s(width, 1.5);
+        let (da, dd) = (gpu.upload(&a, "x").unwrap(), gpu.upload(&d, "deltas").unwrap());
+        let dw = gpu.upload(&bits(&w), "norm weight").unwrap();
+        let out = gpu.upload(&vec![NAN_BF16; rows * width], "normed").unwrap();
+        unsafe { prefill::add_rms_norm(&gpu, dptr(&da), dptr(&dd), parts, dptr(&dw), rows, width, 1e-6, dptr(&out)) }
+            .unwrap();
+        finish(&gpu, "prefill_add_rms_norm");
+        let mut want_x = a.clone();
+        twin::add_parts(&mut want_x, &d);
+        let what = format!("prefill_add_rms_norm rows={rows} width={width} parts={parts}");
+        assert_eq!(download(&da), want_x, "{what}: x");
+        let want = twin::rms_norm_rows_bf16(&want_x, &w, 1e-6);
+        for (i, (&g, w)) in download_bf16(&out).iter().zip(&want).enumerate() {
+            assert!(within_bf16_step(g, w.to_f32(), 1e-5), "{what} [{}, {}]: gpu {g}, cpu {w}", i / width, i % width);
+        }
+    }
+}
+
+/// The MLP's gate and up GEMMs with SiLU(gate) * up in the epilogue (`gemm_gate_up_silu`)
+/// against the twin: the two CPU GEMMs, then `silu_mul_bf16`. Each product within the GEMM's
+/// tolerance (1e-4 of the sum of |a w|, as tests/gpu_ops.rs states it) moves the output by at
+/// most `|silu'| <= 1.1` times the gate's error times |up| plus |silu(gate)| times the up's
+/// error; plus the output's bf16 step. Shapes: M = 1, tails, Qwen3-0.6B's MLP, the tiny one.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_gate_up_silu_matches_cpu() {
+    let gpu = gpu();
+    let mut rng = Rng(104);
+    for (m, inter, k) in [(1usize, 3072usize, 1024usize), (130, 3072, 1024), (257, 128, 64), (64, 32, 96)] {
+        let a = rng.bf16s(m * k, 1.0);
+        let (wg, wu) = (rng.bf16s(inter * k, 0.1), rng.bf16s(inter * k, 0.1));
+        let da = gpu.upload(&bits(&a), "A").unwrap();
+        let (dg, du) = (gpu.upload(&bits(&wg), "W_gate").unwrap(), gpu.upload(&bits(&wu), "W_up").unwrap());
+        let dact = gpu.upload(&vec![NAN_BF16; m * inter], "act").unwrap();
+        unsafe { host::gpu::gemm_gate_up_silu_raw(&gpu, dptr(&da), dptr(&dg), dptr(&du), dptr(&dact), m, inter, k) }
+            .unwrap();
+        finish(&gpu, "gemm_gate_up_silu");
+        let (gate, up) = (ops::gemm_bf16(&a, &wg, m, inter, k), ops::gemm_bf16(&a, &wu, m, inter, k));
+        let abs = |x: &[bf16]| -> Vec<bf16> { x.iter().map(|v| bf16::from_f32(v.to_f32().abs())).collect() };
+        let abs_a = abs(&a);
+        let (sg, su) = (ops::gemm_bf16(&abs_a, &abs(&wg), m, inter, k), ops::gemm_bf16(&abs_a, &abs(&wu), m, inter, k));
+        let want = twin::silu_mul_bf16(&gate, &up);
+        let silu = |g: f32| g / (1.0 + (-g).exp());
+        for (i, (&got, w)) in download_bf16(&dact).iter().zip(&want).enumerate() {
+            let (eg, eu) = (1e-4 * sg[i], 1e-4 * su[i]);
+            let moved = 1.1 * eg * (up[i].abs() + eu) + silu(gate[i]).abs() * eu;
+            assert!(
+                within_bf16_step(got, w.to_f32(), moved + 1e-6),
+                "gemm_gate_up_silu {m}x{inter}x{k} [{}, {}]: gpu {got}, cpu {w} (gate {}, up {})",
+                i / inter,
+                i % inter,
+                gate[i],
+                up[i]
+            );
+        }
+    }
+    // 2 x inter must be a multiple of the GEMM's tile width (64).
+    let e = unsafe { host::gpu::gemm_gate_up_silu_raw(&gpu, 0, 0, 0, 0, 4, 48, 64) }.unwrap_err();
+    assert!(format!("{e:#}").contains("multiple of"), "{e:#}");
 }
 
 /// The GEMM with K split (what the o and down projections run, `residual_splits`): each

@@ -10,9 +10,15 @@
 //!
 //! ```text
 //! x (f32) -> RMSNorm -> bf16 rows -> q/k/v GEMM (the stacked wqkv) -> q/k norm + RoPE, K/V
-//!   into the cache at p0..p0+m -> causal attention over 0..=p (bf16) -> o GEMM -> x +=
-//!   -> RMSNorm -> gate GEMM, up GEMM -> bf16(SiLU(gate) * up) -> down GEMM -> x +=
+//!   into the cache at p0..p0+m -> causal attention over 0..=p (tensor cores, bf16) -> o GEMM
+//!   (split K) -> x += its slices, RMSNorm (one launch) -> gate/up GEMM with SiLU(gate) * up
+//!   in its epilogue (bf16) -> down GEMM (split K) -> x += its slices, and the next layer's
+//!   RMSNorm (one launch)
 //! ```
+//!
+//! Splitting K gives the GEMMs with N = hidden (few tiles of C) enough blocks to fill the GPU
+//! (`residual_splits`); their slices are summed in a fixed order, so a prefill gives the same
+//! bits on every run.
 //!
 //! Activations enter the GEMMs as bf16 (the megakernel's GEMVs read them in f32): the one
 //! numerical difference from the one-position-per-step path, and why prefill's logits are
@@ -22,7 +28,7 @@ use super::abi::{gemm_grid, PrefillAttentionParams, FLAG_WRITE_LOGITS, GEMM_TILE
 use super::score::ScoreTargets;
 use super::{dptr, GpuEngine, LaunchSpec};
 use crate::backend::check_ids;
-use crate::gpu::{check_gemm_shape, gemm_bf16_raw, gemm_bf16_split_raw, prefill, Gpu};
+use crate::gpu::{check_gemm_shape, gemm_bf16_raw, gemm_bf16_split_raw, gemm_gate_up_silu_raw, prefill, Gpu};
 use anyhow::{bail, ensure, Context, Result};
 use cust::memory::{CopyDestination, DeviceBuffer};
 
@@ -43,10 +49,8 @@ pub(super) struct PrefillBuffers {
     /// K, `residual_splits`), before the residual add sums them; sized for the most
     /// `splits * rows` of any chunk up to `chunk` rows.
     proj: DeviceBuffer<f32>,
-    /// f32 `[chunk, inter]` each.
-    gate: DeviceBuffer<f32>,
-    up: DeviceBuffer<f32>,
-    /// bf16 `[chunk, inter]`: SiLU(gate) * up, the down GEMM's A.
+    /// bf16 `[chunk, inter]`: SiLU(gate) * up (the fused gate/up GEMM's output), the down
+    /// GEMM's A.
     act: DeviceBuffer<u16>,
 }
 
@@ -65,8 +69,6 @@ impl PrefillBuffers {
             q: gpu.alloc(chunk * q_dim, "prefill q")?,
             attn: gpu.alloc(chunk * q_dim, "prefill attention output")?,
             proj: gpu.alloc(proj_rows * hidden, "prefill projections")?,
-            gate: gpu.alloc(chunk * inter, "prefill gate")?,
-            up: gpu.alloc(chunk * inter, "prefill up")?,
             act: gpu.alloc(chunk * inter, "prefill MLP activations")?,
         })
     }
@@ -109,7 +111,7 @@ impl GpuEngine {
         for (what, n, k) in [
             ("q/k/v projection", q_dim + 2 * kv_dim, hidden),
             ("o projection", hidden, q_dim),
-            ("gate/up projection", inter, hidden),
+            ("gate/up projection", 2 * inter, hidden),
             ("down projection", hidden, inter),
         ] {
             check_gemm_shape(chunk, n, k).with_context(|| format!("prefill's {what} of this model"))?;
@@ -189,10 +191,13 @@ impl GpuEngine {
             unsafe {
                 prefill::embed(gpu, self.embed, ids + 4 * p0 as u64, m, hidden, dptr(&b.x))
                     .context("prefill: embedding")?;
+                // Each layer's input norm runs with the residual add before it (the previous
+                // layer's down projection), except the first's.
+                let first_norm = self.layers.first().map_or(0, |lw| lw.input_norm);
+                prefill::rms_norm_rows(gpu, dptr(&b.x), first_norm, m, hidden, eps, dptr(&b.normed))
+                    .context("prefill: layer 0")?;
                 for (layer, lw) in self.layers.iter().enumerate() {
                     let at = || format!("prefill: layer {layer}, positions {start}..{}", start as usize + m);
-                    prefill::rms_norm_rows(gpu, dptr(&b.x), lw.input_norm, m, hidden, eps, dptr(&b.normed))
-                        .with_context(at)?;
                     gemm_bf16_raw(gpu, dptr(&b.normed), lw.wqkv, dptr(&b.qkv), m, q_dim + 2 * kv_dim, hidden)
                         .with_context(at)?;
                     let heads = PrefillAttentionParams {
@@ -219,17 +224,38 @@ impl GpuEngine {
                     let s = residual_splits(m, hidden, q_dim, sms);
                     gemm_bf16_split_raw(gpu, dptr(&b.attn), lw.wo, dptr(&b.proj), m, hidden, q_dim, s)
                         .with_context(at)?;
-                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden, s).with_context(at)?;
-
-                    prefill::rms_norm_rows(gpu, dptr(&b.x), lw.post_norm, m, hidden, eps, dptr(&b.normed))
+                    prefill::add_rms_norm(
+                        gpu,
+                        dptr(&b.x),
+                        dptr(&b.proj),
+                        s,
+                        lw.post_norm,
+                        m,
+                        hidden,
+                        eps,
+                        dptr(&b.normed),
+                    )
+                    .with_context(at)?;
+                    gemm_gate_up_silu_raw(gpu, dptr(&b.normed), lw.w_gate, lw.w_up, dptr(&b.act), m, inter, hidden)
                         .with_context(at)?;
-                    gemm_bf16_raw(gpu, dptr(&b.normed), lw.w_gate, dptr(&b.gate), m, inter, hidden).with_context(at)?;
-                    gemm_bf16_raw(gpu, dptr(&b.normed), lw.w_up, dptr(&b.up), m, inter, hidden).with_context(at)?;
-                    prefill::silu_mul(gpu, dptr(&b.gate), dptr(&b.up), m * inter, dptr(&b.act)).with_context(at)?;
                     let s = residual_splits(m, hidden, inter, sms);
                     gemm_bf16_split_raw(gpu, dptr(&b.act), lw.w_down, dptr(&b.proj), m, hidden, inter, s)
                         .with_context(at)?;
-                    prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden, s).with_context(at)?;
+                    match self.layers.get(layer + 1) {
+                        Some(next) => prefill::add_rms_norm(
+                            gpu,
+                            dptr(&b.x),
+                            dptr(&b.proj),
+                            s,
+                            next.input_norm,
+                            m,
+                            hidden,
+                            eps,
+                            dptr(&b.normed),
+                        ),
+                        None => prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden, s),
+                    }
+                    .with_context(at)?;
                 }
             }
             if let Some(score) = score {

@@ -64,6 +64,60 @@ pub unsafe fn gemm_bf16_raw(gpu: &Gpu, a: u64, w: u64, c: u64, m: usize, n: usiz
     gemm_bf16_split_raw(gpu, a, w, c, m, n, k, 1)
 }
 
+/// The MLP's gate and up projections and SiLU(gate) * up in one GEMM (`gemm_gate_up_silu`):
+/// `act = bf16(silu(a w_gate^T) * (a w_up^T))`, bf16 `a [m, k]`, `w_gate`, `w_up` `[inter, k]`,
+/// bf16 `act [m, inter]`. The shape contract is the GEMM's for N = 2 inter.
+///
+/// # Safety
+/// The addresses must be device allocations of those sizes, 16-byte aligned, live until the
+/// kernel has run.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_gate_up_silu_raw(
+    gpu: &Gpu,
+    a: u64,
+    w_gate: u64,
+    w_up: u64,
+    act: u64,
+    m: usize,
+    inter: usize,
+    k: usize,
+) -> Result<()> {
+    check_gemm_shape(m, 2 * inter, k).context("the fused gate/up GEMM")?;
+    check_mma(gpu)?;
+    for (name, ptr) in [("A", a), ("W_gate", w_gate), ("W_up", w_up), ("act", act)] {
+        if !ptr.is_multiple_of(16) {
+            bail!("gemm_gate_up_silu: {name} at {ptr:#x} is not 16-byte aligned");
+        }
+    }
+    let (mut pa, mut pg, mut pu, mut pc) = (a, w_gate, w_up, act);
+    let (mut m32, mut i32_, mut k32) = (m as u32, inter as u32, k as u32);
+    let mut args = [
+        &mut pa as *mut u64 as *mut c_void,
+        &mut pg as *mut u64 as *mut c_void,
+        &mut pu as *mut u64 as *mut c_void,
+        &mut pc as *mut u64 as *mut c_void,
+        &mut m32 as *mut u32 as *mut c_void,
+        &mut i32_ as *mut u32 as *mut c_void,
+        &mut k32 as *mut u32 as *mut c_void,
+    ];
+    let kernel = gpu.kernel("gemm_gate_up_silu")?;
+    // SAFETY: the arguments match gemm_gate_up_silu(a, w_gate, w_up: *const u16, act: *mut u16,
+    // m, inter, k: u32); the shape is one the kernel takes; the caller vouches for the buffers.
+    unsafe { kernel.launch(gpu.stream(), gemm_grid(m32, 2 * i32_), GEMM_THREADS, GEMM_SMEM_BYTES, &mut args) }
+}
+
+/// `mma.sync` with bf16 needs sm_80.
+fn check_mma(gpu: &Gpu) -> Result<()> {
+    if gpu.compute_capability() < (8, 0) {
+        bail!(
+            "gemm: mma.sync with bf16 needs compute capability 8.0 or newer, {} is {:?}",
+            gpu.name(),
+            gpu.compute_capability()
+        );
+    }
+    Ok(())
+}
+
 /// [`gemm_bf16_raw`] with K cut into `splits` equal parts, each part's product written to its
 /// own `[m, n]` slice of `c` (`c + s m n`, f32): the slices sum to `a w^T`. More blocks for a
 /// shape with few tiles of C (small M, or N = hidden), for the caller to add up.
@@ -86,13 +140,7 @@ pub unsafe fn gemm_bf16_split_raw(
     if let Some(why) = gemm_split_error(m as u32, n as u32, k as u32, splits32) {
         bail!("gemm C[{m}, {n}] = A[{m}, {k}] x W[{n}, {k}]^T in {splits} splits of K: {why}");
     }
-    if gpu.compute_capability() < (8, 0) {
-        bail!(
-            "gemm: mma.sync with bf16 needs compute capability 8.0 or newer, {} is {:?}",
-            gpu.name(),
-            gpu.compute_capability()
-        );
-    }
+    check_mma(gpu)?;
     for (name, ptr) in [("A", a), ("W", w), ("C", c)] {
         // cp.async copies 16-byte chunks, and the kernel stores C in 8-byte pairs.
         if !ptr.is_multiple_of(16) {

@@ -11,7 +11,7 @@ use anyhow::{ensure, Result};
 use std::ffi::c_void;
 
 /// The prefill kernels with a single entry.
-pub const PREFILL_KERNELS: [&str; 4] = ["prefill_embed", "prefill_rms_norm", "prefill_silu_mul", "prefill_add"];
+pub const PREFILL_KERNELS: [&str; 4] = ["prefill_embed", "prefill_rms_norm", "prefill_add_rms_norm", "prefill_add"];
 
 /// The q/k norm + RoPE entry for `head_dim` (32, 64 or 128).
 pub fn qk_rope_kernel_name(head_dim: usize) -> String {
@@ -62,15 +62,33 @@ pub unsafe fn rms_norm_rows(gpu: &Gpu, x: u64, weight: u64, rows: usize, n: usiz
     launch(gpu, "prefill_rms_norm", prefill_warp_grid(rows as u32), &mut args)
 }
 
-/// `out = bf16(silu(gate) * up)` over `n` elements.
+/// `x += deltas[0] + deltas[1] + ...` (as [`add`]), then `out[r, :] = bf16(rms_norm(x[r, :]) *
+/// weight)` (as [`rms_norm_rows`]), for `rows` rows of `n` (a multiple of 4): a split-K
+/// GEMM's residual add and the next norm in one launch.
 ///
 /// # Safety
-/// `gate`, `up` f32 `[n]`, `out` bf16 `[n]`.
-pub unsafe fn silu_mul(gpu: &Gpu, gate: u64, up: u64, n: usize, out: u64) -> Result<()> {
-    let n = count(n, "prefill_silu_mul")?;
-    let (mut g, mut u, mut nn, mut o) = (gate, up, n, out);
-    let mut args = [arg(&mut g), arg(&mut u), arg(&mut nn), arg(&mut o)];
-    launch(gpu, "prefill_silu_mul", prefill_elementwise_grid(n), &mut args)
+/// `x` f32 `[rows, n]`, `deltas` f32 `[parts, rows, n]` (both 16-byte aligned), `weight` bf16
+/// `[n]`, `out` bf16 `[rows, n]` (8-byte aligned).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn add_rms_norm(
+    gpu: &Gpu,
+    x: u64,
+    deltas: u64,
+    parts: usize,
+    weight: u64,
+    rows: usize,
+    n: usize,
+    eps: f32,
+    out: u64,
+) -> Result<()> {
+    ensure!(n.is_multiple_of(4) && n > 0, "prefill_add_rms_norm: the row length {n} is not a positive multiple of 4");
+    ensure!(parts >= 1, "prefill_add_rms_norm: no deltas to add");
+    count(rows * n * parts, "prefill_add_rms_norm")?;
+    let (mut px, mut d, mut np, mut pw) = (x, deltas, parts as u32, weight);
+    let (mut r, mut nn, mut e, mut po) = (rows as u32, n as u32, eps, out);
+    let mut args =
+        [arg(&mut px), arg(&mut d), arg(&mut np), arg(&mut pw), arg(&mut r), arg(&mut nn), arg(&mut e), arg(&mut po)];
+    launch(gpu, "prefill_add_rms_norm", prefill_warp_grid(rows as u32), &mut args)
 }
 
 /// `x += deltas[0] + deltas[1] + ...` over `n` elements, `parts` deltas of `n` back to back

@@ -1,6 +1,6 @@
 //! The operations of a prefill chunk that are not matrix products (those are `gemm`): the
 //! embedding, RMSNorm of many rows into the GEMM's bf16 A, q/k norm + RoPE with the K/V append
-//! into the decode kernel's cache, SiLU(gate) * up, and the residual add.
+//! into the decode kernel's cache, and the residual add (alone, or with the next norm).
 //!
 //! Each runs as its own ordinary launch (`kernel/src/prefill.rs`), so its inputs were written
 //! by earlier launches: plain or read-only loads are coherent here, unlike in the megakernel.
@@ -8,7 +8,6 @@
 
 use crate::abi::PrefillAttentionParams;
 use crate::device::*;
-use crate::ops::mlp::silu;
 use crate::ops::norm::head_norm_rope;
 
 /// `x[r, :] = embed[tokens[r], :]` as f32 (exact), for `rows` rows of `hidden`; any grid.
@@ -64,15 +63,60 @@ pub unsafe fn rms_norm_row_bf16(x: *const f32, w: *const u16, rows: u32, n: u32,
     }
 }
 
-/// `out[i] = bf16(silu(gate[i]) * up[i])` for `n` elements (the MLP's activations, the down
-/// GEMM's A); any grid. `silu` is the decode kernel's.
+/// One warp per row: `x[r] += d_0[r] + d_1[r] + ...` (the deltas summed in that order first,
+/// as `add_parts_into`), then `out[r] = bf16(rms_norm(x[r]) * w)` (as `rms_norm_row_bf16`):
+/// a split-K GEMM's partial products into the residual stream and the next norm in one pass.
+/// `deltas` holds `parts` slices of `rows * n`; `n` a multiple of 4, rows 16-byte aligned.
 #[inline(always)]
-pub unsafe fn silu_mul_bf16(gate: *const f32, up: *const f32, n: u32, out: *mut u16) {
-    let mut i = block_idx() * block_dim() + thread_idx();
-    let stride = grid_dim() * block_dim();
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn add_parts_rms_norm_row_bf16(
+    x: *mut f32,
+    deltas: *const f32,
+    parts: u32,
+    w: *const u16,
+    rows: u32,
+    n: u32,
+    eps: f32,
+    out: *mut u16,
+) {
+    let row = global_warp();
+    if row >= rows {
+        return;
+    }
+    let at = row as usize * n as usize;
+    let slice = rows as usize * n as usize;
+    let (xr, or) = (x.add(at), out.add(at));
+    let mut sum_sq = 0.0f32;
+    let mut i = lane() * 4;
     while i < n {
-        *out.add(i as usize) = f32_to_bf16(silu(*gate.add(i as usize)) * *up.add(i as usize));
-        i += stride;
+        let mut sum = ld_nc_f32s::<4>(deltas.add(at + i as usize));
+        for s in 1..parts as usize {
+            let d = ld_nc_f32s::<4>(deltas.add(s * slice + at + i as usize));
+            for k in 0..4 {
+                sum[k] += d[k];
+            }
+        }
+        // x is written here, so plain loads (not the read-only path).
+        for k in 0..4 {
+            let v = *xr.add(i as usize + k) + sum[k];
+            *xr.add(i as usize + k) = v;
+            sum_sq = fma(v, v, sum_sq);
+        }
+        i += 128;
+    }
+    let scale = rsqrt(warp_sum(sum_sq) / n as f32 + eps);
+    // Each lane reads back the values it wrote.
+    let mut i = lane() * 4;
+    while i < n {
+        let wv = bf16x4_to_f32(ld_nc_v2(w.add(i as usize) as *const u32));
+        let mut b = [0u16; 4];
+        for k in 0..4 {
+            b[k] = f32_to_bf16((*xr.add(i as usize + k) * scale) * wv[k]);
+        }
+        let lo = b[0] as u32 | (b[1] as u32) << 16;
+        let hi = b[2] as u32 | (b[3] as u32) << 16;
+        *(or.add(i as usize) as *mut [u32; 2]) = [lo, hi];
+        i += 128;
     }
 }
 
