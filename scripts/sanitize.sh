@@ -8,8 +8,8 @@
 # `host synth` checkpoint) the four tools also run a short decode with the head_dim-128 kernel
 # Qwen3-0.6B uses (the default sampling, and top-p alone), memcheck and synccheck a 1200-token
 # context, racecheck steps at position 300 (bench over a random KV cache), a 300-token prompt
-# and a 40-token perplexity through prefill, and memcheck runs `bench --compare` once (the
-# split kernels). The decode runs named by their context feed every prompt token to the
+# and a 40-token perplexity through prefill (racecheck: 130 and 20), and memcheck runs
+# `bench --compare` once (the split kernels). The decode runs named by their context feed every prompt token to the
 # megakernel (--prefill-chunk 0, the path they were written for); the prefill runs say so.
 # Prints one
 # summary line per run and a total; exits non-zero if any run reported errors or did not
@@ -101,14 +101,23 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
         # merge (and, above 8 splits, its two-warp form) runs. initcheck is left to the tiny model.
         [ "$tool" = initcheck ] && continue
         [ "${SANITIZE_QUICK:-0}" = 1 ] && [ "$tool" != memcheck ] && continue
-        # A 300-token prompt through the chunked prefill (then the megakernel from position 299).
-        run "$tool full-size decode, 300-token prompt through prefill (chunks of 64)" "$san" --tool "$tool" "${extra[@]}" \
-            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids 300)" --max-new-tokens 2 --max-context 400 \
+        # A long prompt through the chunked prefill (then the megakernel from its last position):
+        # several chunks, each attending over the earlier ones' cache in several key tiles.
+        # racecheck checks every shared-memory access of some thousand tensor-core launches,
+        # so it takes 130 tokens (chunks 64 + 64 + 1: row tiles, key tiles and a chunk of one
+        # row) where the other tools take 300.
+        plen=300
+        [ "$tool" = racecheck ] && plen=130
+        run "$tool full-size decode, $plen-token prompt through prefill (chunks of 64)" "$san" --tool "$tool" "${extra[@]}" \
+            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids $plen)" --max-new-tokens 2 --max-context 400 \
             --json --prefill-chunk 64
-        # perplexity through prefill: 39 positions in chunks of 16 + 16 + 7, each chunk's rows
-        # through the final norm, the LM head's GEMM (N = 151936) and the NLL kernel.
-        run "$tool full-size perplexity, 40 tokens through prefill (chunks of 16)" "$san" --tool "$tool" "${extra[@]}" \
-            ./host perplexity --model "$SANITIZE_FULL_MODEL" --ids "$(ids 40)" --max-context 64 --json --prefill-chunk 16
+        # perplexity through prefill: 39 positions in chunks of 16 + 16 + 7 (racecheck: 19 in one
+        # chunk), each chunk's rows through the final norm, the LM head's GEMM (N = 151936) and
+        # the NLL kernel.
+        ptok=40 pchunk=16
+        [ "$tool" = racecheck ] && ptok=20 pchunk=32
+        run "$tool full-size perplexity, $ptok tokens through prefill (chunks of $pchunk)" "$san" --tool "$tool" "${extra[@]}" \
+            ./host perplexity --model "$SANITIZE_FULL_MODEL" --ids "$(ids $ptok)" --max-context 64 --json --prefill-chunk $pchunk
         if [ "$tool" = racecheck ]; then
             # A 300-token prompt is 300 steps, more than ten minutes under racecheck at full
             # size: bench starts at position 300 over a random KV cache instead (the same code

@@ -103,7 +103,8 @@ pub unsafe extern "ptx-kernel" fn prefill_rms_norm(
 }
 
 /// `x += deltas[0] + ... + deltas[parts - 1]` then `out = bf16(rms_norm(x) * weight)`, rows
-/// of `n` (a multiple of 4), one warp per row: `abi::prefill_warp_grid(rows)` blocks.
+/// of `n` (a multiple of 4), one warp per row: `abi::prefill_warp_grid(rows)` blocks; `parts`
+/// 1 ..= 8 (traps otherwise).
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn prefill_add_rms_norm(
     x: *mut f32,
@@ -115,6 +116,9 @@ pub unsafe extern "ptx-kernel" fn prefill_add_rms_norm(
     eps: f32,
     out: *mut u16,
 ) {
+    if parts == 0 || parts as usize > MAX_ADD_PARTS {
+        trap();
+    }
     add_parts_rms_norm_row_bf16(x, deltas, parts, weight, rows, n, eps, out)
 }
 

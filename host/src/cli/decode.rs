@@ -59,7 +59,7 @@ pub struct DecodeArgs {
     /// GPU only: the prompt (all but its last token) goes through the chunked prefill (matrix
     /// products on the tensor cores), N positions per chunk, before the megakernel starts at
     /// its last token; 0 = off, every prompt token through the megakernel one per step
-    /// [default: 1024 on the GPU; --device cpu has no prefill and refuses N > 0].
+    /// [default: 4096 on the GPU; --device cpu has no prefill and refuses N > 0].
     #[arg(long, value_name = "N")]
     prefill_chunk: Option<usize>,
 }

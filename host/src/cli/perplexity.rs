@@ -32,7 +32,7 @@ pub struct PerplexityArgs {
     /// GPU only: score the text through the chunked prefill (every position through matrix
     /// products on the tensor cores, then per chunk the final norm, the LM head as a matrix
     /// product and the NLL), N positions per chunk; 0 = off, one megakernel step per position
-    /// [default: 1024 on the GPU; --device cpu has no prefill and refuses N > 0].
+    /// [default: 4096 on the GPU; --device cpu has no prefill and refuses N > 0].
     #[arg(long, value_name = "N")]
     prefill_chunk: Option<usize>,
 }

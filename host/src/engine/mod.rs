@@ -55,12 +55,13 @@ pub const MAX_EOS: usize = 4;
 // Fails to compile if `DecodeParams::eos` changes length without MAX_EOS.
 const _: fn(&DecodeParams) -> [u32; MAX_EOS] = |p| p.eos;
 
-/// Positions per prefill chunk of `decode`, `perplexity` and `bench --prefill` when
-/// `--prefill-chunk` is not given. Each chunk reads every weight once per layer, so larger
-/// chunks read them fewer times, and 1024 rows of work buffers are small beside the weights
-/// (the largest, the MLP's gate and up rows, 12 MiB each at Qwen3-0.6B's width): a prompt of up
-/// to 1025 tokens is one chunk (all but its last token are prefilled).
-pub const DEFAULT_PREFILL_CHUNK: usize = 1024;
+/// Positions per prefill chunk of `decode`, `perplexity` and `bench --prefill` (on the GPU) when
+/// `--prefill-chunk` is not given. A chunk reads every weight once per layer, and its GEMMs
+/// have more tiles (and fill the GPU better) the more rows it has, so one chunk per prompt is
+/// fastest; 4096 rows of work buffers are still small beside the weights (about 160 MiB at
+/// Qwen3-0.6B's shapes, the largest the q/k/v rows in f32, 64 MiB). A prompt of up to 4097
+/// tokens is one chunk (all but its last token are prefilled).
+pub const DEFAULT_PREFILL_CHUNK: usize = 4096;
 
 /// The head sizes the kernel has a decode entry for (kernel/src/decode.rs).
 pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];

@@ -82,7 +82,7 @@ pub unsafe fn add_rms_norm(
     out: u64,
 ) -> Result<()> {
     ensure!(n.is_multiple_of(4) && n > 0, "prefill_add_rms_norm: the row length {n} is not a positive multiple of 4");
-    ensure!(parts >= 1, "prefill_add_rms_norm: no deltas to add");
+    ensure!((1..=8).contains(&parts), "prefill_add_rms_norm: {parts} deltas; it adds 1 to 8");
     count(rows * n * parts, "prefill_add_rms_norm")?;
     let (mut px, mut d, mut np, mut pw) = (x, deltas, parts as u32, weight);
     let (mut r, mut nn, mut e, mut po) = (rows as u32, n as u32, eps, out);

@@ -63,10 +63,14 @@ pub unsafe fn rms_norm_row_bf16(x: *const f32, w: *const u16, rows: u32, n: u32,
     }
 }
 
+/// Most deltas `add_parts_rms_norm_row_bf16` takes (the residual GEMMs split K at most 8 ways).
+pub const MAX_ADD_PARTS: usize = 8;
+
 /// One warp per row: `x[r] += d_0[r] + d_1[r] + ...` (the deltas summed in that order first,
 /// as `add_parts_into`), then `out[r] = bf16(rms_norm(x[r]) * w)` (as `rms_norm_row_bf16`):
 /// a split-K GEMM's partial products into the residual stream and the next norm in one pass.
-/// `deltas` holds `parts` slices of `rows * n`; `n` a multiple of 4, rows 16-byte aligned.
+/// `deltas` holds `parts` (1 ..= `MAX_ADD_PARTS`) slices of `rows * n`; `n` a multiple of 4,
+/// rows 16-byte aligned.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn add_parts_rms_norm_row_bf16(
@@ -89,13 +93,22 @@ pub unsafe fn add_parts_rms_norm_row_bf16(
     let mut sum_sq = 0.0f32;
     let mut i = lane() * 4;
     while i < n {
-        let mut sum = ld_nc_f32s::<4>(deltas.add(at + i as usize));
-        for s in 1..parts as usize {
-            let d = ld_nc_f32s::<4>(deltas.add(s * slice + at + i as usize));
-            for k in 0..4 {
-                sum[k] += d[k];
+        // Every part's load is issued before the first add waits for one (a rolled loop over
+        // the parts would wait for each load in turn): up to `MAX_ADD_PARTS`, unrolled.
+        let mut d = [[0.0f32; 4]; MAX_ADD_PARTS];
+        crate::unroll!(8, S, {
+            if (S as u32) < parts {
+                d[S] = ld_nc_f32s::<4>(deltas.add(S * slice + at + i as usize));
             }
-        }
+        });
+        let mut sum = d[0];
+        crate::unroll!(8, S, {
+            if S > 0 && (S as u32) < parts {
+                for k in 0..4 {
+                    sum[k] += d[S][k];
+                }
+            }
+        });
         // x is written here, so plain loads (not the read-only path).
         for k in 0..4 {
             let v = *xr.add(i as usize + k) + sum[k];
