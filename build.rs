@@ -139,7 +139,9 @@ fn check_ptx(ptx: &str) -> Result<(), String> {
 const MAX_THREADS: u32 = 512;
 /// Entries are name prefixes (`qwen3_decode` covers every `qwen3_decode_hd*`); the split
 /// kernels (`qwen3_phase_hd*`) run with the decode kernel's block size.
-const LAUNCH_BOUNDS: &[(&str, u32)] = &[("qwen3_decode", 384), ("qwen3_phase", 384)];
+/// Prefill attention runs 128 threads a block (`abi::PREFILL_THREADS`) and holds a 16 x head_dim
+/// f32 output tile per warp in registers: at the default bound's 128 registers it spills.
+const LAUNCH_BOUNDS: &[(&str, u32)] = &[("qwen3_decode", 384), ("qwen3_phase", 384), ("prefill_attention", 128)];
 
 fn add_launch_bounds(ptx: &str) -> String {
     let mut out = String::with_capacity(ptx.len() + 1024);

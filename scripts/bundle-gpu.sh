@@ -71,6 +71,7 @@ mkdir -p "$out/fixtures"
 cp -r tests/fixtures/golden "$out/fixtures/golden"
 cp scripts/run-gpu-tests.sh "$out/run-gpu-tests.sh"
 cp scripts/hf_logits.py "$out/hf_logits.py"
+cp scripts/torch_prefill.py "$out/torch_prefill.py"
 cp scripts/sanitize.sh "$out/sanitize.sh"
 chmod +x "$out/run-gpu-tests.sh" "$out/sanitize.sh" "$out/host" "$out"/tests/*
 

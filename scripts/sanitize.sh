@@ -7,8 +7,11 @@
 # full-size runs takes too long for a session). With SANITIZE_FULL_MODEL=DIR (a full-size
 # `host synth` checkpoint) the four tools also run a short decode with the head_dim-128 kernel
 # Qwen3-0.6B uses (the default sampling, and top-p alone), memcheck and synccheck a 1200-token
-# context, racecheck steps at position 300 (bench over a random KV cache), and memcheck runs
-# `bench --compare` once (the split kernels). Prints one
+# context, racecheck steps at position 300 (bench over a random KV cache), a 300-token prompt
+# and a 40-token perplexity through prefill (racecheck: 130 and 20), and memcheck runs
+# `bench --compare` once (the split kernels). The decode runs named by their context feed every prompt token to the
+# megakernel (--prefill-chunk 0, the path they were written for); the prefill runs say so.
+# Prints one
 # summary line per run and a total; exits non-zero if any run reported errors or did not
 # finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_TIMEOUT (s) bounds each run;
 # SANITIZE_TINY=0 runs only the full-size model's part.
@@ -24,6 +27,8 @@ model=${1:-/tmp/qwen3-sanitize-tiny}
 ops=$(ls tests/gpu_ops-* 2>/dev/null | head -1)
 [ -n "$ops" ] || ops=./gpu_ops
 device=$(ls tests/gpu_device-* 2>/dev/null | head -1)
+prefill=$(ls tests/gpu_prefill-* 2>/dev/null | head -1)
+score=$(ls tests/gpu_score-* 2>/dev/null | head -1)
 ids() { seq -s, 1 "$1" | awk -F, '{for(i=1;i<=NF;i++) printf "%s%d", (i>1?",":""), $i % 500}'; }
 tools=${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}
 bad=0
@@ -58,14 +63,26 @@ for tool in $tools; do
     long=1200
     [ "$tool" = racecheck ] && extra=(--racecheck-report all) && long=300
     run "$tool decode (3 prompt + 4 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
-        ./host decode --model "$model" --prompt-ids 1,2,3 --max-new-tokens 4 --json
+        ./host decode --model "$model" --prompt-ids 1,2,3 --max-new-tokens 4 --json --prefill-chunk 0
+    # decode's default: the prompt but its last token through prefill (chunks 16 + 16 + 4).
+    run "$tool decode, 37-token prompt through prefill (chunks of 16)" "$san" --tool "$tool" "${extra[@]}" \
+        ./host decode --model "$model" --prompt-ids "$(ids 37)" --max-new-tokens 2 --max-context 64 --json \
+        --prefill-chunk 16
     [ "${SANITIZE_QUICK:-0}" = 1 ] && [ "$tool" != memcheck ] && continue
     run "$tool decode ($long-token context)" "$san" --tool "$tool" "${extra[@]}" \
-        ./host decode --model "$model" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json
+        ./host decode --model "$model" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json \
+        --prefill-chunk 0
     # Every op kernel's test, the sampling ones with fewer draws (the paths, not the statistics,
     # are what the tools check), and the tensor-core GEMM at every tested shape.
     QWEN3_SAMPLING_TRIALS=300 run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
         "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties top_p_grid sampling gemm_bf16_matches
+    # The prefill kernels (embedding, row norms, q/k norm + RoPE with the K/V append,
+    # attention over the cache, elementwise ops) at chunk and cache boundaries.
+    [ -n "$prefill" ] && run "$tool prefill kernels" "$san" --tool "$tool" "${extra[@]}" \
+        "$prefill" --ignored --test-threads=1
+    # Scoring's NLL kernel (one block per row, rows of 151936 logits and small ones).
+    [ -n "$score" ] && run "$tool NLL kernel (prefill_nll)" "$san" --tool "$tool" "${extra[@]}" \
+        "$score" --ignored --test-threads=1 prefill_nll
     # The grid barrier as the decode kernel uses it (sense in shared memory).
     [ -n "$device" ] && QWEN3_BARRIER_ROUNDS=1000 run "$tool grid barrier (sense in shared memory, 2000 uses)" \
         "$san" --tool "$tool" "${extra[@]}" "$device" --ignored --test-threads=1 grid_barrier_with_sense_in_shared_memory
@@ -75,15 +92,32 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
         extra=()
         [ "$tool" = racecheck ] && extra=(--racecheck-report all)
         run "$tool full-size decode (3 prompt + 2 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
-            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json
+            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json --prefill-chunk 0
         # Top-p alone: every block takes part in the draw (grid barriers inside the LM head).
         run "$tool full-size decode, top-p alone (3 prompt + 2 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
             ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json \
-            --temperature 0.6 --top-k 0 --top-p 0.95
+            --temperature 0.6 --top-k 0 --top-p 0.95 --prefill-chunk 0
         # Long context on the head_dim-128 kernel: several splits per kv head, so the cross-block
         # merge (and, above 8 splits, its two-warp form) runs. initcheck is left to the tiny model.
         [ "$tool" = initcheck ] && continue
         [ "${SANITIZE_QUICK:-0}" = 1 ] && [ "$tool" != memcheck ] && continue
+        # A long prompt through the chunked prefill (then the megakernel from its last position):
+        # several chunks, each attending over the earlier ones' cache in several key tiles.
+        # racecheck checks every shared-memory access of some thousand tensor-core launches,
+        # so it takes 130 tokens (chunks 64 + 64 + 1: row tiles, key tiles and a chunk of one
+        # row) where the other tools take 300.
+        plen=300
+        [ "$tool" = racecheck ] && plen=130
+        run "$tool full-size decode, $plen-token prompt through prefill (chunks of 64)" "$san" --tool "$tool" "${extra[@]}" \
+            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids $plen)" --max-new-tokens 2 --max-context 400 \
+            --json --prefill-chunk 64
+        # perplexity through prefill: 39 positions in chunks of 16 + 16 + 7 (racecheck: 19 in one
+        # chunk), each chunk's rows through the final norm, the LM head's GEMM (N = 151936) and
+        # the NLL kernel.
+        ptok=40 pchunk=16
+        [ "$tool" = racecheck ] && ptok=20 pchunk=32
+        run "$tool full-size perplexity, $ptok tokens through prefill (chunks of $pchunk)" "$san" --tool "$tool" "${extra[@]}" \
+            ./host perplexity --model "$SANITIZE_FULL_MODEL" --ids "$(ids $ptok)" --max-context 64 --json --prefill-chunk $pchunk
         if [ "$tool" = racecheck ]; then
             # A 300-token prompt is 300 steps, more than ten minutes under racecheck at full
             # size: bench starts at position 300 over a random KV cache instead (the same code
@@ -92,7 +126,8 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
                 ./host bench --model "$SANITIZE_FULL_MODEL" --positions 300 --steps 2 --reps 1 --sampling 0.6,0,0.95
         else
             run "$tool full-size decode (1200-token context)" "$san" --tool "$tool" "${extra[@]}" \
-                ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids 1200)" --max-new-tokens 2 --max-context 1300 --json
+                ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids 1200)" --max-new-tokens 2 --max-context 1300 --json \
+                --prefill-chunk 0
         fi
     done
     [[ " $tools " == *" memcheck "* ]] && run "memcheck full-size bench --compare (megakernel + split kernels)" "$san" --tool memcheck \

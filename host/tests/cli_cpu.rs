@@ -62,11 +62,41 @@ fn decode_errors_are_clear() {
     assert!(e.contains("tokenizer") && e.contains("--json"), "{e}");
     let e = fails(&with(&["--prompt", "hello", "--json"]));
     assert!(e.contains("tokenizer"), "{e}");
+    let e = fails(&with(&["--prompt-ids", "1,2,3", "--json", "--prefill-chunk", "16"]));
+    assert!(e.contains("--prefill-chunk") && e.contains("--device cpu"), "{e}");
     let e = fails(&["decode", "--model", "/nonexistent/model", "--prompt-ids", "1", "--json"]);
     assert!(e.contains("/nonexistent/model"), "{e}");
     // The GPU path reports its own errors the same way (no GPU here, or one: either way no panic).
     let out = host(&["decode", "--model", m, "--prompt-ids", "1,2", "--json", "--max-new-tokens", "2"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+/// `--prefill-chunk` is the GPU's: with `--device cpu` its default is silently unused and 0
+/// (off) is accepted, but a chunk asked for is refused before anything loads, by `decode` and
+/// `perplexity` alike. The help states the GPU's default, `host::engine::DEFAULT_PREFILL_CHUNK`.
+#[test]
+fn prefill_chunk_is_refused_on_the_cpu_and_its_default_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    synth_tiny(dir.path(), &["--vocab", "512"]);
+    let m = dir.path().to_str().unwrap();
+    let decode =
+        ["decode", "--model", m, "--device", "cpu", "--prompt-ids", "1,2,3", "--json", "--max-new-tokens", "2"];
+    let perplexity = ["perplexity", "--model", m, "--device", "cpu", "--ids", "1,2,3,4", "--json"];
+    for base in [&decode[..], &perplexity[..]] {
+        let with =
+            |extra: &[&'static str]| -> Vec<&str> { base.iter().copied().chain(extra.iter().copied()).collect() };
+        ok(base);
+        ok(&with(&["--prefill-chunk", "0"]));
+        for n in ["1", "16", "1024"] {
+            let e = fails(&with(&["--prefill-chunk", n]));
+            assert!(e.contains("--prefill-chunk") && e.contains("--device cpu"), "{base:?} --prefill-chunk {n}: {e}");
+        }
+    }
+    let default = format!("default: {} on the GPU", host::engine::DEFAULT_PREFILL_CHUNK);
+    for cmd in ["decode", "perplexity"] {
+        let help = ok(&[cmd, "--help"]);
+        assert!(help.contains("--prefill-chunk") && help.contains(&default), "{cmd} --help: {help}");
+    }
 }
 
 #[test]

@@ -218,3 +218,27 @@ fn bad_bench_sampling_is_refused_before_anything_loads() {
         assert!(e.contains(says) && e.contains(bad), "--sampling {bad}: {e}");
     }
 }
+
+#[test]
+fn bad_bench_prefill_lengths_are_refused_before_the_gpu_is_opened() {
+    // Lengths below 2 are refused before the checkpoint is looked up (it does not exist here).
+    for lengths in ["1", "128,1", "0"] {
+        let e = fails(&["bench", "--model", "/nonexistent/model", "--prefill", lengths]);
+        assert!(e.contains("--prefill") && e.contains("at least 2 tokens"), "--prefill {lengths}: {e}");
+    }
+    // A prompt (and its first new token) beyond the model's positions: refused once the
+    // config is known, before the GPU is opened (so the same on machines without one).
+    let dir = tiny();
+    let m = dir.path().to_str().unwrap();
+    let e = fails(&["bench", "--model", m, "--prefill", "128,40960"]);
+    assert!(e.contains("--prefill 40960") && e.contains("40960 positions"), "{e}");
+    // The decode table's flags do not mix with --prefill, and --prefill-chunk needs it.
+    for extra in
+        [&["--prefill", "128", "--positions", "5"][..], &["--prefill", "128", "--compare"], &["--prefill-chunk", "64"]]
+    {
+        let out = host(&[&["bench", "--model", m][..], extra].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "bench {extra:?}: {stderr}");
+        assert!(stderr.contains("--prefill"), "bench {extra:?}: {stderr}");
+    }
+}

@@ -373,3 +373,115 @@ pub const fn gemm_shape_error(m: u32, n: u32, k: u32) -> Option<&'static str> {
 pub const fn gemm_grid(m: u32, n: u32) -> u32 {
     m.div_ceil(GEMM_TILE_M) * (n / GEMM_TILE_N)
 }
+
+/// Most splits of K one GEMM launch takes.
+pub const GEMM_MAX_SPLITS: u32 = 16;
+
+/// Why the GEMM cannot split K of this shape `splits` ways (each split a block per tile of C,
+/// writing its partial product to its own `[m, n]` slice of C), if it cannot: the shape must
+/// pass `gemm_shape_error`, and each split be whole K-tiles.
+pub const fn gemm_split_error(m: u32, n: u32, k: u32, splits: u32) -> Option<&'static str> {
+    if let Some(why) = gemm_shape_error(m, n, k) {
+        Some(why)
+    } else if splits == 0 || splits > GEMM_MAX_SPLITS {
+        Some("splits of K must be 1 ..= GEMM_MAX_SPLITS (16)")
+    } else if !k.is_multiple_of(splits * GEMM_TILE_K) {
+        Some("K is not a multiple of splits x GEMM_TILE_K (32)")
+    } else if (gemm_grid(m, n) as u64) * (splits as u64) > i32::MAX as u64 {
+        Some("more tiles x splits than a 1-D grid has blocks")
+    } else if (m as u64) * (n as u64) * (splits as u64) > u32::MAX as u64 {
+        Some("C's splits hold more elements than 32-bit offsets reach")
+    } else {
+        None
+    }
+}
+
+// ---------------------------------------------------------------- prefill (kernel/src/prefill.rs)
+
+/// Threads per block of every prefill kernel but the GEMM (which takes `GEMM_THREADS`): four
+/// warps. The row ops and attention give each warp one row, head or (position, head).
+pub const PREFILL_THREADS: u32 = 128;
+pub const PREFILL_WARPS: u32 = PREFILL_THREADS / 32;
+
+/// Blocks of a prefill launch that gives one warp to each of `items` rows, heads or
+/// (position, head) pairs.
+pub const fn prefill_warp_grid(items: u32) -> u32 {
+    items.div_ceil(PREFILL_WARPS)
+}
+
+/// Blocks of a prefill launch that gives one thread to each of `n` elements (grid-stride
+/// loops cover any `n`; this many blocks is enough to fill a GPU and no more).
+pub const fn prefill_elementwise_grid(n: u32) -> u32 {
+    let blocks = n.div_ceil(PREFILL_THREADS);
+    if blocks > 4096 {
+        4096
+    } else if blocks == 0 {
+        1
+    } else {
+        blocks
+    }
+}
+
+/// Prefill attention (`prefill_attention_hd*`, kernel/src/ops/flash_attention.rs): a block of
+/// `PREFILL_THREADS` takes `FLASH_BLOCK_M` query rows of one q head (16 per warp, the height
+/// of an `mma.sync` fragment) and walks the keys in tiles of `FLASH_BLOCK_N`.
+pub const FLASH_BLOCK_M: u32 = 64;
+pub const FLASH_BLOCK_N: u32 = 64;
+/// Stages of the K/V tile pipeline: tile j + 1 is copied while tile j is used.
+pub const FLASH_STAGES: u32 = 2;
+
+/// Bytes of one K or V tile row in shared memory: `head_dim` bf16 plus 16 bytes of padding,
+/// so that the eight 16-byte rows an `ldmatrix` reads start on distinct groups of banks.
+pub const fn flash_row_bytes(head_dim: u32) -> u32 {
+    head_dim * 2 + 16
+}
+
+/// Dynamic shared memory of a prefill attention block: `FLASH_STAGES` K tiles and as many V
+/// tiles (69632 bytes at head_dim 128: over the default 48 KiB, so the host opts in).
+pub const fn flash_smem_bytes(head_dim: u32) -> u32 {
+    2 * FLASH_STAGES * FLASH_BLOCK_N * flash_row_bytes(head_dim)
+}
+
+/// Blocks of a prefill attention launch: one per (tile of `FLASH_BLOCK_M` rows, q head).
+pub const fn flash_grid(rows: u32, n_heads: u32) -> u32 {
+    rows.div_ceil(FLASH_BLOCK_M) * n_heads
+}
+
+const _: () = assert!(PREFILL_THREADS == 32 * FLASH_BLOCK_M / 16);
+
+/// What the prefill's q/k norm + RoPE (`prefill_qk_rope_hd*`) and attention
+/// (`prefill_attention_hd*`) kernels need, for one layer and one chunk of `rows` positions
+/// `start_pos .. start_pos + rows`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrefillAttentionParams {
+    /// f32 `[rows, q_dim + 2 * kv_dim]`: the q/k/v GEMM's output, each row q of all heads,
+    /// then k and v of all kv heads (the stacked `wqkv`'s order).
+    pub qkv: u64,
+    /// bf16 `[head_dim]` each.
+    pub q_norm: u64,
+    pub k_norm: u64,
+    /// f32 `[max_ctx, head_dim / 2]` each: the whole RoPE tables (row `pos` is used).
+    pub rope_cos: u64,
+    pub rope_sin: u64,
+    /// bf16 `[n_kv_heads, max_ctx, head_dim]` each: the decode kernel's KV cache of this layer.
+    pub k_cache: u64,
+    pub v_cache: u64,
+    /// bf16 `[rows, q_dim]`: q after its norm and RoPE (written by the RoPE kernel, read by
+    /// attention's tensor cores).
+    pub q: u64,
+    /// bf16 `[rows, q_dim]`: the attention output, the o GEMM's A.
+    pub out: u64,
+    pub rows: u32,
+    pub start_pos: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub max_ctx: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+/// Dynamic shared memory (bytes per block) of `prefill_nll`: the running log-sum-exp state of
+/// each warp of its `PREFILL_THREADS` (two f32), merged by thread 0.
+pub const PREFILL_NLL_SMEM_BYTES: u32 = 2 * PREFILL_WARPS * 4;

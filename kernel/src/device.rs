@@ -616,6 +616,30 @@ pub unsafe fn ldmatrix_x4(row_address: u32) -> [u32; 4] {
     [a, b, c, d]
 }
 
+/// `ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16`: as [`ldmatrix_x4`], each 8x8 matrix
+/// transposed on the way: register `i` of lane `l` holds elements `l / 4` of rows `2(l % 4)`
+/// and `2(l % 4) + 1` of matrix `i`. That is the B fragment of a row-major `[k][n]` tile (two
+/// adjacent k of one column n), e.g. V stored `[key][dim]` as the B of `P V`.
+#[inline(always)]
+pub unsafe fn ldmatrix_x4_trans(row_address: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{0}, {1}, {2}, {3}}}, [{4}];",
+         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg32) row_address,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+
+/// Two f32 rounded to bf16 (`cvt.rn.bf16x2.f32`) and packed as one fragment register: `lo` in
+/// the low half (the lower k or column index), as `mma.sync` and memory order expect.
+#[inline(always)]
+pub fn pack_bf16x2(lo: f32, hi: f32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("cvt.rn.bf16x2.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) hi, in(reg32) lo, options(nomem, nostack, pure))
+    }
+    r
+}
+
 /// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: `acc += A * B` for one warp, A 16x16
 /// and B 16x8 bf16 (fragments as laid out above), `acc` the 16x8 f32 accumulator fragment. All
 /// 32 lanes call it together. The products are exact in f32; how the tensor core rounds its

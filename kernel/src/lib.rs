@@ -13,6 +13,7 @@ pub mod decode;
 pub mod device;
 pub mod op_tests;
 pub mod ops;
+pub mod prefill;
 pub mod probes;
 
 #[panic_handler]

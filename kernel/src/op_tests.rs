@@ -5,7 +5,6 @@
 use crate::abi::*;
 use crate::device::*;
 use crate::ops::attention::{attention_phase, AttentionArgs};
-use crate::ops::gemm::{gemm_bf16_tile, GemmArgs, SmemChunk};
 use crate::ops::gemv::{block_rows, gemv_rounds, load_round, x_index};
 use crate::ops::lm_head::{lm_head_phase, LmHeadArgs};
 use crate::ops::mlp::{gate_up_silu_rows, load_gate_up_round};
@@ -207,20 +206,4 @@ pub unsafe extern "ptx-kernel" fn test_lm_head(t: LmHeadTestParams) {
         grid_arrive(bar);
         grid_wait_at(bar, sense);
     }
-}
-
-/// `c = a w^T` (bf16 `a [m, k]`, `w [n, k]`, f32 `c [m, n]`), one tile of C per block: launch
-/// `abi::gemm_grid(m, n)` blocks of `abi::GEMM_THREADS` threads (not `OP_TEST_THREADS`) with
-/// `abi::GEMM_SMEM_BYTES` of shared memory. Traps on a shape outside `abi::gemm_shape_error`'s
-/// contract or a block of another size.
-#[no_mangle]
-pub unsafe extern "ptx-kernel" fn test_gemm_bf16(a: *const u16, w: *const u16, c: *mut f32, m: u32, n: u32, k: u32) {
-    if block_dim() != GEMM_THREADS || gemm_shape_error(m, n, k).is_some() {
-        trap();
-    }
-    if block_idx() >= gemm_grid(m, n) {
-        return;
-    }
-    let args = GemmArgs { a, w, c, m, n, k };
-    gemm_bf16_tile(&args, block_idx(), dynamic_shared::<SmemChunk>());
 }

@@ -4,7 +4,7 @@
 use std::io::Write;
 
 /// Every name the host and the GPU tests pass to `Gpu::kernel`, found in their sources,
-/// plus the entries the engine names by head_dim. `None` where the sources are not there (a
+/// plus the entries the engine and the prefill launchers name by head_dim or from a list. `None` where the sources are not there (a
 /// test binary copied to another machine).
 fn looked_up() -> Option<Vec<String>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -40,7 +40,10 @@ fn looked_up() -> Option<Vec<String>> {
     for hd in host::engine::HEAD_DIMS {
         names.push(host::engine::decode_kernel_name(hd));
         names.push(host::engine::phase_kernel_name(hd));
+        names.push(host::gpu::prefill::qk_rope_kernel_name(hd));
+        names.push(host::gpu::prefill::attention_kernel_name(hd));
     }
+    names.extend(host::gpu::prefill::PREFILL_KERNELS.iter().map(|n| n.to_string()));
     names.sort();
     names.dedup();
     Some(names)
@@ -63,14 +66,9 @@ fn ptx_has_every_kernel_the_host_looks_up() {
         return;
     };
     // The source scan itself must work: names from the host, the op tests and the engine.
-    for sure in [
-        "probe_grid_syncs",
-        "probe_chain_under_stream",
-        "test_gemv",
-        "test_lm_head",
-        "test_gemm_bf16",
-        "qwen3_phase_hd32",
-    ] {
+    for sure in
+        ["probe_grid_syncs", "probe_chain_under_stream", "test_gemv", "test_lm_head", "gemm_bf16", "qwen3_phase_hd32"]
+    {
         assert!(wanted.iter().any(|w| w == sure), "`{sure}` not among the looked-up names: {wanted:?}");
     }
     for e in &wanted {
@@ -97,7 +95,7 @@ fn ptx_targets_the_recorded_arch() {
 
 /// Spill stores ptxas reports for `entry`, if the report covers it.
 fn spill_stores(report: &str, entry: &str) -> Option<u32> {
-    let mut lines = report.lines().skip_while(|l| !l.contains(&format!("Function properties for {entry}")));
+    let mut lines = report.lines().skip_while(|l| !l.trim_end().ends_with(&format!("Function properties for {entry}")));
     lines.next()?;
     let props = lines.next()?;
     let before = props.split(" bytes spill stores").next()?;
@@ -139,8 +137,8 @@ fn kernels_stay_within_their_spill_budget() {
     }
     // The GEMM's 64 accumulators per lane are its whole point: a spill would put them in
     // local memory inside the K loop.
-    let spills = spill_stores(report, "test_gemm_bf16").expect("no ptxas figures for test_gemm_bf16");
-    assert_eq!(spills, 0, "test_gemm_bf16 spills {spills} bytes");
+    let spills = spill_stores(report, "gemm_bf16").expect("no ptxas figures for gemm_bf16");
+    assert_eq!(spills, 0, "gemm_bf16 spills {spills} bytes");
 }
 
 #[test]
@@ -184,7 +182,7 @@ fn entry_body<'a>(ptx: &'a str, entry: &str) -> Option<&'a str> {
 /// fragments in registers (no local memory).
 #[test]
 fn gemm_kernel_runs_on_tensor_cores() {
-    let body = entry_body(qwen3_ptx::PTX, "test_gemm_bf16").expect("no test_gemm_bf16 entry in the PTX");
+    let body = entry_body(qwen3_ptx::PTX, "gemm_bf16").expect("no gemm_bf16 entry in the PTX");
     for instruction in [
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
         "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
@@ -192,12 +190,12 @@ fn gemm_kernel_runs_on_tensor_cores() {
         "cp.async.commit_group",
         "cp.async.wait_group",
     ] {
-        assert!(body.contains(instruction), "test_gemm_bf16 has no `{instruction}`");
+        assert!(body.contains(instruction), "gemm_bf16 has no `{instruction}`");
     }
     // 4 x 4 fragments, two k-steps per K-tile: 32 mma per iteration of the K loop.
     let mmas = body.matches("mma.sync").count();
-    assert!(mmas >= 32, "test_gemm_bf16 has only {mmas} mma.sync: is the fragment loop unrolled?");
+    assert!(mmas >= 32, "gemm_bf16 has only {mmas} mma.sync: is the fragment loop unrolled?");
     for local in ["ld.local", "st.local"] {
-        assert!(!body.contains(local), "test_gemm_bf16 uses local memory (`{local}`)");
+        assert!(!body.contains(local), "gemm_bf16 uses local memory (`{local}`)");
     }
 }

@@ -637,7 +637,7 @@ fn gemm_bf16_matches_cpu() {
             let da = gpu.upload(&bits(&a), "a").unwrap();
             let mut dc = poisoned(&gpu, m * n);
             host::gpu::gemm_bf16(&gpu, &da, &dw, &mut dc, m, n, k).unwrap();
-            finish(&gpu, "test_gemm_bf16");
+            finish(&gpu, "gemm_bf16");
             let got = download(&dc);
             for i in 0..m * n {
                 assert!(
@@ -684,7 +684,7 @@ fn gemm_bf16_throughput_at_4096() {
     let (da, dw) = (gpu.upload(&bits(&a), "a").unwrap(), gpu.upload(&bits(&w), "w").unwrap());
     let mut dc = poisoned(&gpu, m * n);
     host::gpu::gemm_bf16(&gpu, &da, &dw, &mut dc, m, n, k).unwrap();
-    finish(&gpu, "test_gemm_bf16");
+    finish(&gpu, "gemm_bf16");
     const LAUNCHES: usize = 3;
     let mut times = Vec::new();
     for _ in 0..7 {
@@ -712,4 +712,18 @@ fn gemm_bf16_throughput_at_4096() {
         let g = got[i * n + j];
         assert!(gemm_entry_ok(g, want, scale), "gemm 4096^3 [{i}, {j}]: gpu {g}, cpu {want} (|a||w| sums to {scale})");
     }
+}
+
+/// `measure_gemm_rate` (the yardstick of `bench --prefill`): a plausible rate at a small size,
+/// printed, and a size the GEMM cannot take refused with the shape's reason.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn measure_gemm_rate_is_plausible() {
+    let gpu = gpu();
+    let rate = host::gpu::measure_gemm_rate(&gpu, 1024).unwrap();
+    println!("measure_gemm_rate(1024) on {}: {:.1} TFLOP/s", gpu.name(), rate / 1e12);
+    // Above 1 TFLOP/s (a tensor-core GEMM of 2 GFLOP), below 10 PFLOP/s (no card's bf16 peak).
+    assert!(rate > 1e12 && rate < 1e16, "{rate} FLOP/s");
+    let e = host::gpu::measure_gemm_rate(&gpu, 100).unwrap_err();
+    assert!(format!("{e:#}").contains("multiple of"), "{e:#}");
 }

@@ -56,6 +56,12 @@ pub struct DecodeArgs {
     /// Print one JSON object (tokens, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// GPU only: the prompt (all but its last token) goes through the chunked prefill (matrix
+    /// products on the tensor cores), N positions per chunk, before the megakernel starts at
+    /// its last token; 0 = off, every prompt token through the megakernel one per step
+    /// [default: 4096 on the GPU; --device cpu has no prefill and refuses N > 0].
+    #[arg(long, value_name = "N")]
+    prefill_chunk: Option<usize>,
 }
 
 /// Sampling: the checkpoint's defaults, each overridden by its flag.
@@ -119,7 +125,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let sampling = sampling_params(&args, &gen_config)?;
     let eos = eos_ids(&dir, &config, &gen_config, tokenizer.as_ref(), args.device)?;
 
-    let mut backend = open_backend(&dir, args.device, max_context)?;
+    let mut backend = open_backend(&dir, args.device, max_context, args.prefill_chunk)?;
 
     // Ctrl-C finishes the current token, then stops and prints what there is.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -86,13 +86,27 @@ pub fn utf8_arg<'a>(flag: &str, value: &'a OsStr) -> anyhow::Result<&'a str> {
     })
 }
 
-/// Loads the checkpoint (with a progress bar) and opens the backend for `device`.
-pub fn open_backend(dir: &Path, device: Device, max_context: usize) -> anyhow::Result<Box<dyn Backend>> {
+/// Loads the checkpoint (with a progress bar) and opens the backend for `device`. On the GPU,
+/// prompts and scored texts go through prefill in chunks of `prefill_chunk` positions
+/// (`--prefill-chunk`; 0: off, every position through the megakernel), by default
+/// [`host::engine::DEFAULT_PREFILL_CHUNK`]. The CPU reference has no prefill: it ignores the
+/// default and refuses a chunk asked for.
+pub fn open_backend(
+    dir: &Path,
+    device: Device,
+    max_context: usize,
+    prefill_chunk: Option<usize>,
+) -> anyhow::Result<Box<dyn Backend>> {
+    // Refused (before anything loads) rather than ignored, which would seem to have used it.
+    anyhow::ensure!(
+        device == Device::Gpu || prefill_chunk.unwrap_or(0) == 0,
+        "--prefill-chunk runs the GPU's prefill kernels; the CPU reference (--device cpu) has none"
+    );
     let weights: Weights =
         checkpoint::load(dir, true).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
     let weights = Arc::new(weights);
     match device {
-        Device::Gpu => host::engine::open_gpu_backend(weights, max_context),
+        Device::Gpu => host::engine::open_gpu_backend(weights, max_context, prefill_chunk),
         Device::Cpu => Ok(Box::new(CpuReference::new(weights, max_context))),
     }
 }

@@ -29,6 +29,12 @@ pub struct PerplexityArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// GPU only: score the text through the chunked prefill (every position through matrix
+    /// products on the tensor cores, then per chunk the final norm, the LM head as a matrix
+    /// product and the NLL), N positions per chunk; 0 = off, one megakernel step per position
+    /// [default: 4096 on the GPU; --device cpu has no prefill and refuses N > 0].
+    #[arg(long, value_name = "N")]
+    prefill_chunk: Option<usize>,
 }
 
 pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
@@ -60,7 +66,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     // Checked here as well as by the backend, so that a bad request fails before the
     // checkpoint is loaded.
     check_request("text", &tokens, 0, config.vocab_size, max_context)?;
-    let mut backend = open_backend(&dir, args.device, max_context)?;
+    let mut backend = open_backend(&dir, args.device, max_context, args.prefill_chunk)?;
     let nll = backend.score(&tokens)?;
     let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
     let ppl = mean.exp();

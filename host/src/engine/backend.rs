@@ -35,15 +35,24 @@ impl Backend for GpuEngine {
             return Ok(Generation { tokens: Vec::new(), stop: StopReason::MaxNewTokens });
         }
         self.set_eos(eos)?;
+        // With prefill on, every prompt token but the last fills the cache in chunks first,
+        // and the megakernel starts at the last one (the step that computes the first logits).
+        let last = prompt.len() - 1;
+        let fed = if self.prefill_chunk > 0 && last > 0 {
+            self.prefill(&prompt[..last], 0, self.prefill_chunk)?;
+            &prompt[last..]
+        } else {
+            prompt
+        };
         let spec = LaunchSpec {
-            start_pos: 0,
-            prompt_len: prompt.len() as u32,
-            n_steps: (prompt.len() - 1 + max_new) as u32,
+            start_pos: (prompt.len() - fed.len()) as u32,
+            prompt_len: fed.len() as u32,
+            n_steps: (fed.len() - 1 + max_new) as u32,
             sampling: Some(*sampling),
             fault_step: self.fault_step,
             ..Default::default()
         };
-        let (outcome, tokens) = self.launch(&spec, prompt, Some(on_token))?;
+        let (outcome, tokens) = self.launch(&spec, fed, Some(on_token))?;
         let stop = match outcome.stop_reason {
             STOP_EOS => StopReason::Eos,
             STOP_CANCELLED => StopReason::Cancelled,
@@ -57,6 +66,11 @@ impl Backend for GpuEngine {
         self.check_request("text", tokens, 0)?;
         if tokens.len() < 2 {
             return Ok(Vec::new());
+        }
+        // With prefill on, every position through prefill's layers and an LM-head GEMM per
+        // chunk (score.rs); else one megakernel step per position.
+        if self.prefill_chunk > 0 {
+            return self.score_prefill(tokens, self.prefill_chunk);
         }
         let nll = self.gpu.alloc::<f32>(tokens.len() - 1, "NLL output")?;
         let spec = LaunchSpec {

@@ -8,6 +8,9 @@
 //! - `upload`: the checkpoint into device memory, the KV cache and work buffers.
 //! - `launch`: one launch's settings and the kernel parameters built from them.
 //! - `stream`: the generated tokens while the launch runs, and the wait for its end.
+//! - `prefill`: prompt positions in chunks through matrix products, into the KV cache.
+//! - `score`: a text's NLL through prefill (the final norm, the LM head as a GEMM and the
+//!   NLL kernel after each chunk's layers).
 //! - `fault`: a device error reported with the step the kernel had reached.
 //! - `graph`: the same step as split kernels captured in a CUDA graph (`bench --compare`).
 //! - `backend`: [`Backend`] on top of launches: generation, scoring, logits.
@@ -16,11 +19,14 @@ mod backend;
 mod fault;
 mod graph;
 mod launch;
+mod prefill;
+mod score;
 mod stream;
 mod upload;
 
 pub use graph::SplitCheck;
 pub use launch::{LaunchOutcome, LaunchSpec};
+pub use score::SCORE_ROWS;
 
 use crate::backend::Backend;
 use crate::gpu::{Gpu, HostRing};
@@ -42,11 +48,20 @@ unsafe impl DeviceCopy for DecodeState {}
 unsafe impl DeviceCopy for DecodeParams {}
 unsafe impl DeviceCopy for AttentionTestParams {}
 unsafe impl DeviceCopy for LmHeadTestParams {}
+unsafe impl DeviceCopy for PrefillAttentionParams {}
 
 /// Most end-of-sequence ids one launch stops at: the length of `DecodeParams::eos`.
 pub const MAX_EOS: usize = 4;
 // Fails to compile if `DecodeParams::eos` changes length without MAX_EOS.
 const _: fn(&DecodeParams) -> [u32; MAX_EOS] = |p| p.eos;
+
+/// Positions per prefill chunk of `decode`, `perplexity` and `bench --prefill` (on the GPU) when
+/// `--prefill-chunk` is not given. A chunk reads every weight once per layer, and its GEMMs
+/// have more tiles (and fill the GPU better) the more rows it has, so one chunk per prompt is
+/// fastest; 4096 rows of work buffers are still small beside the weights (about 160 MiB at
+/// Qwen3-0.6B's shapes, the largest the q/k/v rows in f32, 64 MiB). A prompt of up to 4097
+/// tokens is one chunk (all but its last token are prefilled).
+pub const DEFAULT_PREFILL_CHUNK: usize = 4096;
 
 /// The head sizes the kernel has a decode entry for (kernel/src/decode.rs).
 pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
@@ -102,6 +117,10 @@ pub struct GpuEngine {
     // Owned only to keep the uploaded weights alive; the kernel reaches them by address.
     _weights: Vec<DeviceBuffer<u16>>,
     layer_table: DeviceBuffer<LayerPtrs>,
+    /// The same table on the host: prefill launches a kernel per matrix and reads it here.
+    layers: Vec<LayerPtrs>,
+    /// Prefill's work buffers, sized by the largest chunk asked for so far (`prefill.rs`).
+    prefill_buffers: Option<prefill::PrefillBuffers>,
     rope_cos: DeviceBuffer<f32>,
     rope_sin: DeviceBuffer<f32>,
     x: DeviceBuffer<f32>,
@@ -134,6 +153,12 @@ pub struct GpuEngine {
     eos: Vec<u32>,
     /// Test hook (`QWEN3_INJECT_FAULT_AT_STEP`): `decode` makes the kernel fault at this step.
     pub fault_step: Option<u32>,
+    /// Positions per prefill chunk for `decode` and `score` (`--prefill-chunk`): with N > 0, a
+    /// prompt's tokens before its last go through [`GpuEngine::prefill`] and the megakernel
+    /// starts at the last, and a scored text goes through [`GpuEngine::score_prefill`]; 0 (what
+    /// [`GpuEngine::new`] sets; the CLI's default is [`DEFAULT_PREFILL_CHUNK`]) feeds every
+    /// position to the megakernel, one per step.
+    pub prefill_chunk: usize,
     gpu: Gpu,
 }
 
@@ -196,8 +221,27 @@ impl GpuEngine {
 /// Opens the GPU backend for the CLI.
 /// `QWEN3_INJECT_FAULT_AT_STEP=N` (tests only) makes generation fault at decode step N
 /// (0-based), to check that device errors are reported with their name and step.
-pub fn open_gpu_backend(weights: Arc<Weights>, max_context: usize) -> Result<Box<dyn Backend>> {
+/// `prefill_chunk` sets [`GpuEngine::prefill_chunk`]: `Some(n)` as given (a model whose
+/// shapes prefill cannot take is refused for n > 0), `None` [`DEFAULT_PREFILL_CHUNK`] where
+/// the model's shapes allow prefill and scoring through it, else 0 with a note on stderr.
+pub fn open_gpu_backend(
+    weights: Arc<Weights>,
+    max_context: usize,
+    prefill_chunk: Option<usize>,
+) -> Result<Box<dyn Backend>> {
     let mut engine = GpuEngine::new(&weights, max_context)?;
+    // The model's shapes (and a chunk asked for) against prefill's kernels, before any prompt.
+    let chunk = prefill_chunk.filter(|&n| n > 0).unwrap_or(1);
+    let shapes = engine.check_prefill(&[], 0, chunk).and_then(|()| engine.check_score_prefill());
+    engine.prefill_chunk = match (prefill_chunk, shapes) {
+        (Some(n), Err(e)) if n > 0 => return Err(e.context(format!("--prefill-chunk {n}"))),
+        (Some(n), _) => n,
+        (None, Ok(())) => DEFAULT_PREFILL_CHUNK,
+        (None, Err(e)) => {
+            eprintln!("note: prompts go through the megakernel one position per step, not prefill: {e:#}");
+            0
+        }
+    };
     if let Ok(v) = std::env::var("QWEN3_INJECT_FAULT_AT_STEP") {
         engine.fault_step = Some(v.parse().context("QWEN3_INJECT_FAULT_AT_STEP must be a step number")?);
     }

@@ -12,9 +12,12 @@ pub mod bandwidth;
 pub(crate) mod driver;
 pub mod gemm;
 pub mod l2_latency;
+pub mod prefill;
 
 pub use bandwidth::measure_read_bandwidth;
-pub use gemm::{check_gemm_shape, gemm_bf16};
+pub use gemm::{
+    check_gemm_shape, gemm_bf16, gemm_bf16_raw, gemm_bf16_split_raw, gemm_gate_up_silu_raw, measure_gemm_rate,
+};
 pub use l2_latency::{measure_l2_latency, L2Latency};
 
 use anyhow::{anyhow, bail, Context as _, Result};

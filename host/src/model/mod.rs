@@ -5,8 +5,10 @@
 pub mod checkpoint;
 pub mod config;
 pub mod ops;
+pub mod prefill;
 pub mod reference;
 pub mod sampling;
+pub mod score;
 pub mod synth;
 pub mod tensor_file;
 pub mod tokenizer;

@@ -69,6 +69,25 @@ impl CpuReference {
         self.len = 0;
     }
 
+    /// Replaces the KV cache with `cache` (e.g. [`super::prefill::prefill_forward`]'s): per
+    /// layer, position-major `[len][kv_dim]`, the same length in every layer and at most the
+    /// context. The next token is then position `len`.
+    pub fn load_kv_cache(&mut self, cache: super::prefill::PrefillCache) -> anyhow::Result<()> {
+        let c = &self.weights.config;
+        let kv_dim = c.kv_dim();
+        let layers = c.num_hidden_layers;
+        ensure!(cache.keys.len() == layers && cache.values.len() == layers, "a KV cache of another layer count");
+        let len = cache.keys[0].len() / kv_dim;
+        for v in cache.keys.iter().chain(&cache.values) {
+            ensure!(v.len() == len * kv_dim, "KV cache layers of different lengths, or not whole positions");
+        }
+        ensure!(len <= self.max_context, "a KV cache of {len} positions is beyond the context of {}", self.max_context);
+        self.keys = cache.keys;
+        self.values = cache.values;
+        self.len = len;
+        Ok(())
+    }
+
     /// Positions currently in the KV cache.
     pub fn len(&self) -> usize {
         self.len

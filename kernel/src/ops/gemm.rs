@@ -20,24 +20,33 @@
 
 use crate::abi::{GEMM_SMEM_ROW, GEMM_STAGES, GEMM_THREADS, GEMM_TILE_K, GEMM_TILE_M, GEMM_TILE_N};
 use crate::device::*;
+use crate::ops::mlp::silu;
 
 /// 16 bytes: the unit of shared memory the GEMM is handed, so that its alignment (what
 /// `cp.async` and `ldmatrix` need) is part of the type.
 #[repr(C, align(16))]
 pub struct SmemChunk(pub [u32; 4]);
 
-/// One GEMM: device pointers and the shape (see the module's shape contract).
+/// One GEMM, or one split of K of it: device pointers and the shape (see the module's shape
+/// contract). A split multiplies columns `k_begin .. k_begin + k_len` of A and W only (`c`
+/// then receives that part of the sum, for the caller to add up).
 #[derive(Clone, Copy)]
 pub struct GemmArgs {
     /// bf16 `[m, k]`, row-major.
     pub a: *const u16,
-    /// bf16 `[n, k]`, row-major (`[out, in]`).
+    /// bf16 `[n, k]`, row-major (`[out, in]`). With `w_up` set: the MLP's gate matrix
+    /// `[n / 2, k]`, and `w_up` its up matrix of the same shape (see `gemm_gate_up_silu_tile`).
     pub w: *const u16,
+    pub w_up: *const u16,
     /// f32 `[m, n]`, row-major.
     pub c: *mut f32,
     pub m: u32,
     pub n: u32,
+    /// The row length of A and W.
     pub k: u32,
+    /// The columns of this split: multiples of `GEMM_TILE_K`, inside `0 .. k`.
+    pub k_begin: u32,
+    pub k_len: u32,
 }
 
 // Shared memory: stage `s` holds A's tile (128 rows) then W's tile (64 rows), each row 32 bf16
@@ -71,7 +80,10 @@ const _: () = {
     assert!(FRAGS_M == 4 && FRAGS_N == 4 && GEMM_TILE_K == 32);
     assert!(GEMM_TILE_M % ROWS_PER_PASS == 0 && GEMM_TILE_N % ROWS_PER_PASS == 0);
     assert!(GEMM_STAGES >= 2 && ROW_BYTES % 16 == 0);
+    // The gate/up epilogue's exchange: 64 values per lane of two warps per pair of warps.
+    assert!(2 * 2 * 64 * 32 * 4 <= STAGES_BYTES);
 };
+const STAGES_BYTES: u32 = GEMM_STAGES * STAGE_BYTES;
 
 /// The f32 accumulators of one lane: `[fragment row][fragment column]`, each the 4 values
 /// of an m16n8 fragment (device.rs's layout of C).
@@ -85,7 +97,7 @@ unsafe fn copy_k_tile(g: &GemmArgs, m0: u32, n0: u32, kt: u32, stage_address: u3
     let t = thread_idx();
     let chunk = t % CHUNKS_PER_ROW;
     let first_row = t / CHUNKS_PER_ROW;
-    let column = (kt * GEMM_TILE_K + chunk * 8) as usize;
+    let column = (g.k_begin + kt * GEMM_TILE_K + chunk * 8) as usize;
     let k = g.k as usize;
     let mut r = first_row;
     while r < GEMM_TILE_M {
@@ -99,7 +111,15 @@ unsafe fn copy_k_tile(g: &GemmArgs, m0: u32, n0: u32, kt: u32, stage_address: u3
     }
     let mut r = first_row;
     while r < GEMM_TILE_N {
-        let src = g.w.add((n0 + r) as usize * k + column) as *const u8;
+        // Fused gate/up: the tile's first half of W rows are gate rows n0 / 2 .., the second
+        // half the up rows of the same outputs.
+        let src = if g.w_up.is_null() {
+            g.w.add((n0 + r) as usize * k + column)
+        } else if r < GEMM_TILE_N / 2 {
+            g.w.add((n0 / 2 + r) as usize * k + column)
+        } else {
+            g.w_up.add((n0 / 2 + r - GEMM_TILE_N / 2) as usize * k + column)
+        } as *const u8;
         cp_async_16(stage_address + A_TILE_BYTES + r * ROW_BYTES + chunk * 16, src, true);
         r += ROWS_PER_PASS;
     }
@@ -143,11 +163,103 @@ unsafe fn multiply_k_tile(acc: &mut Accumulators, stage_address: u32, a_lane: u3
 /// threads.
 #[inline(always)]
 pub unsafe fn gemm_bf16_tile(g: &GemmArgs, tile: u32, smem: *mut SmemChunk) {
+    let (m0, n0) = tile_origin(g, tile);
+    let acc = multiply_tile(g, m0, n0, smem);
+
+    // Store: lane (g, t) holds C[g][2t..2t+2] and C[g + 8][2t..2t+2] of each fragment, 8
+    // bytes each (N even and the column even, so 8-byte aligned).
+    let l = lane();
+    let (warp_m0, warp_n0) = warp_origin();
+    let group = l >> 2;
+    let t2 = (l & 3) * 2;
+    let n = g.n as usize;
+    crate::unroll!(4, MI, {
+        let row = m0 + warp_m0 + MI as u32 * 16 + group;
+        crate::unroll!(4, NJ, {
+            let col = (n0 + warp_n0 + NJ as u32 * 8 + t2) as usize;
+            let f = acc[MI][NJ];
+            if row < g.m {
+                store_f32_pair(g.c.add(row as usize * n + col), f[0], f[1]);
+            }
+            if row + 8 < g.m {
+                store_f32_pair(g.c.add((row + 8) as usize * n + col), f[2], f[3]);
+            }
+        });
+    });
+}
+
+/// `act[r][j] = bf16(silu(gate[r][j]) * up[r][j])` with gate = `a w^T` and up = `a w_up^T`
+/// (`g.n` = 2 x the MLP width, `g.c` unused): the MLP's two matrices as one GEMM whose
+/// tiles each hold 32 outputs' gate columns (warps 0 and 2) and the same outputs' up columns
+/// (warps 1 and 3), so that SiLU(gate) * up happens in the epilogue and neither f32 product
+/// goes to memory. The up warps hand their accumulators to the gate warps through shared
+/// memory (free once the product is done), in the fragment layout both share. Rounding as
+/// the CPU twin's `silu_mul_bf16` of its two GEMMs. Called as `gemm_bf16_tile` is.
+///
+/// # Safety
+/// As `gemm_bf16_tile`, with `g.w_up` set, `act` bf16 `[m, n / 2]`.
+#[inline(always)]
+pub unsafe fn gemm_gate_up_silu_tile(g: &GemmArgs, act: *mut u16, tile: u32, smem: *mut SmemChunk) {
+    let (m0, n0) = tile_origin(g, tile);
+    let acc = multiply_tile(g, m0, n0, smem);
+    let (warp_m0, warp_n0) = warp_origin();
+    let l = lane();
+    // Slot of (fragment value, warp pair, lane): consecutive lanes in consecutive words.
+    let exchange = smem as *mut f32;
+    let pair = warp() >> 1;
+    let slot = |i: usize| (i * 2 + pair as usize) * 32 + l as usize;
+    if warp_n0 != 0 {
+        crate::unroll!(4, MI, {
+            crate::unroll!(4, NJ, {
+                crate::unroll!(4, E, {
+                    *exchange.add(slot((MI * 4 + NJ) * 4 + E)) = acc[MI][NJ][E];
+                });
+            });
+        });
+    }
+    sync_threads();
+    if warp_n0 == 0 {
+        let group = l >> 2;
+        let t2 = (l & 3) * 2;
+        let width = (g.n / 2) as usize;
+        crate::unroll!(4, MI, {
+            let row = m0 + warp_m0 + MI as u32 * 16 + group;
+            crate::unroll!(4, NJ, {
+                let j = (n0 / 2 + NJ as u32 * 8 + t2) as usize;
+                let gate = acc[MI][NJ];
+                let up = |e: usize| *exchange.add(slot((MI * 4 + NJ) * 4 + e));
+                if row < g.m {
+                    let v = pack_bf16x2(silu(gate[0]) * up(0), silu(gate[1]) * up(1));
+                    *(act.add(row as usize * width + j) as *mut u32) = v;
+                }
+                if row + 8 < g.m {
+                    let v = pack_bf16x2(silu(gate[2]) * up(2), silu(gate[3]) * up(3));
+                    *(act.add((row + 8) as usize * width + j) as *mut u32) = v;
+                }
+            });
+        });
+    }
+}
+
+/// The first row and column of C of tile `tile` (tiles numbered with M fastest).
+#[inline(always)]
+fn tile_origin(g: &GemmArgs, tile: u32) -> (u32, u32) {
     let m_tiles = g.m.div_ceil(GEMM_TILE_M);
-    let m0 = (tile % m_tiles) * GEMM_TILE_M;
-    let n0 = (tile / m_tiles) * GEMM_TILE_N;
+    ((tile % m_tiles) * GEMM_TILE_M, (tile / m_tiles) * GEMM_TILE_N)
+}
+
+/// This warp's piece of the block's tile: first row and column within it.
+#[inline(always)]
+fn warp_origin() -> (u32, u32) {
+    ((warp() >> 1) * WARP_M, (warp() & 1) * WARP_N)
+}
+
+/// The product of the block's tile at (`m0`, `n0`), this lane's accumulators; ends with a
+/// barrier after which the shared memory is free.
+#[inline(always)]
+unsafe fn multiply_tile(g: &GemmArgs, m0: u32, n0: u32, smem: *mut SmemChunk) -> Accumulators {
     let smem_address = shared_address(smem);
-    let k_tiles = g.k / GEMM_TILE_K;
+    let k_tiles = g.k_len / GEMM_TILE_K;
 
     // Fill the pipeline: tiles 0 .. STAGES - 1, one commit group each (empty past K's end, so
     // that the loop's group count is the same for every K).
@@ -164,8 +276,7 @@ pub unsafe fn gemm_bf16_tile(g: &GemmArgs, tile: u32, smem: *mut SmemChunk) {
     // of a 16 x 16 piece at k 0, lanes 16-31 at the same rows at k 8. W: lanes 0-7 rows 0-7
     // at k 0, lanes 8-15 rows 0-7 at k 8, lanes 16-31 the same for rows 8-15.
     let l = lane();
-    let warp_m0 = (warp() >> 1) * WARP_M;
-    let warp_n0 = (warp() & 1) * WARP_N;
+    let (warp_m0, warp_n0) = warp_origin();
     let a_lane = (warp_m0 + (l & 15)) * ROW_BYTES + (l >> 4) * 16;
     let w_lane = (warp_n0 + (l & 7) + ((l >> 4) << 3)) * ROW_BYTES + ((l >> 3) & 1) * 16;
 
@@ -194,25 +305,7 @@ pub unsafe fn gemm_bf16_tile(g: &GemmArgs, tile: u32, smem: *mut SmemChunk) {
     // reading, so that the caller may reuse the shared memory.
     cp_async_wait_group::<0>();
     sync_threads();
-
-    // Store: lane (g, t) holds C[g][2t..2t+2] and C[g + 8][2t..2t+2] of each fragment, 8
-    // bytes each (N even and the column even, so 8-byte aligned).
-    let group = l >> 2;
-    let t2 = (l & 3) * 2;
-    let n = g.n as usize;
-    crate::unroll!(4, MI, {
-        let row = m0 + warp_m0 + MI as u32 * 16 + group;
-        crate::unroll!(4, NJ, {
-            let col = (n0 + warp_n0 + NJ as u32 * 8 + t2) as usize;
-            let f = acc[MI][NJ];
-            if row < g.m {
-                store_f32_pair(g.c.add(row as usize * n + col), f[0], f[1]);
-            }
-            if row + 8 < g.m {
-                store_f32_pair(g.c.add((row + 8) as usize * n + col), f[2], f[3]);
-            }
-        });
-    });
+    acc
 }
 
 /// `p[0] = lo, p[1] = hi` in one 8-byte store (`p` 8-byte aligned).

@@ -7,8 +7,8 @@ use crate::abi::{LmPartial, DECODE_THREADS, MAX_TOP_K};
 use crate::device::*;
 use crate::ops::gemv::{block_rows, gemv_stream};
 use crate::ops::sampling::{
-    candidate_key, gumbel, hash3, order_key, sample_top32, sample_top_k, sample_top_p, select_bin_from_top, top32_insert,
-    top32_merge, top_k_smem_words, uniform, warp_bin_add, BINS, TOP, TOP_P_SMEM_WORDS,
+    candidate_key, gumbel, hash3, order_key, sample_top32, sample_top_k, sample_top_p, select_bin_from_top,
+    top32_insert, top32_merge, top_k_smem_words, uniform, warp_bin_add, BINS, TOP, TOP_P_SMEM_WORDS,
 };
 
 #[derive(Clone, Copy)]
@@ -85,9 +85,8 @@ pub const fn lm_head_smem_words(warps: u32, max_top_k: u32) -> u32 {
     }
 }
 // The decode kernel's shared memory is sized by `abi::decode_smem_bytes` (shared with the host).
-const _: () = assert!(
-    lm_head_smem_words(DECODE_THREADS / 32, MAX_TOP_K) <= crate::abi::lm_head_words(DECODE_THREADS / 32)
-);
+const _: () =
+    assert!(lm_head_smem_words(DECODE_THREADS / 32, MAX_TOP_K) <= crate::abi::lm_head_words(DECODE_THREADS / 32));
 
 /// Online log-sum-exp state: (max, sum of exp(v - max)).
 #[inline(always)]
@@ -120,8 +119,13 @@ struct Record {
 }
 
 impl Record {
-    const EMPTY: Record =
-        Record { best: f32::NEG_INFINITY, best_i: u32::MAX, max: f32::NEG_INFINITY, sum_exp: 0.0, target: f32::NEG_INFINITY };
+    const EMPTY: Record = Record {
+        best: f32::NEG_INFINITY,
+        best_i: u32::MAX,
+        max: f32::NEG_INFINITY,
+        sum_exp: 0.0,
+        target: f32::NEG_INFINITY,
+    };
 
     #[inline(always)]
     fn merge(&mut self, o: &Record) {
@@ -212,7 +216,13 @@ pub unsafe fn lm_head_phase(a: &LmHeadArgs, xn: *const f32, smem: *mut f32) -> O
         let mut r = Record::EMPTY;
         if lane() < nw {
             let l = lane() as usize * 5;
-            r = Record { best: *rec.add(l), best_i: *(rec.add(l + 1) as *const u32), max: *rec.add(l + 2), sum_exp: *rec.add(l + 3), target: *rec.add(l + 4) };
+            r = Record {
+                best: *rec.add(l),
+                best_i: *(rec.add(l + 1) as *const u32),
+                max: *rec.add(l + 2),
+                sum_exp: *rec.add(l + 3),
+                target: *rec.add(l + 4),
+            };
         }
         let r = r.warp_merge();
         if keeps_top32 {

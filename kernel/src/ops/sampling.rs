@@ -339,7 +339,15 @@ pub fn top32_merge(a: u64, b: u64) -> u64 {
 /// of the whole. Returns `None` (every lane) when the answer needs more than these 32: top-k
 /// above 32, or a nucleus wider than 32. All 32 lanes call it; every lane gets the result.
 #[inline(always)]
-pub fn sample_top32(key: u64, inv_t: f32, max_scaled: f32, sum_scaled: f32, top_k: u32, top_p: f32, u: f32) -> Option<u32> {
+pub fn sample_top32(
+    key: u64,
+    inv_t: f32,
+    max_scaled: f32,
+    sum_scaled: f32,
+    top_k: u32,
+    top_p: f32,
+    u: f32,
+) -> Option<u32> {
     if top_k > TOP {
         return None;
     }

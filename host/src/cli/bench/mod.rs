@@ -6,8 +6,12 @@
 //! choosing them as `--sampling` says: by default as `decode` does, with the checkpoint's
 //! generation_config. Bytes per token = every weight once + the KV cache up to the mid-point of the
 //! launch. Each figure is the median (and min) over `--reps` launches after a warm-up.
+//!
+//! With `--prefill`, the prompt side instead: time to first token through prefill
+//! (`prefill.rs`).
 
 mod phases;
+mod prefill;
 mod split_graph;
 
 use anyhow::{bail, ensure, Result};
@@ -60,6 +64,16 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Instead of the decode table: the time to first token of prompts of these lengths
+    /// (random ids), through prefill and one megakernel step as `decode` runs them, and
+    /// prefill's TFLOP/s against our GEMM's at 4096^3 measured in the same run.
+    #[arg(long, value_delimiter = ',', value_name = "L,...",
+          conflicts_with_all = ["positions", "steps", "sampling", "phases", "compare", "skip"])]
+    prefill: Option<Vec<usize>>,
+    /// With --prefill: positions per prefill chunk; 0 = no prefill, the whole prompt through
+    /// the megakernel one position per step, as `decode --prefill-chunk 0` [default: 1024].
+    #[arg(long, requires = "prefill", value_name = "N")]
+    prefill_chunk: Option<usize>,
 }
 
 /// One `--sampling` value: its label and the parameters.
@@ -105,19 +119,26 @@ struct Row {
     comparison: Option<Comparison>,
 }
 
+/// The checkpoint `--model` (or the HF cache's) names, or `--synthetic`'s random weights.
+fn load_weights(args: &BenchArgs) -> Result<(Weights, GenerationConfig)> {
+    if args.synthetic {
+        return synthetic_weights(1);
+    }
+    let dir = checkpoint::resolve_model_dir(args.model.as_deref())?;
+    Ok((checkpoint::load(&dir, !args.json)?, GenerationConfig::from_model_dir(&dir)?))
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     ensure!(args.steps >= 1 && args.reps >= 1, "--steps and --reps must be at least 1");
+    if let Some(lengths) = &args.prefill {
+        return prefill::run(&args, lengths);
+    }
     ensure!(!args.positions.is_empty(), "--positions is empty");
     // A malformed --sampling fails before the checkpoint loads (the defaults come with it).
     for s in &args.sampling {
         parse_sampling(s, &GenerationConfig::default())?;
     }
-    let (weights, gen_config) = if args.synthetic {
-        synthetic_weights(1)?
-    } else {
-        let dir = checkpoint::resolve_model_dir(args.model.as_deref())?;
-        (checkpoint::load(&dir, !args.json)?, GenerationConfig::from_model_dir(&dir)?)
-    };
+    let (weights, gen_config) = load_weights(&args)?;
     let samplings = args.sampling.iter().map(|s| parse_sampling(s, &gen_config)).collect::<Result<Vec<_>>>()?;
     let max_pos = *args.positions.iter().max().unwrap();
     let max_ctx = (max_pos + args.steps + 1) as usize;
