@@ -6,35 +6,20 @@
 //! GEMMs' inputs.
 
 mod common;
-use common::{rel_err, top2_margin};
+use common::{rel_err, top2_margin, weights};
 use host::backend::Backend;
 use host::model::prefill::prefill_forward;
 use host::model::reference::CpuReference;
-use host::model::synth::{write_checkpoint, SynthSpec};
-use host::model::{checkpoint, ops, Weights};
+use host::model::synth::random_ids;
+use host::model::synth::SynthSpec;
+use host::model::{ops, Weights};
 use std::sync::Arc;
-
-fn weights(spec: &SynthSpec) -> Arc<Weights> {
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), spec).unwrap();
-    Arc::new(checkpoint::load(dir.path(), false).unwrap())
-}
-
-fn prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
 
 /// Relative L2 error of the logits at the last of `n` tokens: the twin's prefill of the first
 /// `n - 1` in chunks of `chunk`, then one reference step, against the reference alone (with
 /// its bf16 KV rounding, as the GPU's cache has).
 fn prefill_logits_error(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize) -> (f64, f32, bool) {
-    let tokens = prompt(n, w.config.vocab_size, 5);
+    let tokens = random_ids(n, w.config.vocab_size, 5);
     let last = n - 1;
     let mut reference = CpuReference::new(w.clone(), max_ctx).with_bf16_kv(true);
     let want = reference.logits(&tokens, &[last]).unwrap().remove(0);
@@ -53,8 +38,8 @@ fn prefill_logits_error(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize
 
 #[test]
 fn prefill_cache_does_not_depend_on_the_chunk() {
-    let w = weights(&SynthSpec::tiny(31));
-    let tokens = prompt(37, w.config.vocab_size, 3);
+    let w = weights(&SynthSpec::tiny(31), "tiny31");
+    let tokens = random_ids(37, w.config.vocab_size, 3);
     let whole = prefill_forward(&w, &tokens, 37, 64);
     for chunk in [1, 16, 36] {
         let c = prefill_forward(&w, &tokens, chunk, 64);
@@ -65,7 +50,7 @@ fn prefill_cache_does_not_depend_on_the_chunk() {
 
 #[test]
 fn prefill_twin_logits_stay_close_to_the_reference_tiny() {
-    let w = weights(&SynthSpec::tiny(32));
+    let w = weights(&SynthSpec::tiny(32), "tiny32");
     let (err, margin, same) = prefill_logits_error(&w, 37, 16, 64);
     assert!(err < 5e-3, "relative error {err}"); // measured: 1.0e-3
     assert!(same || margin < 0.05, "arg-max differs at a top-2 margin of {margin}");
@@ -75,7 +60,7 @@ fn prefill_twin_logits_stay_close_to_the_reference_tiny() {
 #[test]
 #[ignore = "slow on a CPU: the full-size model"]
 fn prefill_twin_logits_stay_close_to_the_reference_full_size() {
-    let w = weights(&SynthSpec::qwen3_0_6b(7));
+    let w = weights(&SynthSpec::qwen3_0_6b(7), "full7");
     let (err, margin, same) = prefill_logits_error(&w, 37, 16, 64);
     assert!(err < 2e-2, "relative error {err}"); // measured: 5.6e-3, largest difference 0.043
     assert!(same || margin < 0.05, "arg-max differs at a top-2 margin of {margin}");

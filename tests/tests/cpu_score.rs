@@ -4,28 +4,16 @@
 //! `score` (which keeps activations in f32 and runs its LM head on f32 rows). That distance is
 //! the yardstick for the GPU's perplexity through prefill (tests/tests/gpu_score.rs).
 
+mod common;
+use common::weights;
+use host::model::synth::random_ids;
+
 use host::backend::Backend;
 use host::model::reference::CpuReference;
 use host::model::score::{nll_rows, score_through_prefill};
-use host::model::synth::{write_checkpoint, SynthSpec};
-use host::model::{checkpoint, Weights};
+use host::model::synth::SynthSpec;
+use host::model::Weights;
 use std::sync::Arc;
-
-fn weights(spec: &SynthSpec) -> Arc<Weights> {
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), spec).unwrap();
-    Arc::new(checkpoint::load(dir.path(), false).unwrap())
-}
-
-fn text(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
 
 #[test]
 fn nll_twin_matches_rows_with_known_answers() {
@@ -66,7 +54,7 @@ fn nll_twin_refuses_a_target_outside_the_vocabulary() {
 /// Per-token NLL of the twin of scoring through prefill against the CPU reference (bf16 KV
 /// cache, as the GPU's): (largest |difference|, |difference of the means|).
 fn score_twin_error(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize) -> (f32, f64) {
-    let tokens = text(n, w.config.vocab_size, 12);
+    let tokens = random_ids(n, w.config.vocab_size, 12);
     let want = CpuReference::new(w.clone(), max_ctx).with_bf16_kv(true).score(&tokens).unwrap();
     let got = score_through_prefill(w, &tokens, chunk, max_ctx);
     assert_eq!(got.len(), n - 1);
@@ -85,12 +73,12 @@ fn score_twin_error(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize) ->
 
 #[test]
 fn score_twin_stays_close_to_the_reference_tiny() {
-    let w = weights(&SynthSpec::tiny(33));
+    let w = weights(&SynthSpec::tiny(33), "tiny33");
     let (max_diff, mean_diff) = score_twin_error(&w, 37, 16, 64);
     assert!(max_diff < 1e-2, "per-token NLL off by {max_diff}"); // measured: 2.9e-3
     assert!(mean_diff < 1e-3, "mean NLL off by {mean_diff}"); // measured: 1.4e-4
                                                               // Rows are independent: the chunk size changes nothing.
-    let tokens = text(37, w.config.vocab_size, 12);
+    let tokens = random_ids(37, w.config.vocab_size, 12);
     let whole = score_through_prefill(&w, &tokens, 64, 64);
     for chunk in [1, 16, 36] {
         assert_eq!(score_through_prefill(&w, &tokens, chunk, 64), whole, "chunk {chunk}");
@@ -103,7 +91,7 @@ fn score_twin_stays_close_to_the_reference_tiny() {
 #[test]
 #[ignore = "slow on a CPU: the full-size model"]
 fn score_twin_stays_close_to_the_reference_full_size() {
-    let w = weights(&SynthSpec::qwen3_0_6b(7));
+    let w = weights(&SynthSpec::qwen3_0_6b(7), "full7");
     let (max_diff, mean_diff) = score_twin_error(&w, 37, 16, 64);
     assert!(max_diff < 6e-2, "per-token NLL off by {max_diff}"); // measured: 2.45e-2
     assert!(mean_diff < 6e-3, "mean NLL off by {mean_diff}"); // measured: 1.8e-3 (means 13.79)

@@ -8,55 +8,18 @@
 //! exceeds 0.05.
 
 mod common;
-use common::{rel_err, top2_margin};
+use common::{full_weights, rel_err, tiny_weights, top2_margin};
 use host::backend::{Backend, SamplingParams};
 use host::engine::GpuEngine;
 use host::model::reference::CpuReference;
-use host::model::synth::{write_checkpoint, SynthSpec};
+use host::model::synth::random_ids;
 use host::model::{checkpoint, ops, Weights};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 const TINY_TOL: f64 = 2e-3;
 const FULL_TOL: f64 = 5e-3;
 const MARGIN: f32 = 0.05;
-
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwen3-gpu-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn tiny_weights(seed: u64) -> Arc<Weights> {
-    let dir = temp_dir(&format!("tiny{seed}"));
-    write_checkpoint(&dir, &SynthSpec::tiny(seed)).unwrap();
-    let w = checkpoint::load(&dir, false).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    Arc::new(w)
-}
-
-/// A full-size Qwen3-0.6B-shaped checkpoint: `QWEN3_FULL_CHECKPOINT` if set (e.g. one made by
-/// `host synth`), else synthesised into a temporary folder.
-fn full_weights() -> Arc<Weights> {
-    if let Ok(dir) = std::env::var("QWEN3_FULL_CHECKPOINT") {
-        return Arc::new(checkpoint::load(Path::new(&dir), false).unwrap());
-    }
-    let dir = temp_dir("full");
-    write_checkpoint(&dir, &SynthSpec::qwen3_0_6b(7)).unwrap();
-    let w = checkpoint::load(&dir, false).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    Arc::new(w)
-}
-
-fn prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
 
 /// GPU teacher-forced logits at `positions` against the CPU reference's.
 fn compare_logits(w: &Arc<Weights>, tokens: &[u32], positions: &[usize], tol: f64, max_ctx: usize) {
@@ -108,7 +71,7 @@ fn compare_greedy(w: &Arc<Weights>, prompt: &[u32], n: usize, max_ctx: usize) {
 #[ignore = "needs a CUDA GPU"]
 fn tiny_model_logits_match_cpu() {
     let w = tiny_weights(11);
-    let tokens = prompt(40, w.config.vocab_size, 1);
+    let tokens = random_ids(40, w.config.vocab_size, 1);
     let positions: Vec<usize> = (0..tokens.len()).collect();
     compare_logits(&w, &tokens, &positions, TINY_TOL, 64);
 }
@@ -117,7 +80,7 @@ fn tiny_model_logits_match_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn tiny_model_greedy_matches_cpu() {
     let w = tiny_weights(12);
-    compare_greedy(&w, &prompt(5, w.config.vocab_size, 2), 40, 64);
+    compare_greedy(&w, &random_ids(5, w.config.vocab_size, 2), 40, 64);
 }
 
 /// HF transformers' own outputs on the committed tiny checkpoint (scripts/make_golden.py).
@@ -161,7 +124,7 @@ fn golden_fixture_matches_hf() {
 #[ignore = "needs a CUDA GPU"]
 fn perplexity_gpu_matches_cpu() {
     let w = tiny_weights(13);
-    let tokens = prompt(50, w.config.vocab_size, 3);
+    let tokens = random_ids(50, w.config.vocab_size, 3);
     let mut gpu = GpuEngine::new(&w, 64).unwrap();
     let mut cpu = CpuReference::new(w.clone(), 64).with_bf16_kv(true);
     let g = gpu.score(&tokens).unwrap();
@@ -180,7 +143,7 @@ fn perplexity_gpu_matches_cpu() {
 fn generation_stops_streams_and_repeats() {
     let w = tiny_weights(14);
     let mut gpu = GpuEngine::new(&w, 128).unwrap();
-    let p = prompt(4, w.config.vocab_size, 4);
+    let p = random_ids(4, w.config.vocab_size, 4);
     let all = gpu.generate(&p, 30, &SamplingParams::GREEDY, &[], &mut |_| true).unwrap();
     assert_eq!(all.len(), 30);
     // EOS: stop right after the first occurrence of the 6th token (EOS included).
@@ -228,7 +191,7 @@ fn bad_requests_fail_cleanly() {
 #[ignore = "needs a CUDA GPU"]
 fn full_size_logits_and_greedy_match_cpu() {
     let w = full_weights();
-    let tokens = prompt(24, w.config.vocab_size, 5);
+    let tokens = random_ids(24, w.config.vocab_size, 5);
     compare_logits(&w, &tokens, &[0, 1, 9, 23], FULL_TOL, 256);
     compare_greedy(&w, &tokens[..6], 12, 256);
 }
@@ -240,7 +203,7 @@ fn full_size_logits_and_greedy_match_cpu() {
 fn long_generation(max_ctx: usize, checks: &[usize]) {
     let w = tiny_weights(21);
     let mut gpu = GpuEngine::new(&w, max_ctx).unwrap();
-    let p = prompt(16, w.config.vocab_size, 6);
+    let p = random_ids(16, w.config.vocab_size, 6);
     let s = SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, seed: 9 };
     let started = std::time::Instant::now();
     let a = gpu.generate(&p, max_ctx - p.len(), &s, &[], &mut |_| true).unwrap();

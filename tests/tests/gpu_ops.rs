@@ -3,51 +3,13 @@
 //! kernel/src/op_tests.rs, on fresh random data.
 
 mod common;
-use common::rel_err;
-use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
+use common::{bits, download, dptr, finish, gpu, rel_err, Rng};
+use cust::memory::DeviceBuffer;
 use half::bf16;
 use host::engine::abi::*;
 use host::gpu::Gpu;
 use host::model::ops;
 use std::ffi::c_void;
-
-fn gpu() -> Gpu {
-    Gpu::new(0).expect("these tests need a CUDA GPU")
-}
-
-fn dptr<T: DeviceCopy>(b: &DeviceBuffer<T>) -> u64 {
-    b.as_device_ptr().as_raw()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(-scale, scale)).collect()
-    }
-    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
-        (0..n).map(|_| bf16::from_f32(self.uniform(-scale, scale))).collect()
-    }
-}
-
-fn bits(v: &[bf16]) -> Vec<u16> {
-    v.iter().map(|b| b.to_bits()).collect()
-}
-
-fn download<T: DeviceCopy + Default + Clone>(b: &DeviceBuffer<T>) -> Vec<T> {
-    let mut v = vec![T::default(); b.len()];
-    b.copy_to(&mut v[..]).unwrap();
-    v
-}
 
 /// A buffer pre-filled with NaN, so an element the kernel forgot to write fails the test.
 fn poisoned(gpu: &Gpu, n: usize) -> DeviceBuffer<f32> {
@@ -61,15 +23,6 @@ fn launch(gpu: &Gpu, name: &str, grid: u32, smem: u32, args: &mut [*mut c_void])
     }
     unsafe { k.launch(gpu.stream(), grid, OP_TEST_THREADS, smem, args).unwrap() };
     finish(gpu, name);
-}
-
-/// Waits for the kernel; a kernel that hangs would stall every later test, so give up on the
-/// whole process after 30 s.
-fn finish(gpu: &Gpu, name: &str) {
-    if let Err(e) = gpu.synchronize_timeout(std::time::Duration::from_secs(30)) {
-        eprintln!("{name}: {e:#}");
-        std::process::exit(3);
-    }
 }
 
 #[test]

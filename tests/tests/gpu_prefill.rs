@@ -12,64 +12,12 @@
 //! |v| (`within_attention`).
 
 mod common;
-use common::rel_err;
-use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
+use common::{bits, download, download_bf16, dptr, finish, gpu, rel_err, Rng};
 use half::bf16;
 use host::engine::abi::PrefillAttentionParams;
 use host::gpu::{prefill, Gpu};
 use host::model::ops;
 use host::model::prefill::{self as twin, HeadShape};
-
-fn gpu() -> Gpu {
-    Gpu::new(0).expect("these tests need a CUDA GPU")
-}
-
-fn dptr<T: DeviceCopy>(b: &DeviceBuffer<T>) -> u64 {
-    b.as_device_ptr().as_raw()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(-scale, scale)).collect()
-    }
-    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
-        (0..n).map(|_| bf16::from_f32(self.uniform(-scale, scale))).collect()
-    }
-}
-
-fn bits(v: &[bf16]) -> Vec<u16> {
-    v.iter().map(|b| b.to_bits()).collect()
-}
-
-fn download<T: DeviceCopy + Default + Clone>(b: &DeviceBuffer<T>) -> Vec<T> {
-    let mut v = vec![T::default(); b.len()];
-    b.copy_to(&mut v[..]).unwrap();
-    v
-}
-
-fn download_bf16(b: &DeviceBuffer<u16>) -> Vec<f32> {
-    download(b).into_iter().map(|x| bf16::from_bits(x).to_f32()).collect()
-}
-
-/// Waits for the kernels; a kernel that hangs would stall every later test, so give up on the
-/// whole process after 30 s.
-fn finish(gpu: &Gpu, what: &str) {
-    if let Err(e) = gpu.synchronize_timeout(std::time::Duration::from_secs(30)) {
-        eprintln!("{what}: {e:#}");
-        std::process::exit(3);
-    }
-}
 
 /// `got` (a GPU value rounded to bf16) against the CPU's f32 `want`: within one bf16 step of
 /// it plus `abs` (what the two sides' f32 may differ by before rounding). NaN never passes.
@@ -251,6 +199,39 @@ fn gemm_split_k_slices_match_cpu() {
     }
 }
 
+/// Random inputs of the head kernels for `rows` chunk rows at positions `start ..`: q/k/v rows
+/// (within 3), q/k norm weights, the RoPE tables, and K/V caches holding random rows (within 2)
+/// before `start`, as earlier chunks would have left them, and NaN from `start` on.
+struct HeadInputs {
+    qkv: Vec<f32>,
+    qn: Vec<bf16>,
+    kn: Vec<bf16>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    kc: Vec<bf16>,
+    vc: Vec<bf16>,
+}
+
+impl HeadInputs {
+    fn random(rng: &mut Rng, s: &HeadShape, rows: usize, start: usize) -> HeadInputs {
+        let d = s.head_dim;
+        let qkv = rng.vec(rows * (s.q_dim() + 2 * s.kv_dim()), 3.0);
+        let (qn, kn) = (rng.bf16s(d, 1.5), rng.bf16s(d, 1.5));
+        let (cos, sin) = ops::rope_table(1e6, d, s.max_ctx);
+        let mut kc = vec![bf16::from_bits(NAN_BF16); s.cache_len()];
+        let mut vc = kc.clone();
+        for h in 0..s.n_kv_heads {
+            for p in 0..start {
+                for i in 0..d {
+                    kc[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+                    vc[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
+                }
+            }
+        }
+        HeadInputs { qkv, qn, kn, cos, sin, kc, vc }
+    }
+}
+
 /// One chunk of `rows` positions from `start` through q/k norm + RoPE (with the K/V append)
 /// and causal attention, against the twins. Cache rows before `start` hold random values (as
 /// earlier chunks would have left them), rows from `start + rows` on hold NaN: attention
@@ -261,20 +242,8 @@ fn chunk_case(gpu: &Gpu, s: HeadShape, start: usize, rows: usize, seed: u64) {
         "heads {}/{} d={} start={start} rows={rows} max_ctx={}",
         s.n_heads, s.n_kv_heads, s.head_dim, s.max_ctx
     );
-    let (d, q_dim, kv_dim) = (s.head_dim, s.q_dim(), s.kv_dim());
-    let qkv = rng.vec(rows * (q_dim + 2 * kv_dim), 3.0);
-    let (qn, kn) = (rng.bf16s(d, 1.5), rng.bf16s(d, 1.5));
-    let (cos, sin) = ops::rope_table(1e6, d, s.max_ctx);
-    let mut kc = vec![bf16::from_bits(NAN_BF16); s.cache_len()];
-    let mut vc = kc.clone();
-    for h in 0..s.n_kv_heads {
-        for p in 0..start {
-            for i in 0..d {
-                kc[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
-                vc[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
-            }
-        }
-    }
+    let (d, q_dim) = (s.head_dim, s.q_dim());
+    let HeadInputs { qkv, qn, kn, cos, sin, kc, vc } = HeadInputs::random(&mut rng, &s, rows, start);
     let dqkv = gpu.upload(&qkv, "qkv").unwrap();
     let (dqn, dkn) = (gpu.upload(&bits(&qn), "q_norm").unwrap(), gpu.upload(&bits(&kn), "k_norm").unwrap());
     let (dcos, dsin) = (gpu.upload(&cos, "cos").unwrap(), gpu.upload(&sin, "sin").unwrap());
@@ -419,20 +388,8 @@ fn prefill_kv_rows_are_bit_identical_to_decode() {
         let mut rng = Rng(seed);
         let max_ctx = 512;
         let s = HeadShape { n_heads, n_kv_heads: n_kv, head_dim: d, max_ctx };
-        let (q_dim, kv_dim) = (s.q_dim(), s.kv_dim());
-        let qkv = rng.vec(q_dim + 2 * kv_dim, 3.0);
-        let (qn, kn) = (rng.bf16s(d, 1.5), rng.bf16s(d, 1.5));
-        let (cos, sin) = ops::rope_table(1e6, d, max_ctx);
-        let mut cache = vec![bf16::from_bits(NAN_BF16); s.cache_len()];
-        let mut vcache = cache.clone();
-        for h in 0..n_kv {
-            for p in 0..pos {
-                for i in 0..d {
-                    cache[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
-                    vcache[s.cache_index(h, p) + i] = bf16::from_f32(rng.uniform(-2.0, 2.0));
-                }
-            }
-        }
+        let q_dim = s.q_dim();
+        let HeadInputs { qkv, qn, kn, cos, sin, kc: cache, vc: vcache } = HeadInputs::random(&mut rng, &s, 1, pos);
         let dqkv = gpu.upload(&qkv, "qkv").unwrap();
         let (dqn, dkn) = (gpu.upload(&bits(&qn), "q_norm").unwrap(), gpu.upload(&bits(&kn), "k_norm").unwrap());
         let (dcos, dsin) = (gpu.upload(&cos, "cos").unwrap(), gpu.upload(&sin, "sin").unwrap());

@@ -16,14 +16,13 @@
 //! prompt of 37 tokens in chunks of 16 has a tail chunk (16 + 16 + 4).
 
 mod common;
-use common::{rel_err, top2_margin};
+use common::{full_weights, rel_err, tiny_weights, top2_margin};
 use host::backend::Backend;
 use host::engine::GpuEngine;
 use host::model::prefill::prefill_forward;
 use host::model::reference::CpuReference;
-use host::model::synth::{write_checkpoint, SynthSpec};
-use host::model::{checkpoint, ops, Weights};
-use std::path::{Path, PathBuf};
+use host::model::synth::random_ids;
+use host::model::{ops, Weights};
 use std::sync::Arc;
 
 /// Relative L2 error vs the CPU twin, and vs the CPU reference and the per-step megakernel;
@@ -37,42 +36,6 @@ struct Tolerance {
 const TINY_TOL: Tolerance = Tolerance { twin: 2e-3, reference: 5e-3, margin: 0.05 };
 const FULL_TOL: Tolerance = Tolerance { twin: 5e-3, reference: 1.5e-2, margin: 0.1 };
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwen3-gpu-prefill-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn tiny_weights(seed: u64) -> Arc<Weights> {
-    let dir = temp_dir(&format!("tiny{seed}"));
-    write_checkpoint(&dir, &SynthSpec::tiny(seed)).unwrap();
-    let w = checkpoint::load(&dir, false).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    Arc::new(w)
-}
-
-/// A full-size Qwen3-0.6B-shaped checkpoint: `QWEN3_FULL_CHECKPOINT` if set, else synthesised.
-fn full_weights() -> Arc<Weights> {
-    if let Ok(dir) = std::env::var("QWEN3_FULL_CHECKPOINT") {
-        return Arc::new(checkpoint::load(Path::new(&dir), false).unwrap());
-    }
-    let dir = temp_dir("full");
-    write_checkpoint(&dir, &SynthSpec::qwen3_0_6b(7)).unwrap();
-    let w = checkpoint::load(&dir, false).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    Arc::new(w)
-}
-
-fn prompt(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
 fn check(what: &str, got: &[f32], want: &[f32], tol: f64, min_margin: f32) {
     let err = rel_err(got, want);
     let margin = top2_margin(want);
@@ -85,7 +48,7 @@ fn check(what: &str, got: &[f32], want: &[f32], tol: f64, min_margin: f32) {
 
 /// Prefill of `n - 1` tokens in chunks of `chunk` + one step, against the three yardsticks.
 fn compare_prefill(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol: Tolerance) {
-    let tokens = prompt(n, w.config.vocab_size, 9);
+    let tokens = random_ids(n, w.config.vocab_size, 9);
     let last = n - 1;
     let mut gpu = GpuEngine::new(w, max_ctx).unwrap();
     let got = gpu.prefill_logits(&tokens, chunk).unwrap();
@@ -137,7 +100,7 @@ fn full_size_prefill_then_step_matches_cpu_and_megakernel() {
 #[ignore = "needs a CUDA GPU"]
 fn prefill_in_two_calls_matches_one() {
     let w = tiny_weights(42);
-    let tokens = prompt(37, w.config.vocab_size, 4);
+    let tokens = random_ids(37, w.config.vocab_size, 4);
     let mut gpu = GpuEngine::new(&w, 64).unwrap();
     let one = gpu.prefill_logits(&tokens, 16).unwrap();
     let mut resumed = GpuEngine::new(&w, 64).unwrap();
@@ -157,7 +120,7 @@ fn prefill_in_two_calls_matches_one() {
 /// compounding over layers; a real bug gives errors near 1); layer 0's V under 4e-3 (one GEMM
 /// from the embedding).
 fn compare_kv_cache(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize) {
-    let tokens = prompt(n, w.config.vocab_size, 8);
+    let tokens = random_ids(n, w.config.vocab_size, 8);
     let mut gpu = GpuEngine::new(w, max_ctx).unwrap();
     gpu.prefill(&tokens, 0, chunk).unwrap();
     let twin = prefill_forward(w, &tokens, chunk, max_ctx);
@@ -213,7 +176,7 @@ fn compare_greedy_with_prefill(
     margin: f32,
 ) {
     use host::backend::SamplingParams;
-    let prompt = prompt(n_prompt, w.config.vocab_size, 6);
+    let prompt = random_ids(n_prompt, w.config.vocab_size, 6);
     let mut gpu = GpuEngine::new(w, max_ctx).unwrap();
     let per_step = gpu.generate(&prompt, n_new, &SamplingParams::GREEDY, &[], &mut |_| true).unwrap();
     gpu.prefill_chunk = chunk;
@@ -257,7 +220,7 @@ fn decode_with_prefill_chunk_matches_cpu_greedy() {
 #[ignore = "needs a CUDA GPU"]
 fn full_size_prefill_speed_report() {
     let w = full_weights();
-    let tokens = prompt(1024, w.config.vocab_size, 10);
+    let tokens = random_ids(1024, w.config.vocab_size, 10);
     let mut gpu = GpuEngine::new(&w, 1024).unwrap();
     gpu.prefill(&tokens[..128], 0, 128).unwrap();
     for chunk in [128, 256, 512, 1024] {

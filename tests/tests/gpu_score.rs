@@ -18,49 +18,17 @@
 //! `QWEN3_FULL_CHECKPOINT=DIR` runs the full-size tests on that checkpoint instead of random
 //! weights (a `host synth` one, or the real Qwen3-0.6B).
 
-use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};
+mod common;
+use common::{download, dptr, finish, full_weights, tiny_weights, Rng};
+use host::model::synth::random_ids;
+
 use host::backend::Backend;
 use host::engine::{GpuEngine, SCORE_ROWS};
 use host::gpu::{prefill, Gpu};
 use host::model::reference::CpuReference;
 use host::model::score::{nll_rows, score_through_prefill};
-use host::model::synth::{write_checkpoint, SynthSpec};
-use host::model::{checkpoint, Weights};
-use std::path::{Path, PathBuf};
+use host::model::Weights;
 use std::sync::Arc;
-
-fn dptr<T: DeviceCopy>(b: &DeviceBuffer<T>) -> u64 {
-    b.as_device_ptr().as_raw()
-}
-
-fn download<T: DeviceCopy + Default + Clone>(b: &DeviceBuffer<T>) -> Vec<T> {
-    let mut v = vec![T::default(); b.len()];
-    b.copy_to(&mut v[..]).unwrap();
-    v
-}
-
-/// Waits for the kernels; a kernel that hangs would stall every later test, so give up on the
-/// whole process after 30 s.
-fn finish(gpu: &Gpu, what: &str) {
-    if let Err(e) = gpu.synchronize_timeout(std::time::Duration::from_secs(30)) {
-        eprintln!("{what}: {e:#}");
-        std::process::exit(3);
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
-    }
-}
 
 /// Rows of logits of one vocabulary size, each with its target, to score on the GPU.
 struct Rows {
@@ -149,42 +117,6 @@ fn prefill_nll_matches_cpu() {
     assert!(format!("{e:#}").contains("empty"), "{e:#}");
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("qwen3-gpu-score-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn tiny_weights(seed: u64) -> Arc<Weights> {
-    let dir = temp_dir(&format!("tiny{seed}"));
-    write_checkpoint(&dir, &SynthSpec::tiny(seed)).unwrap();
-    let w = checkpoint::load(&dir, false).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    Arc::new(w)
-}
-
-/// A full-size Qwen3-0.6B-shaped checkpoint: `QWEN3_FULL_CHECKPOINT` if set, else synthesised.
-fn full_weights() -> Arc<Weights> {
-    if let Ok(dir) = std::env::var("QWEN3_FULL_CHECKPOINT") {
-        return Arc::new(checkpoint::load(Path::new(&dir), false).unwrap());
-    }
-    let dir = temp_dir("full");
-    write_checkpoint(&dir, &SynthSpec::qwen3_0_6b(7)).unwrap();
-    let w = checkpoint::load(&dir, false).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    Arc::new(w)
-}
-
-fn text(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
-}
-
 /// Largest per-token |difference| and |difference of the means| allowed against one yardstick.
 #[derive(Clone, Copy)]
 struct Tol {
@@ -243,7 +175,7 @@ fn check(what: &str, got: &[f32], want: &[f32], tol: Tol) {
 /// A text of `n` tokens scored through prefill in chunks of `chunk` against the three
 /// yardsticks, through `score_prefill` and through `Backend::score` with `prefill_chunk` set.
 fn compare_score(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol: Tolerance) {
-    let tokens = text(n, w.config.vocab_size, 13);
+    let tokens = random_ids(n, w.config.vocab_size, 13);
     let what = |vs: &str| format!("n={n} chunk={chunk}: vs {vs}");
     let mut gpu = GpuEngine::new(w, max_ctx).unwrap();
     let got = gpu.score_prefill(&tokens, chunk).unwrap();

@@ -196,6 +196,20 @@ impl GpuEngine {
                 let first_norm = self.layers.first().map_or(0, |lw| lw.input_norm);
                 prefill::rms_norm_rows(gpu, dptr(&b.x), first_norm, m, hidden, eps, dptr(&b.normed))
                     .context("prefill: layer 0")?;
+                // x += the split-K slices of `proj`, then the norm with `weight` into `normed`.
+                let add_norm = |splits: usize, weight: u64| {
+                    prefill::add_rms_norm(
+                        gpu,
+                        dptr(&b.x),
+                        dptr(&b.proj),
+                        splits,
+                        weight,
+                        m,
+                        hidden,
+                        eps,
+                        dptr(&b.normed),
+                    )
+                };
                 for (layer, lw) in self.layers.iter().enumerate() {
                     let at = || format!("prefill: layer {layer}, positions {start}..{}", start as usize + m);
                     gemm_bf16_raw(gpu, dptr(&b.normed), lw.wqkv, dptr(&b.qkv), m, q_dim + 2 * kv_dim, hidden)
@@ -224,35 +238,14 @@ impl GpuEngine {
                     let s = residual_splits(m, hidden, q_dim, sms);
                     gemm_bf16_split_raw(gpu, dptr(&b.attn), lw.wo, dptr(&b.proj), m, hidden, q_dim, s)
                         .with_context(at)?;
-                    prefill::add_rms_norm(
-                        gpu,
-                        dptr(&b.x),
-                        dptr(&b.proj),
-                        s,
-                        lw.post_norm,
-                        m,
-                        hidden,
-                        eps,
-                        dptr(&b.normed),
-                    )
-                    .with_context(at)?;
+                    add_norm(s, lw.post_norm).with_context(at)?;
                     gemm_gate_up_silu_raw(gpu, dptr(&b.normed), lw.w_gate, lw.w_up, dptr(&b.act), m, inter, hidden)
                         .with_context(at)?;
                     let s = residual_splits(m, hidden, inter, sms);
                     gemm_bf16_split_raw(gpu, dptr(&b.act), lw.w_down, dptr(&b.proj), m, hidden, inter, s)
                         .with_context(at)?;
                     match self.layers.get(layer + 1) {
-                        Some(next) => prefill::add_rms_norm(
-                            gpu,
-                            dptr(&b.x),
-                            dptr(&b.proj),
-                            s,
-                            next.input_norm,
-                            m,
-                            hidden,
-                            eps,
-                            dptr(&b.normed),
-                        ),
+                        Some(next) => add_norm(s, next.input_norm),
                         None => prefill::add(gpu, dptr(&b.x), dptr(&b.proj), m * hidden, s),
                     }
                     .with_context(at)?;

@@ -1,10 +1,9 @@
 //! The GPU's achievable read bandwidth, measured with the kernel's own 128-bit loads
 //! (`probe_read_bandwidth`): the yardstick every speed figure of the bench is reported against.
 
-use super::{driver, Gpu};
+use super::{driver, kernel_arg, Gpu};
 use crate::stats::median;
 use anyhow::{bail, Result};
-use std::ffi::c_void;
 
 /// Bytes per second `probe_read_bandwidth` reads from a buffer of `bytes` (at least 1 GiB is
 /// sensible: well past the L2) filled with non-zero data. Two warm-up runs, then the median
@@ -27,11 +26,7 @@ pub fn measure_read_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
     let mut n = n_vec4 as u64;
     let mut dst = out.as_device_ptr().as_raw();
     let mut run = || -> Result<()> {
-        let mut args = [
-            &mut src as *mut u64 as *mut c_void,
-            &mut n as *mut u64 as *mut c_void,
-            &mut dst as *mut u64 as *mut c_void,
-        ];
+        let mut args = [kernel_arg(&mut src), kernel_arg(&mut n), kernel_arg(&mut dst)];
         // SAFETY: the arguments match probe_read_bandwidth(src: *const u32, n_vec4: u64,
         // out: *mut u32), and the buffers hold n_vec4 * 16 and 4 bytes.
         unsafe { kernel.launch(gpu.stream(), grid, threads, 0, &mut args) }

@@ -3,11 +3,10 @@
 //! shape contract lives in the shared ABI (`abi::gemm_shape_error`); shapes outside it are
 //! refused here, before anything reaches the GPU.
 
-use super::Gpu;
+use super::{kernel_arg, Gpu};
 use crate::engine::abi::{gemm_grid, gemm_shape_error, gemm_split_error, GEMM_SMEM_BYTES, GEMM_THREADS};
 use anyhow::{bail, Context, Result};
 use cust::memory::{DeviceCopy, DeviceSlice};
-use std::ffi::c_void;
 
 /// `Ok` when the GEMM can compute `C[m, n] = A[m, k] W[n, k]^T`: m >= 1, n a multiple of 64,
 /// k a multiple of 32 (`abi::gemm_shape_error`).
@@ -92,13 +91,13 @@ pub unsafe fn gemm_gate_up_silu_raw(
     let (mut pa, mut pg, mut pu, mut pc) = (a, w_gate, w_up, act);
     let (mut m32, mut i32_, mut k32) = (m as u32, inter as u32, k as u32);
     let mut args = [
-        &mut pa as *mut u64 as *mut c_void,
-        &mut pg as *mut u64 as *mut c_void,
-        &mut pu as *mut u64 as *mut c_void,
-        &mut pc as *mut u64 as *mut c_void,
-        &mut m32 as *mut u32 as *mut c_void,
-        &mut i32_ as *mut u32 as *mut c_void,
-        &mut k32 as *mut u32 as *mut c_void,
+        kernel_arg(&mut pa),
+        kernel_arg(&mut pg),
+        kernel_arg(&mut pu),
+        kernel_arg(&mut pc),
+        kernel_arg(&mut m32),
+        kernel_arg(&mut i32_),
+        kernel_arg(&mut k32),
     ];
     let kernel = gpu.kernel("gemm_gate_up_silu")?;
     // SAFETY: the arguments match gemm_gate_up_silu(a, w_gate, w_up: *const u16, act: *mut u16,
@@ -150,13 +149,13 @@ pub unsafe fn gemm_bf16_split_raw(
     let (mut pa, mut pw, mut pc) = (a, w, c);
     let (mut m32, mut n32, mut k32, mut s32) = (m as u32, n as u32, k as u32, splits32);
     let mut args = [
-        &mut pa as *mut u64 as *mut c_void,
-        &mut pw as *mut u64 as *mut c_void,
-        &mut pc as *mut u64 as *mut c_void,
-        &mut m32 as *mut u32 as *mut c_void,
-        &mut n32 as *mut u32 as *mut c_void,
-        &mut k32 as *mut u32 as *mut c_void,
-        &mut s32 as *mut u32 as *mut c_void,
+        kernel_arg(&mut pa),
+        kernel_arg(&mut pw),
+        kernel_arg(&mut pc),
+        kernel_arg(&mut m32),
+        kernel_arg(&mut n32),
+        kernel_arg(&mut k32),
+        kernel_arg(&mut s32),
     ];
     let kernel = gpu.kernel("gemm_bf16")?;
     let grid = gemm_grid(m32, n32) * s32;

@@ -1,9 +1,8 @@
 //! The latency of one L2 round trip while other warps stream from DRAM
 //! (`probe_chain_under_stream` in kernel/src/probes.rs), for `sync-bench --l2-latency`.
 
-use super::Gpu;
+use super::{kernel_arg, Gpu};
 use anyhow::Result;
-use std::ffi::c_void;
 
 /// One row of `measure_l2_latency`.
 #[derive(Debug, Clone)]
@@ -49,12 +48,12 @@ pub fn measure_l2_latency(gpu: &Gpu) -> Result<Vec<L2Latency>> {
                 out.as_device_ptr().as_raw(),
             );
             let mut a = [
-                &mut pb as *mut u64 as *mut c_void,
-                &mut pr as *mut u32 as *mut c_void,
-                &mut ph as *mut u64 as *mut c_void,
-                &mut hp as *mut u32 as *mut c_void,
-                &mut m as *mut u32 as *mut c_void,
-                &mut po as *mut u64 as *mut c_void,
+                kernel_arg(&mut pb),
+                kernel_arg(&mut pr),
+                kernel_arg(&mut ph),
+                kernel_arg(&mut hp),
+                kernel_arg(&mut m),
+                kernel_arg(&mut po),
             ];
             // SAFETY: probe_chain_under_stream(big, rounds, hot, hops, mode, out): `big` holds
             // every warp's rounds * 8 KiB, `hot` 4096 words, `out` one u64 per block; 128 bytes

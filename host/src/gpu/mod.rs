@@ -43,6 +43,11 @@ const MIB: f64 = 1024.0 * 1024.0;
 ///
 /// Device buffers ([`DeviceBuffer`]) do not borrow the `Gpu`: drop them before it (the primary
 /// context goes away with the last `Gpu` of the process, and with it all device memory).
+/// One kernel argument as `cuLaunchKernel` takes it: the address of the value.
+pub(crate) fn kernel_arg<T>(v: &mut T) -> *mut c_void {
+    v as *mut T as *mut c_void
+}
+
 pub struct Gpu {
     // Fields drop in this order: the module and stream before the context they live in.
     module: driver::RawModule,

@@ -3,7 +3,7 @@
 //! They take raw device addresses, as the engine knows its weights and caches, and so are
 //! `unsafe`: the caller vouches that each address holds what the kernel reads or writes.
 
-use super::Gpu;
+use super::{kernel_arg as arg, Gpu};
 use crate::engine::abi::{
     flash_grid, flash_smem_bytes, prefill_elementwise_grid, prefill_warp_grid, PrefillAttentionParams, PREFILL_THREADS,
 };
@@ -21,10 +21,6 @@ pub fn qk_rope_kernel_name(head_dim: usize) -> String {
 /// The prefill attention entry for `head_dim` (32, 64 or 128).
 pub fn attention_kernel_name(head_dim: usize) -> String {
     format!("prefill_attention_hd{head_dim}")
-}
-
-fn arg<T>(v: &mut T) -> *mut c_void {
-    v as *mut T as *mut c_void
 }
 
 /// Elements of a launch as the kernels index them (u32).

@@ -135,6 +135,18 @@ impl View for SynthTensor {
     }
 }
 
+/// `n` token ids below `vocab` from a linear congruential generator: random-looking prompts
+/// (for benches and tests) that are the same for the same seed.
+pub fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
 /// Writes config.json, generation_config.json and model.safetensors into `dir`.
 pub fn write_checkpoint(dir: &Path, spec: &SynthSpec) -> anyhow::Result<()> {
     let c = &spec.config;

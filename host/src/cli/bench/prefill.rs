@@ -19,6 +19,7 @@ use anyhow::{ensure, Result};
 use host::backend::SamplingParams;
 use host::engine::{GpuEngine, LaunchSpec, DEFAULT_PREFILL_CHUNK};
 use host::gpu::measure_gemm_rate;
+use host::model::synth::random_ids;
 use host::model::Qwen3Config;
 use host::stats::median;
 use serde_json::json;
@@ -35,17 +36,6 @@ fn prefill_flops(c: &Qwen3Config, m: usize) -> f64 {
     let pairs = m as f64 * (m as f64 + 1.0) / 2.0;
     let attention = 4.0 * (c.head_dim * c.num_attention_heads) as f64 * pairs;
     c.num_hidden_layers as f64 * (gemm + attention)
-}
-
-/// `n` random token ids below `vocab`, the same for the same seed.
-fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 33) % vocab as u64) as u32
-        })
-        .collect()
 }
 
 /// One prompt length's figures.
