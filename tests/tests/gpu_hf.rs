@@ -6,7 +6,10 @@
 //!   QWEN3_FULL_CHECKPOINT=DIR QWEN3_HF_LOGITS=hf.json gpu_hf --ignored
 //!
 //! Tolerances: CPU (f32, f32 KV cache, like HF in float32) within 1e-4 relative L2 of HF;
-//! GPU (bf16 KV cache) within 1e-2, with the same arg-max wherever HF's top-2 margin is > 0.05.
+//! GPU (bf16 KV cache) within 1e-2, with the same arg-max wherever HF's top-2 margin is > 0.05;
+//! GPU through prefill (the positions before in chunks of 4, bf16 activations into the tensor
+//! cores, then one megakernel step) within 1.5e-2, the tolerance its test against the CPU
+//! reference has (gpu_prefill_decode.rs), with the same arg-max rule.
 
 mod common;
 use common::{rel_err, top2_margin};
@@ -46,6 +49,18 @@ fn cpu_and_gpu_match_hf_on_a_full_size_checkpoint() {
         if top2_margin(h) > 0.05 {
             assert_eq!(ops::argmax(g), ops::argmax(h), "position {p}: GPU arg-max differs from HF's");
             assert_eq!(ops::argmax(c), ops::argmax(h), "position {p}: CPU arg-max differs from HF's");
+        }
+    }
+    // The same positions through prefill, as `decode` runs a prompt: every id before p in
+    // chunks of 4, then the megakernel's step at p.
+    for (i, &p) in positions.iter().enumerate() {
+        let g = gpu.prefill_logits(&ids[..=p], 4).unwrap();
+        let h = &hf_rows[i];
+        let e = rel_err(&g, h);
+        eprintln!("position {p}: GPU through prefill vs HF {e:.2e}");
+        assert!(e < 1.5e-2, "position {p}: GPU through prefill vs HF relative error {e}");
+        if top2_margin(h) > 0.05 {
+            assert_eq!(ops::argmax(&g), ops::argmax(h), "position {p}: prefill's arg-max differs from HF's");
         }
     }
 }
