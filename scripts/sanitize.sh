@@ -13,7 +13,8 @@
 # megakernel (--prefill-chunk 0, the path they were written for); the prefill runs say so.
 # Prints one
 # summary line per run and a total; exits non-zero if any run reported errors or did not
-# finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_TIMEOUT (s) bounds each run;
+# finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_ONLY=REGEX only the runs whose
+# name matches; SANITIZE_TIMEOUT (s) bounds each run;
 # SANITIZE_TINY=0 runs only the full-size model's part.
 set -u
 cd "$(dirname "$0")"
@@ -35,6 +36,9 @@ bad=0
 lines=()
 run() { # name, command...
     local name=$1; shift
+    # SANITIZE_ONLY=REGEX: only the runs whose name matches (to spread one tool's runs over
+    # several processes).
+    if [ -n "${SANITIZE_ONLY:-}" ] && ! [[ $name =~ $SANITIZE_ONLY ]]; then return; fi
     local log; log=$(mktemp)
     timeout "$limit" "$@" >"$log" 2>&1
     local rc=$?
