@@ -76,10 +76,17 @@ for tool in $tools; do
     run "$tool decode ($long-token context)" "$san" --tool "$tool" "${extra[@]}" \
         ./host decode --model "$model" --prompt-ids "$(ids $long)" --max-new-tokens 2 --max-context 1300 --json \
         --prefill-chunk 0
-    # Every op kernel's test, the sampling ones with fewer draws (the paths, not the statistics,
-    # are what the tools check), and the tensor-core GEMM at every tested shape.
-    QWEN3_SAMPLING_TRIALS=300 run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
-        "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention ties top_p_grid sampling gemm_bf16_matches
+    # Every op kernel's test and the tensor-core GEMM at every tested shape; then the LM head's
+    # draws with fewer of them (the paths, not the statistics, are what the tools check; racecheck
+    # takes minutes per hundred draws).
+    run "$tool op kernels" "$san" --tool "$tool" "${extra[@]}" \
+        "$ops" --ignored --test-threads=1 rms_norm gemv gate_up head_norm_rope attention gemm_bf16_matches
+    trials=300
+    [ "$tool" = racecheck ] && trials=40
+    QWEN3_SAMPLING_TRIALS=$trials run "$tool sampling kernels ($trials draws a case)" "$san" --tool "$tool" "${extra[@]}" \
+        "$ops" --ignored --test-threads=1 ties sampling
+    QWEN3_SAMPLING_TRIALS=$trials run "$tool top-p draw by every block at full vocabulary" "$san" --tool "$tool" \
+        "${extra[@]}" "$ops" --ignored --test-threads=1 top_p_grid
     # The prefill kernels (embedding, row norms, q/k norm + RoPE with the K/V append,
     # attention over the cache, elementwise ops) at chunk and cache boundaries.
     [ -n "$prefill" ] && run "$tool prefill kernels" "$san" --tool "$tool" "${extra[@]}" \

@@ -8,12 +8,15 @@
 //! reductions are replayed in the same order on the CPU), and within documented error bounds
 //! for the approximate math instructions.
 
+mod common;
+use common::watchdog;
 use cust::memory::DeviceBuffer;
 use host::gpu::{Gpu, HostRing};
 use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
-const WAIT: Duration = Duration::from_secs(60);
+/// Seconds a test waits for its kernel before calling it stuck (60, or QWEN3_WATCHDOG_SECS).
+const WAIT_SECS: u64 = 60;
 
 fn open_gpu() -> Gpu {
     match Gpu::new(0) {
@@ -231,7 +234,7 @@ fn barrier_check(gpu: &Gpu, kind: BarrierKind, blocks: u32, rounds: u32) {
             k.launch_cooperative(gpu.stream(), blocks, threads, smem, &mut args!(b, s, e, r)).unwrap();
         }
     }
-    if let Err(err) = gpu.synchronize_timeout(WAIT) {
+    if let Err(err) = gpu.synchronize_timeout(watchdog(WAIT_SECS)) {
         // The kernel is stuck on the GPU: nothing after this can run in this process.
         eprintln!("{name} with {blocks} blocks: {err:#}");
         std::process::exit(101);
@@ -328,7 +331,7 @@ fn grid_barrier_across_launches() {
         unsafe { k.launch_cooperative(gpu.stream(), grid, 256, 0, &mut args!(b, s)).unwrap() };
         total += syncs as u64;
     }
-    gpu.synchronize_timeout(WAIT).unwrap_or_else(|e| {
+    gpu.synchronize_timeout(watchdog(WAIT_SECS)).unwrap_or_else(|e| {
         eprintln!("{e:#}");
         std::process::exit(101)
     });
@@ -749,5 +752,5 @@ fn host_ring_both_ways() {
     println!("kernel -> host in {seen_after:?}, host -> kernel -> host in {:?}", start.elapsed());
     assert_ne!(answer, TIMEOUT, "the kernel never saw the host's flag");
     assert_eq!(answer, DONE);
-    gpu.synchronize_timeout(WAIT).unwrap();
+    gpu.synchronize_timeout(watchdog(WAIT_SECS)).unwrap();
 }

@@ -453,9 +453,7 @@ fn lm_head_ties_go_to_the_lowest_id() {
 fn sampling_distribution_matches_cpu() {
     let gpu = gpu();
     let mut rng = Rng(7);
-    // QWEN3_SAMPLING_TRIALS: fewer draws for the sanitizer's runs (the bounds are in standard
-    // errors, so they widen with fewer).
-    let trials: u32 = std::env::var("QWEN3_SAMPLING_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(6000);
+    let trials = sampling_trials(6000);
     // (vocab, weight scale): peaked logits over 12 tokens, and flat ones over 300 (wide nuclei).
     for (vocab, scale) in [(12usize, 0.3f32), (300, 0.02)] {
         let hidden = 64usize;
@@ -494,7 +492,7 @@ fn sampling_distribution_matches_cpu() {
 fn top_p_grid_draw_matches_one_block_at_full_vocab() {
     let gpu = gpu();
     let mut rng = Rng(8);
-    let (vocab, hidden, trials) = (151_936usize, 64usize, 64u32);
+    let (vocab, hidden, trials) = (151_936usize, 64usize, sampling_trials(64));
     let w = rng.bf16s(vocab * hidden, 0.05);
     let xn = rng.vec(hidden, 1.0);
     let grid = gpu.sm_count();
@@ -520,6 +518,13 @@ fn top_p_grid_draw_matches_one_block_at_full_vocab() {
         distinct.dedup();
         assert!(distinct.len() > trials as usize / 2, "{} distinct tokens in {trials} draws", distinct.len());
     }
+}
+
+/// Draws per case: `default`, or fewer when QWEN3_SAMPLING_TRIALS says so (the sanitizer's runs:
+/// the bounds are in standard errors, so they widen with fewer).
+fn sampling_trials(default: u32) -> u32 {
+    let env = std::env::var("QWEN3_SAMPLING_TRIALS").ok().and_then(|v| v.parse::<u32>().ok());
+    env.map_or(default, |t| t.min(default))
 }
 
 /// The draws of `r` against the distribution the CPU defines on the GPU's own logits.

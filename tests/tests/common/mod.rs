@@ -52,12 +52,18 @@ pub fn bits(v: &[bf16]) -> Vec<u16> {
     v.iter().map(|b| b.to_bits()).collect()
 }
 
+/// How long a test waits for its kernels before it calls them stuck: `default_secs`, or
+/// `QWEN3_WATCHDOG_SECS` when set (what sanitize.sh sets: under compute-sanitizer a kernel runs
+/// a hundred times slower).
+pub fn watchdog(default_secs: u64) -> std::time::Duration {
+    let secs = std::env::var("QWEN3_WATCHDOG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_secs);
+    std::time::Duration::from_secs(secs)
+}
+
 /// Waits for the kernels; a kernel that hangs would stall every later test, so give up on the
-/// whole process after 30 s, or `QWEN3_WATCHDOG_SECS` (what sanitize.sh sets: under
-/// compute-sanitizer a kernel runs a hundred times slower).
+/// whole process after 30 s (or the `watchdog` setting).
 pub fn finish(gpu: &Gpu, what: &str) {
-    let secs = std::env::var("QWEN3_WATCHDOG_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
-    if let Err(e) = gpu.synchronize_timeout(std::time::Duration::from_secs(secs)) {
+    if let Err(e) = gpu.synchronize_timeout(watchdog(30)) {
         eprintln!("{what}: {e:#}");
         std::process::exit(3);
     }
