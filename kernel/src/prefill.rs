@@ -122,13 +122,10 @@ pub unsafe extern "ptx-kernel" fn prefill_add_rms_norm(
     add_parts_rms_norm_row_bf16(x, deltas, parts, weight, rows, n, eps, out)
 }
 
-/// `x += delta_0 + delta_1 + ...` over `n` elements, `parts` (1 ..= 8, traps otherwise) deltas
-/// of `n` each back to back (a split-K GEMM's partial products). Any grid.
+/// `x += delta_0 + delta_1 + ...` over `n` elements, `parts` deltas of `n` each back to back
+/// (a split-K GEMM's partial products). Any grid.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn prefill_add(x: *mut f32, deltas: *const f32, n: u32, parts: u32) {
-    if parts == 0 || parts as usize > MAX_ADD_PARTS {
-        trap();
-    }
     add_parts_into(x, deltas, n, parts)
 }
 

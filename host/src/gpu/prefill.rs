@@ -93,7 +93,7 @@ pub unsafe fn add_rms_norm(
 /// # Safety
 /// `x` f32 `[n]`, `deltas` f32 `[parts, n]`.
 pub unsafe fn add(gpu: &Gpu, x: u64, deltas: u64, n: usize, parts: usize) -> Result<()> {
-    ensure!((1..=8).contains(&parts), "prefill_add: {parts} deltas; it adds 1 to 8");
+    ensure!(parts >= 1, "prefill_add: no deltas to add");
     let n = count(n, "prefill_add")?;
     count(n as usize * parts, "prefill_add's deltas")?;
     let (mut px, mut d, mut nn, mut np) = (x, deltas, n, parts as u32);

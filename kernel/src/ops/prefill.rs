@@ -52,7 +52,13 @@ pub unsafe fn rms_norm_row_bf16(x: *const f32, w: *const u16, rows: u32, n: u32,
     while i < n {
         let v = ld_nc_f32s::<4>(xr.add(i as usize));
         let wv = bf16x4_to_f32(ld_nc_v2(w.add(i as usize) as *const u32));
-        store_bf16x4(or.add(i as usize), [0, 1, 2, 3].map(|k| (v[k] * scale) * wv[k]));
+        let mut b = [0u16; 4];
+        for k in 0..4 {
+            b[k] = f32_to_bf16((v[k] * scale) * wv[k]);
+        }
+        let lo = b[0] as u32 | (b[1] as u32) << 16;
+        let hi = b[2] as u32 | (b[3] as u32) << 16;
+        *(or.add(i as usize) as *mut [u32; 2]) = [lo, hi];
         i += 128;
     }
 }
@@ -87,7 +93,22 @@ pub unsafe fn add_parts_rms_norm_row_bf16(
     let mut sum_sq = 0.0f32;
     let mut i = lane() * 4;
     while i < n {
-        let sum = sum_parts::<4>(deltas, slice, at + i as usize, parts);
+        // Every part's load is issued before the first add waits for one (a rolled loop over
+        // the parts would wait for each load in turn): up to `MAX_ADD_PARTS`, unrolled.
+        let mut d = [[0.0f32; 4]; MAX_ADD_PARTS];
+        crate::unroll!(8, S, {
+            if (S as u32) < parts {
+                d[S] = ld_nc_f32s::<4>(deltas.add(S * slice + at + i as usize));
+            }
+        });
+        let mut sum = d[0];
+        crate::unroll!(8, S, {
+            if S > 0 && (S as u32) < parts {
+                for k in 0..4 {
+                    sum[k] += d[S][k];
+                }
+            }
+        });
         // x is written here, so plain loads (not the read-only path).
         for k in 0..4 {
             let v = *xr.add(i as usize + k) + sum[k];
@@ -101,51 +122,32 @@ pub unsafe fn add_parts_rms_norm_row_bf16(
     let mut i = lane() * 4;
     while i < n {
         let wv = bf16x4_to_f32(ld_nc_v2(w.add(i as usize) as *const u32));
-        store_bf16x4(or.add(i as usize), [0, 1, 2, 3].map(|k| (*xr.add(i as usize + k) * scale) * wv[k]));
+        let mut b = [0u16; 4];
+        for k in 0..4 {
+            b[k] = f32_to_bf16((*xr.add(i as usize + k) * scale) * wv[k]);
+        }
+        let lo = b[0] as u32 | (b[1] as u32) << 16;
+        let hi = b[2] as u32 | (b[3] as u32) << 16;
+        *(or.add(i as usize) as *mut [u32; 2]) = [lo, hi];
         i += 128;
     }
 }
 
-/// `x[i] += (d_0[i] + d_1[i] + ...)` for `n` elements, `parts` (1 ..= `MAX_ADD_PARTS`) deltas
-/// `d_s = deltas + s n` summed in that order (a split-K GEMM's partial products into the
-/// residual stream: the fixed order keeps the result the same on every run); any grid.
+/// `x[i] += (d_0[i] + d_1[i] + ...)` for `n` elements, `parts` deltas `d_s = deltas + s n`
+/// summed in that order (a split-K GEMM's partial products into the residual stream: the
+/// fixed order keeps the result the same on every run); any grid.
 #[inline(always)]
 pub unsafe fn add_parts_into(x: *mut f32, deltas: *const f32, n: u32, parts: u32) {
     let mut i = block_idx() * block_dim() + thread_idx();
     let stride = grid_dim() * block_dim();
     while i < n {
-        *x.add(i as usize) += sum_parts::<1>(deltas, n as usize, i as usize, parts)[0];
+        let mut sum = *deltas.add(i as usize);
+        for s in 1..parts {
+            sum += *deltas.add((s * n + i) as usize);
+        }
+        *x.add(i as usize) += sum;
         i += stride;
     }
-}
-
-/// `d_0 + d_1 + ...`, in that order, of the `W` values at `at` of `parts` (1 ..= `MAX_ADD_PARTS`)
-/// slices `slice` elements apart. Every part's load is issued before the first add waits for
-/// one (a rolled loop over the parts would wait for each load in turn).
-#[inline(always)]
-unsafe fn sum_parts<const W: usize>(deltas: *const f32, slice: usize, at: usize, parts: u32) -> [f32; W] {
-    let mut d = [[0.0f32; W]; MAX_ADD_PARTS];
-    crate::unroll!(8, S, {
-        if (S as u32) < parts {
-            d[S] = ld_nc_f32s::<W>(deltas.add(S * slice + at));
-        }
-    });
-    let mut sum = d[0];
-    crate::unroll!(8, S, {
-        if S > 0 && (S as u32) < parts {
-            for k in 0..W {
-                sum[k] += d[S][k];
-            }
-        }
-    });
-    sum
-}
-
-/// Four values rounded to bf16 into `out` (8-byte aligned) with one store.
-#[inline(always)]
-unsafe fn store_bf16x4(out: *mut u16, v: [f32; 4]) {
-    let b = v.map(f32_to_bf16);
-    *(out as *mut [u32; 2]) = [b[0] as u32 | (b[1] as u32) << 16, b[2] as u32 | (b[3] as u32) << 16];
 }
 
 /// One warp per (chunk row, head) of q, k and v heads together (`rows * (n_heads + 2 *
