@@ -97,6 +97,10 @@ fn prefill_chunk_is_refused_on_the_cpu_and_its_default_documented() {
         let help = ok(&[cmd, "--help"]);
         assert!(help.contains("--prefill-chunk") && help.contains(&default), "{cmd} --help: {help}");
     }
+    // bench --prefill times prompts the way decode runs them, so it says the same default.
+    let help = ok(&["bench", "--help"]);
+    let default = format!("default: {}, as `decode`", host::engine::DEFAULT_PREFILL_CHUNK);
+    assert!(help.contains(&default), "bench --help: {help}");
 }
 
 #[test]

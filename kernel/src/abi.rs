@@ -213,10 +213,9 @@ pub struct DecodeParams {
     pub fault_step: u32,
     /// u32 `[grid, PROFILE_SLOTS]` (FLAG_PROFILE_PHASES): for layer `PROFILE_LAYER` of step
     /// `min(1, n_steps - 1)`, SM cycles each block spent working and waiting in each phase:
-    /// `[2 * phase]` work, `[2 * phase + 1]` wait; phases 0..5 are q/k/v, attention, o, gate/up,
-    /// down, and the LM head (recorded in the same step). Slots 12.. hold cycles from a phase's
-    /// start to marks inside it: 13 q/k/v after its norm, 14 after its
-    /// GEMV; 15 the o projection after loading its input.
+    /// `[2 i]` work, `[2 i + 1]` wait of phase `i` of `schedule::PROFILED_PHASES` (one layer's,
+    /// then the LM head's, recorded in the same step); the slots `schedule::MARKS` names hold
+    /// cycles from a phase's start to marks inside it.
     pub phase_cycles: u64,
     /// u64 `[grid, 32]`: each block's 32 best logits for top-k / top-p sampling (candidate
     /// keys, `ops::sampling::candidate_key`). (Last, so that the layout before it stays that

@@ -25,6 +25,21 @@ use crate::ops::gemv::{block_rows, gemv_rounds, load_round, load_vector_to_share
 use crate::ops::lm_head::{lm_head_phase, sampling_needs_all_logits, LmHeadArgs, LmResult};
 use crate::ops::mlp::{gate_up_silu_rows, load_gate_up_round};
 use crate::ops::norm::{rms_norm_to_shared, NormInput};
+use crate::schedule::*;
+
+// `decode`'s layer loop runs one layer's phases in `LAYER_PHASES`' order, each ending at a
+// grid barrier; the split kernels dispatch on the same table (`phase_at`).
+const _: () = {
+    let order = [PhaseOp::Qkv, PhaseOp::Attention, PhaseOp::OProj, PhaseOp::GateUp, PhaseOp::Down];
+    assert!(LAYER_PHASES.len() == order.len());
+    let mut i = 0;
+    while i < order.len() {
+        assert!(LAYER_PHASES[i].op as u32 == order[i] as u32);
+        i += 1;
+    }
+};
+const FIRST_LAYER_PROFILE: usize = profile_index(PhaseOp::Qkv);
+const LM_HEAD_PROFILE: usize = profile_index(PhaseOp::LmHead);
 
 /// Register tiles of the layer GEMVs (see `gemv::LaneRows`): 16-byte chunks per lane of a row
 /// of `hidden` (<= 1024), `q_dim` (<= 2048) and `inter` (<= 3072) columns, the sizes the host
@@ -334,7 +349,7 @@ impl<'a> Step<'a> {
     unsafe fn qkv(&self, layer: u32, input: NormInput, w: LaneRows<QKV_ROWS_PER_WARP, HIDDEN_CHUNKS>, bars: &Barriers) {
         let lw = self.layer(layer);
         let scale = self.normed_input(input, lw.input_norm);
-        bars.mark(self.p, 13);
+        bars.mark(self.p, MARK_QKV_NORMED);
         let (r0, r1) = self.qkv_rows;
         let qkv = self.qkv;
         gemv_rounds(lw.wqkv as *const u16, self.p.hidden, self.smem, r0, r1, w, |row, v| {
@@ -342,7 +357,7 @@ impl<'a> Step<'a> {
                 *qkv.add(row as usize) = v * scale;
             }
         });
-        bars.mark(self.p, 14);
+        bars.mark(self.p, MARK_QKV_GEMV_DONE);
     }
 
     /// Phase 2: q/k norm + RoPE + KV append + attention at `pos` -> `attn`. Returns whether
@@ -389,7 +404,7 @@ impl<'a> Step<'a> {
     #[inline(always)]
     unsafe fn o_proj(&self, layer: u32, w: LaneRows<1, Q_CHUNKS>, bars: &Barriers) {
         load_vector_to_shared(self.attn, self.q_dim, self.smem);
-        bars.mark(self.p, 15);
+        bars.mark(self.p, MARK_O_INPUT_LOADED);
         let (r0, r1) = self.h_rows;
         gemv_rounds(self.layer(layer).wo as *const u16, self.q_dim, self.smem, r0, r1, w, |row, v| {
             self.add_residual(row, v)
@@ -515,7 +530,10 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
 
         let profile_step = step == p.n_steps.min(2) - 1;
         for layer in 0..p.n_layers {
-            bars.profile_from(p.flags & FLAG_PROFILE_PHASES != 0 && profile_step && layer == PROFILE_LAYER, 0);
+            bars.profile_from(
+                p.flags & FLAG_PROFILE_PHASES != 0 && profile_step && layer == PROFILE_LAYER,
+                FIRST_LAYER_PROFILE,
+            );
             // Layer 0 normalises the embedding row itself rather than waiting for x.
             let input = if layer == 0 { NormInput::Bf16(embed_row) } else { NormInput::F32(st.x) };
             st.qkv(layer, input, qkv_w, &bars);
@@ -559,7 +577,7 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
             *st.tokens.add(step as usize + 1) = *st.tokens.add(step as usize);
         }
         if want_head {
-            bars.profile_from(p.flags & FLAG_PROFILE_PHASES != 0 && profile_step, 5);
+            bars.profile_from(p.flags & FLAG_PROFILE_PHASES != 0 && profile_step, LM_HEAD_PROFILE);
             st.lm_head(step);
             bars.arrive();
             qkv_w = st.load_qkv(0);
@@ -583,9 +601,10 @@ unsafe fn decode<const E: usize>(p: &DecodeParams) {
 }
 
 // The same step split at its barriers into separate launches (for `host bench --compare`):
-// launch `op` runs phase `op % 5` of layer `op / 5`, and `op = 5 n_layers` the LM head, for
-// one step (`n_steps` = 1) at `start_pos`. Kernel boundaries take the barriers' place; the
-// block keeps no copy of its residual rows between launches. Same math, same results.
+// launch `op` runs phase `op` of the step as `schedule::phase_at` numbers them (one layer's
+// `LAYER_PHASES` after another, then the LM head), for one step (`n_steps` = 1) at
+// `start_pos`. Kernel boundaries take the barriers' place; the block keeps no copy of its
+// residual rows between launches. Same math, same results.
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn qwen3_phase_hd128(p: DecodeParams, op: u32) {
     phase_checked::<4>(&p, op)
@@ -603,30 +622,29 @@ pub unsafe extern "ptx-kernel" fn qwen3_phase_hd32(p: DecodeParams, op: u32) {
 
 #[inline(always)]
 unsafe fn phase_checked<const E: usize>(p: &DecodeParams, op: u32) {
-    if p.head_dim != 32 * E as u32 || op > 5 * p.n_layers || p.n_layers > MAX_LAYERS {
+    let phase = if p.n_layers > MAX_LAYERS { None } else { phase_at(op, p.n_layers) };
+    let Some((layer, phase)) = phase.filter(|_| p.head_dim == 32 * E as u32) else {
         trap(); // the host launched the wrong entry point or op
-    }
+    };
     let st = Step::new(p, false);
-    let (layer, phase) = (op / 5, op % 5);
-    if op == 5 * p.n_layers {
-        if st.wants_head(0) {
-            st.lm_head(0);
-        }
-        return;
-    }
     let bars = Barriers::new(core::ptr::null_mut(), false, st.timers());
     match phase {
-        0 => {
+        PhaseOp::Qkv => {
             let w = st.load_qkv(layer);
             let input = if layer == 0 { NormInput::Bf16(st.embed(0)) } else { NormInput::F32(st.x) };
             st.qkv(layer, input, w, &bars);
         }
-        1 => {
+        PhaseOp::Attention => {
             st.attention::<E>(layer, p.start_pos);
         }
-        2 => st.o_proj(layer, st.load_o(layer), &bars),
-        3 => st.gate_up(layer, st.load_gate_up(layer)),
-        _ => st.down(layer, st.load_down(layer)),
+        PhaseOp::OProj => st.o_proj(layer, st.load_o(layer), &bars),
+        PhaseOp::GateUp => st.gate_up(layer, st.load_gate_up(layer)),
+        PhaseOp::Down => st.down(layer, st.load_down(layer)),
+        PhaseOp::LmHead => {
+            if st.wants_head(0) {
+                st.lm_head(0);
+            }
+        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod op_tests;
 pub mod ops;
 pub mod prefill;
 pub mod probes;
+pub mod schedule;
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {

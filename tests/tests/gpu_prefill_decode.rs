@@ -16,7 +16,7 @@
 //! prompt of 37 tokens in chunks of 16 has a tail chunk (16 + 16 + 4).
 
 mod common;
-use common::{full_weights, rel_err, tiny_weights, top2_margin};
+use common::{full_weights, rel_err, tiny_weights, top2_margin, TINY_PREFILL_CASES};
 use host::backend::Backend;
 use host::engine::GpuEngine;
 use host::model::prefill::prefill_forward;
@@ -76,11 +76,9 @@ fn compare_prefill(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol
 #[ignore = "needs a CUDA GPU"]
 fn tiny_model_prefill_then_step_matches_cpu_and_megakernel() {
     let w = tiny_weights(41);
-    compare_prefill(&w, 37, 16, 64, TINY_TOL); // chunks 16 + 16 + 4
-    compare_prefill(&w, 37, 1, 64, TINY_TOL); // M = 1 throughout
-    compare_prefill(&w, 37, 128, 64, TINY_TOL); // one chunk, larger than the prompt
-    compare_prefill(&w, 64, 16, 64, TINY_TOL); // the last token at the cache's last position
-    compare_prefill(&w, 2, 16, 64, TINY_TOL); // a prefill of one token
+    for (n, chunk, ctx) in TINY_PREFILL_CASES {
+        compare_prefill(&w, n, chunk, ctx, TINY_TOL);
+    }
 }
 
 #[test]

@@ -19,7 +19,7 @@
 //! weights (a `host synth` one, or the real Qwen3-0.6B).
 
 mod common;
-use common::{download, dptr, finish, full_weights, tiny_weights, Rng};
+use common::{download, dptr, finish, full_weights, tiny_weights, Rng, TINY_PREFILL_CASES};
 use host::model::synth::random_ids;
 
 use host::backend::Backend;
@@ -197,11 +197,9 @@ fn compare_score(w: &Arc<Weights>, n: usize, chunk: usize, max_ctx: usize, tol: 
 #[ignore = "needs a CUDA GPU"]
 fn tiny_model_score_through_prefill_matches_cpu_and_megakernel() {
     let w = tiny_weights(51);
-    compare_score(&w, 37, 16, 64, TINY_TOL); // chunks 16 + 16 + 4
-    compare_score(&w, 37, 1, 64, TINY_TOL); // M = 1 throughout
-    compare_score(&w, 37, 128, 64, TINY_TOL); // one chunk, larger than the text
-    compare_score(&w, 64, 16, 64, TINY_TOL); // the text fills the cache
-    compare_score(&w, 2, 16, 64, TINY_TOL); // one token scored
+    for (n, chunk, ctx) in TINY_PREFILL_CASES {
+        compare_score(&w, n, chunk, ctx, TINY_TOL);
+    }
     assert_eq!(SCORE_ROWS, 256, "the cases below split the LM head at 256 rows");
     compare_score(&w, 300, 512, 320, TINY_TOL); // one chunk of 299: LM head 256 + 43
     compare_score(&w, 600, 300, 640, TINY_TOL); // chunks 300 + 299: 256 + 44, 256 + 43

@@ -45,7 +45,7 @@ impl GpuEngine {
         if self.smem > 48 * 1024 {
             kernel.set_max_dynamic_smem(self.smem)?;
         }
-        let ops = 5 * self.config.num_hidden_layers as u32 + 1;
+        let ops = super::schedule::phases_per_step(self.config.num_hidden_layers as u32);
         self.gpu.synchronize()?;
         self.gpu.begin_capture()?;
         let mut captured = Ok(());

@@ -39,6 +39,8 @@ use std::sync::Arc;
 /// The structures shared with the kernel: the kernel's own source file, compiled here too.
 #[path = "../../../kernel/src/abi.rs"]
 pub mod abi;
+#[path = "../../../kernel/src/schedule.rs"]
+pub mod schedule;
 use abi::*;
 
 // SAFETY: plain `#[repr(C)]` data of integers and floats, valid for any bit pattern.
@@ -185,9 +187,9 @@ impl GpuEngine {
     pub fn threads(&self) -> u32 {
         DECODE_THREADS
     }
-    /// Grid barriers in one full decode step (five per layer plus the LM head's).
+    /// Grid barriers in one full decode step: one per phase of the schedule (`schedule::phases_per_step`).
     pub fn barriers_per_step(&self) -> u32 {
-        5 * self.config.num_hidden_layers as u32 + 1
+        schedule::phases_per_step(self.config.num_hidden_layers as u32)
     }
     /// Bytes of weights one decode step reads (every matrix and norm once, one embedding row).
     pub fn weight_bytes_per_step(&self) -> u64 {

@@ -94,8 +94,9 @@ pub fn residual_splits(m: usize, n: usize, k: usize, sm_count: u32) -> usize {
 
 impl GpuEngine {
     /// Checks a prefill request: a chunk size the GEMMs take for this model, ids within the
-    /// vocabulary, positions within the KV cache.
-    pub(super) fn check_prefill(&self, tokens: &[u32], start_pos: u32, chunk: usize) -> Result<()> {
+    /// vocabulary, positions within the KV cache (with no tokens: the chunk and the model's
+    /// shapes alone).
+    pub fn check_prefill(&self, tokens: &[u32], start_pos: u32, chunk: usize) -> Result<()> {
         let c = &self.config;
         ensure!(chunk >= 1, "prefill: the chunk size must be at least 1 position");
         ensure!(chunk <= u32::MAX as usize / 4, "prefill: a chunk of {chunk} positions is too large");

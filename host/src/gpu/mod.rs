@@ -127,7 +127,7 @@ impl Gpu {
         // A blocking stream (cust never makes non-blocking ones): it orders after cust's
         // synchronous copies and memsets, which run on the legacy default stream.
         let stream = Stream::new(StreamFlags::DEFAULT, None).map_err(|e| anyhow!("cuStreamCreate: {e}"))?;
-        Ok(Gpu {
+        let gpu = Gpu {
             module,
             stream,
             name,
@@ -139,7 +139,9 @@ impl Gpu {
             raw_ctx,
             _device: device,
             _ctx: ctx,
-        })
+        };
+        prefill::allow_attention_smem(&gpu);
+        Ok(gpu)
     }
 
     pub fn name(&self) -> &str {

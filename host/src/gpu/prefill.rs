@@ -146,9 +146,30 @@ pub unsafe fn attention(gpu: &Gpu, p: &PrefillAttentionParams) -> Result<()> {
     let mut params = *p;
     let kernel = gpu.kernel(&attention_kernel_name(p.head_dim as usize))?;
     let smem = flash_smem_bytes(p.head_dim);
-    // Above the default 48 KiB at head_dim 128: the kernel must be allowed that much.
-    kernel.set_max_dynamic_smem(smem)?;
+    // `allow_attention_smem` opted the kernel in when the module loaded, where the card has it.
+    ensure!(
+        smem <= gpu.max_shared_per_block_optin(),
+        "prefill attention at head_dim {} needs {smem} bytes of shared memory per block; {} allows {}",
+        p.head_dim,
+        gpu.name(),
+        gpu.max_shared_per_block_optin()
+    );
     kernel.launch(gpu.stream(), flash_grid(p.rows, p.n_heads), PREFILL_THREADS, smem, &mut [arg(&mut params)])
+}
+
+/// Lets the attention entries use the dynamic shared memory they take (above the default 48 KiB
+/// at head_dim 128) for the module's lifetime, so that launches need no driver call for it:
+/// `Gpu::new` calls it once. Where the card allows less, or the module lacks an entry (another
+/// build's PTX through QWEN3_PTX_FILE), nothing is set and [`attention`] says so at its launch.
+pub(crate) fn allow_attention_smem(gpu: &Gpu) {
+    for head_dim in [128u32, 64, 32] {
+        if let Ok(kernel) = gpu.kernel(&attention_kernel_name(head_dim as usize)) {
+            let smem = flash_smem_bytes(head_dim);
+            if smem <= gpu.max_shared_per_block_optin() {
+                let _ = kernel.set_max_dynamic_smem(smem);
+            }
+        }
+    }
 }
 
 /// `nll[r] = logsumexp(logits[r, :]) - logits[r, targets[r]]` for `rows` rows of `vocab` f32

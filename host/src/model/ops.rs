@@ -29,21 +29,28 @@ pub fn rms_norm(x: &[f32], weight: &[bf16], eps: f32) -> Vec<f32> {
 /// SIMD without reassociating a single f32 chain (which it may not do on its own).
 const LANES: usize = 16;
 
-fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+/// `sum_i mul(a[i], b[i])` in `LANES` partial sums (lane `i % LANES`), added up in lane order,
+/// then the tail of fewer than `LANES` elements in order.
+#[inline(always)]
+fn dot_in_lanes<A: Copy, B: Copy>(a: &[A], b: &[B], mul: impl Fn(A, B) -> f32) -> f32 {
     let mut acc = [0.0f32; LANES];
-    let wc = w.chunks_exact(LANES);
-    let xc = x.chunks_exact(LANES);
-    let (wr, xr) = (wc.remainder(), xc.remainder());
-    for (wl, xl) in wc.zip(xc) {
+    let ac = a.chunks_exact(LANES);
+    let bc = b.chunks_exact(LANES);
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (al, bl) in ac.zip(bc) {
         for i in 0..LANES {
-            acc[i] += widen(wl[i]) * xl[i];
+            acc[i] += mul(al[i], bl[i]);
         }
     }
     let mut sum = acc.iter().sum::<f32>();
-    for (&wv, &xv) in wr.iter().zip(xr) {
-        sum += widen(wv) * xv;
+    for (&x, &y) in ar.iter().zip(br) {
+        sum += mul(x, y);
     }
     sum
+}
+
+fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    dot_in_lanes(w, x, |w, x| widen(w) * x)
 }
 
 /// Below this many weights a matrix-vector product is faster on one thread than spread out.
@@ -75,20 +82,7 @@ pub fn gemv(w: &[bf16], rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
 /// from the GPU's.
 pub fn dot_bf16_bf16(a: &[bf16], b: &[bf16]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot_bf16_bf16: lengths differ");
-    let mut acc = [0.0f32; LANES];
-    let ac = a.chunks_exact(LANES);
-    let bc = b.chunks_exact(LANES);
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (al, bl) in ac.zip(bc) {
-        for i in 0..LANES {
-            acc[i] += widen(al[i]) * widen(bl[i]);
-        }
-    }
-    let mut sum = acc.iter().sum::<f32>();
-    for (&x, &y) in ar.iter().zip(br) {
-        sum += widen(x) * widen(y);
-    }
-    sum
+    dot_in_lanes(a, b, |x, y| widen(x) * widen(y))
 }
 
 /// `C[m, n] = A[m, k] W[n, k]^T` with f32 accumulation: A row-major (one row per position), W

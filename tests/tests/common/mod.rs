@@ -20,6 +20,12 @@ pub fn top2_margin(v: &[f32]) -> f32 {
     v[best] - second
 }
 
+/// (tokens, chunk, max context) of the tiny model's prefill and scoring checks against the CPU
+/// and the megakernel: chunks 16 + 16 + 4; M = 1 throughout; one chunk larger than the tokens;
+/// the last token at the cache's last position; a single position.
+pub const TINY_PREFILL_CASES: [(usize, usize, usize); 5] =
+    [(37, 16, 64), (37, 1, 64), (37, 128, 64), (64, 16, 64), (2, 16, 64)];
+
 // ---------------------------------------------------------------- GPU buffers and waiting
 
 use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy};

@@ -71,7 +71,7 @@ pub struct BenchArgs {
           conflicts_with_all = ["positions", "steps", "sampling", "phases", "compare", "skip"])]
     prefill: Option<Vec<usize>>,
     /// With --prefill: positions per prefill chunk; 0 = no prefill, the whole prompt through
-    /// the megakernel one position per step, as `decode --prefill-chunk 0` [default: 1024].
+    /// the megakernel one position per step, as `decode --prefill-chunk 0` [default: 4096, as `decode`].
     #[arg(long, requires = "prefill", value_name = "N")]
     prefill_chunk: Option<usize>,
 }

@@ -99,7 +99,7 @@ pub(super) fn run(args: &BenchArgs, lengths: &[usize]) -> Result<()> {
     engine.set_eos(&[])?;
     if chunk > 0 {
         // The chunk and the model's shapes, checked before the probe's seconds are spent.
-        engine.prefill(&[], 0, chunk)?;
+        engine.check_prefill(&[], 0, chunk)?;
     }
     let probe = measure_gemm_rate(engine.gpu(), PROBE_SIZE)?;
 
