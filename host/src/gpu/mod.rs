@@ -29,10 +29,8 @@ use cust::memory::{CopyDestination, DeviceBuffer, DeviceCopy, DeviceSlice};
 use cust::stream::{Stream, StreamFlags};
 use cust::sys as cu;
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -53,9 +51,6 @@ pub(crate) fn kernel_arg<T>(v: &mut T) -> *mut c_void {
 pub struct Gpu {
     // Fields drop in this order: the module and stream before the context they live in.
     module: driver::RawModule,
-    /// Kernels already looked up in `module`, by name: prefill launches a few hundred kernels
-    /// per chunk, each by name, and the driver's lookup would otherwise run for every one.
-    functions: Mutex<HashMap<String, cu::CUfunction>>,
     stream: Stream,
     name: String,
     sm_count: u32,
@@ -134,7 +129,6 @@ impl Gpu {
         let stream = Stream::new(StreamFlags::DEFAULT, None).map_err(|e| anyhow!("cuStreamCreate: {e}"))?;
         let gpu = Gpu {
             module,
-            functions: Mutex::new(HashMap::new()),
             stream,
             name,
             sm_count,
@@ -200,15 +194,7 @@ impl Gpu {
     /// A kernel of the module, by its (unmangled) name.
     pub fn kernel(&self, name: &str) -> Result<Kernel<'_>> {
         self.make_current()?;
-        let mut functions = self.functions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let func = match functions.get(name) {
-            Some(&func) => func,
-            None => {
-                let func = self.module.function(name)?;
-                functions.insert(name.to_string(), func);
-                func
-            }
-        };
+        let func = self.module.function(name)?;
         Ok(Kernel { gpu: self, func, name: name.to_string(), occupancy: Cell::new(None) })
     }
 
