@@ -13,6 +13,7 @@
 
 mod common;
 use common::{bits, download, download_bf16, dptr, finish, gpu, rel_err, Rng};
+use cust::memory::DeviceBuffer;
 use half::bf16;
 use host::engine::abi::PrefillAttentionParams;
 use host::gpu::{prefill, Gpu};
@@ -230,6 +231,27 @@ impl HeadInputs {
         }
         HeadInputs { qkv, qn, kn, cos, sin, kc, vc }
     }
+
+    /// The q/k/v rows, norm weights and RoPE tables on the GPU (the caches, which each test
+    /// uploads as it needs them, are left out).
+    fn upload(&self, gpu: &Gpu) -> HeadBuffers {
+        HeadBuffers {
+            qkv: gpu.upload(&self.qkv, "qkv").unwrap(),
+            q_norm: gpu.upload(&bits(&self.qn), "q_norm").unwrap(),
+            k_norm: gpu.upload(&bits(&self.kn), "k_norm").unwrap(),
+            cos: gpu.upload(&self.cos, "cos").unwrap(),
+            sin: gpu.upload(&self.sin, "sin").unwrap(),
+        }
+    }
+}
+
+/// `HeadInputs::upload`'s buffers.
+struct HeadBuffers {
+    qkv: DeviceBuffer<f32>,
+    q_norm: DeviceBuffer<u16>,
+    k_norm: DeviceBuffer<u16>,
+    cos: DeviceBuffer<f32>,
+    sin: DeviceBuffer<f32>,
 }
 
 /// One chunk of `rows` positions from `start` through q/k norm + RoPE (with the K/V append)
@@ -243,19 +265,18 @@ fn chunk_case(gpu: &Gpu, s: HeadShape, start: usize, rows: usize, seed: u64) {
         s.n_heads, s.n_kv_heads, s.head_dim, s.max_ctx
     );
     let (d, q_dim) = (s.head_dim, s.q_dim());
-    let HeadInputs { qkv, qn, kn, cos, sin, kc, vc } = HeadInputs::random(&mut rng, &s, rows, start);
-    let dqkv = gpu.upload(&qkv, "qkv").unwrap();
-    let (dqn, dkn) = (gpu.upload(&bits(&qn), "q_norm").unwrap(), gpu.upload(&bits(&kn), "k_norm").unwrap());
-    let (dcos, dsin) = (gpu.upload(&cos, "cos").unwrap(), gpu.upload(&sin, "sin").unwrap());
+    let inputs = HeadInputs::random(&mut rng, &s, rows, start);
+    let dev = inputs.upload(gpu);
+    let HeadInputs { qkv, qn, kn, cos, sin, kc, vc } = inputs;
     let (dkc, dvc) = (gpu.upload(&bits(&kc), "k cache").unwrap(), gpu.upload(&bits(&vc), "v cache").unwrap());
     let dq = gpu.upload(&vec![NAN_BF16; rows * q_dim], "q").unwrap();
     let dout = gpu.upload(&vec![NAN_BF16; rows * q_dim], "attention out").unwrap();
     let p = PrefillAttentionParams {
-        qkv: dptr(&dqkv),
-        q_norm: dptr(&dqn),
-        k_norm: dptr(&dkn),
-        rope_cos: dptr(&dcos),
-        rope_sin: dptr(&dsin),
+        qkv: dptr(&dev.qkv),
+        q_norm: dptr(&dev.q_norm),
+        k_norm: dptr(&dev.k_norm),
+        rope_cos: dptr(&dev.cos),
+        rope_sin: dptr(&dev.sin),
         k_cache: dptr(&dkc),
         v_cache: dptr(&dvc),
         q: dptr(&dq),
@@ -389,10 +410,9 @@ fn prefill_kv_rows_are_bit_identical_to_decode() {
         let max_ctx = 512;
         let s = HeadShape { n_heads, n_kv_heads: n_kv, head_dim: d, max_ctx };
         let q_dim = s.q_dim();
-        let HeadInputs { qkv, qn, kn, cos, sin, kc: cache, vc: vcache } = HeadInputs::random(&mut rng, &s, 1, pos);
-        let dqkv = gpu.upload(&qkv, "qkv").unwrap();
-        let (dqn, dkn) = (gpu.upload(&bits(&qn), "q_norm").unwrap(), gpu.upload(&bits(&kn), "k_norm").unwrap());
-        let (dcos, dsin) = (gpu.upload(&cos, "cos").unwrap(), gpu.upload(&sin, "sin").unwrap());
+        let inputs = HeadInputs::random(&mut rng, &s, 1, pos);
+        let dev = inputs.upload(&gpu);
+        let HeadInputs { kc: cache, vc: vcache, .. } = inputs;
 
         // Decode: one attention phase at `pos`.
         let (dk_dec, dv_dec) = (gpu.upload(&bits(&cache), "k").unwrap(), gpu.upload(&bits(&vcache), "v").unwrap());
@@ -401,11 +421,11 @@ fn prefill_kv_rows_are_bit_identical_to_decode() {
         let count = gpu.alloc::<u32>(n_kv, "counts").unwrap();
         let half = d / 2;
         let mut t = AttentionTestParams {
-            qkv: dptr(&dqkv),
-            q_norm: dptr(&dqn),
-            k_norm: dptr(&dkn),
-            cos: dptr(&dcos) + (pos * half * 4) as u64,
-            sin: dptr(&dsin) + (pos * half * 4) as u64,
+            qkv: dptr(&dev.qkv),
+            q_norm: dptr(&dev.q_norm),
+            k_norm: dptr(&dev.k_norm),
+            cos: dptr(&dev.cos) + (pos * half * 4) as u64,
+            sin: dptr(&dev.sin) + (pos * half * 4) as u64,
             k_cache: dptr(&dk_dec),
             v_cache: dptr(&dv_dec),
             out: dptr(&out_dec),
@@ -431,11 +451,11 @@ fn prefill_kv_rows_are_bit_identical_to_decode() {
         let dq = gpu.upload(&vec![NAN_BF16; q_dim], "q").unwrap();
         let out_pre = gpu.upload(&vec![NAN_BF16; q_dim], "prefill out").unwrap();
         let p = PrefillAttentionParams {
-            qkv: dptr(&dqkv),
-            q_norm: dptr(&dqn),
-            k_norm: dptr(&dkn),
-            rope_cos: dptr(&dcos),
-            rope_sin: dptr(&dsin),
+            qkv: dptr(&dev.qkv),
+            q_norm: dptr(&dev.q_norm),
+            k_norm: dptr(&dev.k_norm),
+            rope_cos: dptr(&dev.cos),
+            rope_sin: dptr(&dev.sin),
             k_cache: dptr(&dk_pre),
             v_cache: dptr(&dv_pre),
             q: dptr(&dq),
