@@ -52,22 +52,15 @@ pub unsafe fn rms_norm_row_bf16(x: *const f32, w: *const u16, rows: u32, n: u32,
     while i < n {
         let v = ld_nc_f32s::<4>(xr.add(i as usize));
         let wv = bf16x4_to_f32(ld_nc_v2(w.add(i as usize) as *const u32));
-        store_normed_bf16x4(or.add(i as usize), |k| v[k], scale, wv);
+        let mut b = [0u16; 4];
+        for k in 0..4 {
+            b[k] = f32_to_bf16((v[k] * scale) * wv[k]);
+        }
+        let lo = b[0] as u32 | (b[1] as u32) << 16;
+        let hi = b[2] as u32 | (b[3] as u32) << 16;
+        *(or.add(i as usize) as *mut [u32; 2]) = [lo, hi];
         i += 128;
     }
-}
-
-/// `out[k] = bf16((v(k) * scale) * w[k])` for k < 4, as one 8-byte store (`out` 8-byte
-/// aligned): the last step of both row norms. (`v` is called in order, once per k.)
-#[inline(always)]
-unsafe fn store_normed_bf16x4(out: *mut u16, v: impl Fn(usize) -> f32, scale: f32, w: [f32; 4]) {
-    let mut b = [0u16; 4];
-    for k in 0..4 {
-        b[k] = f32_to_bf16((v(k) * scale) * w[k]);
-    }
-    let lo = b[0] as u32 | (b[1] as u32) << 16;
-    let hi = b[2] as u32 | (b[3] as u32) << 16;
-    *(out as *mut [u32; 2]) = [lo, hi];
 }
 
 /// Most deltas `add_parts_rms_norm_row_bf16` takes (the residual GEMMs split K at most 8 ways).
@@ -129,7 +122,13 @@ pub unsafe fn add_parts_rms_norm_row_bf16(
     let mut i = lane() * 4;
     while i < n {
         let wv = bf16x4_to_f32(ld_nc_v2(w.add(i as usize) as *const u32));
-        store_normed_bf16x4(or.add(i as usize), |k| *xr.add(i as usize + k), scale, wv);
+        let mut b = [0u16; 4];
+        for k in 0..4 {
+            b[k] = f32_to_bf16((*xr.add(i as usize + k) * scale) * wv[k]);
+        }
+        let lo = b[0] as u32 | (b[1] as u32) << 16;
+        let hi = b[2] as u32 | (b[3] as u32) << 16;
+        *(or.add(i as usize) as *mut [u32; 2]) = [lo, hi];
         i += 128;
     }
 }
