@@ -50,8 +50,9 @@ fn build_kernel() -> Result<(), String> {
     println!("cargo:rerun-if-env-changed=PTXAS");
 
     // LLVM's default PTX ISA version for an arch is older than the instructions we use:
-    // 7.8 for sm_80/sm_89 (L1::no_allocate, ...), 8.0 for sm_90 (cp.async.bulk.prefetch).
-    let ptx_isa = if sm[3..].parse::<u32>().unwrap() < 90 { "+ptx78" } else { "+ptx80" };
+    // 7.8 for sm_80/sm_89 (L1::no_allocate, ...), 8.1 for sm_90 (`st.async`, the streaming
+    // step's hand-offs inside a cluster).
+    let ptx_isa = if sm[3..].parse::<u32>().unwrap() < 90 { "+ptx78" } else { "+ptx81" };
     let features = format!(" -C target-feature={ptx_isa}");
     let rustflags = format!(
         "-C target-cpu={sm}{features} -C linker-flavor=llbc -C linker={} -Zunstable-options -Cpanic=immediate-abort",
@@ -141,7 +142,9 @@ const MAX_THREADS: u32 = 512;
 /// kernels (`qwen3_phase_hd*`) run with the decode kernel's block size.
 /// Prefill attention runs 128 threads a block (`abi::PREFILL_THREADS`) and holds a 16 x head_dim
 /// f32 output tile per warp in registers: at the default bound's 128 registers it spills.
-const LAUNCH_BOUNDS: &[(&str, u32)] = &[("qwen3_decode", 384), ("qwen3_phase", 384), ("prefill_attention", 128)];
+/// The streaming step runs 288 (eight consumer warps and the loader, `abi::STREAM_THREADS`).
+const LAUNCH_BOUNDS: &[(&str, u32)] =
+    &[("qwen3_decode", 384), ("qwen3_phase", 384), ("prefill_attention", 128), ("qwen3_stream", 288)];
 
 fn add_launch_bounds(ptx: &str) -> String {
     let mut out = String::with_capacity(ptx.len() + 1024);

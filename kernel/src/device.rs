@@ -311,6 +311,13 @@ pub fn fmaxf(a: f32, b: f32) -> f32 {
     r
 }
 
+#[inline(always)]
+pub fn fminf(a: f32, b: f32) -> f32 {
+    let r: f32;
+    unsafe { asm!("min.f32 {0}, {1}, {2};", out(reg32) r, in(reg32) a, in(reg32) b, options(nomem, nostack, pure)) }
+    r
+}
+
 // ---------------------------------------------------------------- math
 
 /// 2^x via `ex2.approx` (libm's `expf` does not survive the NVPTX backend).
@@ -859,4 +866,201 @@ pub unsafe fn grid_wait_at(bar: *mut u32, sense: *mut u32) {
 pub unsafe fn grid_sync(bar: *mut u32, sense: u32) -> u32 {
     grid_arrive(bar);
     grid_wait(bar, sense)
+}
+
+// ---------------------------------------------------------------- sm_90: bulk copies, mbarriers, clusters
+//
+// What the streaming step (kernel/src/stream.rs) is built from. A *bulk copy*
+// (`cp.async.bulk`, the TMA engine) moves bytes from global into shared memory with no thread
+// and no register involved; it counts its bytes on an *mbarrier* in shared memory, which a
+// consumer waits on by phase parity. `st.async` stores into another block of the same
+// thread-block cluster and counts its bytes on that block's mbarrier in the same way, so a
+// hand-off inside a cluster needs no fence: the receiver's wait is what orders it. Shared
+// addresses are 32-bit shared-window addresses (`shared_address`); `mapa` turns one into the
+// address of the same byte in another block of the cluster.
+//
+// None of these is `pure`: each either changes memory the compiler cannot see or must stay
+// where it is relative to the waits.
+
+// The named barrier `id` among the first `threads` threads of the block (a multiple of 32),
+// through LLVM's intrinsic, which LLVM knows to be convergent (see `sync_warp`'s note on why
+// not `asm!`): the streaming step's consumer warps meet here while its loader warp goes on.
+#[allow(improper_ctypes)]
+extern "C" {
+    #[link_name = "llvm.nvvm.barrier.cta.sync.aligned.count"]
+    fn nvvm_barrier_sync_count(id: u32, threads: u32);
+}
+
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub fn named_barrier(id: u32, threads: u32) {
+    unsafe { nvvm_barrier_sync_count(id, threads) }
+}
+
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn mbarrier_init(bar: u32, count: u32) {
+    asm!("mbarrier.init.shared::cta.b64 [{0}], {1};", in(reg32) bar, in(reg32) count, options(nostack));
+}
+
+/// Makes this block's `mbarrier_init`s visible to the cluster's other blocks (and to the
+/// bulk-copy engine) before they signal them; a cluster barrier must follow.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn fence_mbarrier_init() {
+    asm!("fence.mbarrier_init.release.cluster;", options(nostack));
+}
+
+/// One arrival on a local mbarrier (a consumer warp freeing a ring page).
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn mbarrier_arrive(bar: u32) {
+    asm!("{{ .reg .b64 st; mbarrier.arrive.shared::cta.b64 st, [{0}]; }}", in(reg32) bar, options(nostack));
+}
+
+/// One arrival that also expects `bytes` more to land in this phase (bulk copies or
+/// `st.async`); bytes may land before the arrival, the phase completes once both are in.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn mbarrier_arrive_expect_tx(bar: u32, bytes: u32) {
+    asm!("{{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [{0}], {1}; }}",
+         in(reg32) bar, in(reg32) bytes, options(nostack));
+}
+
+/// Waits until the phase of parity `parity` of a local mbarrier has completed. Acquires at
+/// CTA scope: enough for bulk copies, whose bytes the barrier itself counts.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn mbarrier_wait(bar: u32, parity: u32) {
+    loop {
+        let done: u32;
+        asm!("{{ .reg .pred done; mbarrier.try_wait.parity.shared::cta.b64 done, [{1}], {2}; selp.u32 {0}, 1, 0, done; }}",
+             out(reg32) done, in(reg32) bar, in(reg32) parity, options(nostack));
+        if done != 0 {
+            return;
+        }
+    }
+}
+
+/// As [`mbarrier_wait`], acquiring at cluster scope: for data other blocks of the cluster
+/// stored here with `st.async`.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn mbarrier_wait_cluster(bar: u32, parity: u32) {
+    loop {
+        let done: u32;
+        asm!("{{ .reg .pred done; mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [{1}], {2}; selp.u32 {0}, 1, 0, done; }}",
+             out(reg32) done, in(reg32) bar, in(reg32) parity, options(nostack));
+        if done != 0 {
+            return;
+        }
+    }
+}
+
+/// `cp.async.bulk` of `bytes` (a multiple of 16; both addresses 16-byte aligned) from global
+/// memory into this block's shared memory at `dst`, counted on the mbarrier `bar`.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn bulk_copy_to_shared(dst: u32, src: u64, bytes: u32, bar: u32) {
+    asm!("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [{0}], [{1}], {2}, [{3}];",
+         in(reg32) dst, in(reg64) src, in(reg32) bytes, in(reg32) bar, options(nostack));
+}
+
+/// The address of shared byte `addr` of cluster block `rank` (`mapa`).
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub fn cluster_address(addr: u32, rank: u32) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("mapa.shared::cluster.u32 {0}, {1}, {2};", out(reg32) r, in(reg32) addr, in(reg32) rank,
+             options(nomem, nostack, pure))
+    };
+    r
+}
+
+/// 16 bytes into another cluster block's shared memory (`remote`, from `cluster_address`),
+/// counted on its mbarrier `remote_bar`.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn st_async_v4(remote: u32, v: [u32; 4], remote_bar: u32) {
+    asm!("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [{0}], {{{1}, {2}, {3}, {4}}}, [{5}];",
+         in(reg32) remote, in(reg32) v[0], in(reg32) v[1], in(reg32) v[2], in(reg32) v[3], in(reg32) remote_bar,
+         options(nostack));
+}
+
+/// 8 bytes, as [`st_async_v4`].
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn st_async_v2(remote: u32, v: [u32; 2], remote_bar: u32) {
+    asm!("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [{0}], {{{1}, {2}}}, [{3}];",
+         in(reg32) remote, in(reg32) v[0], in(reg32) v[1], in(reg32) remote_bar, options(nostack));
+}
+
+/// 4 bytes, as [`st_async_v4`].
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn st_async_b32(remote: u32, v: u32, remote_bar: u32) {
+    asm!("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [{0}], {1}, [{2}];",
+         in(reg32) remote, in(reg32) v, in(reg32) remote_bar, options(nostack));
+}
+
+/// Every thread of every block of the cluster meets here; orders memory at cluster scope.
+/// Not `.aligned`: the loader warp's lanes arrive from different places.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn cluster_sync() {
+    asm!("barrier.cluster.arrive.release;", "barrier.cluster.wait.acquire;", options(nostack));
+}
+
+/// This block's rank in its cluster (`%cluster_ctarank`).
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub fn cluster_rank() -> u32 {
+    let r: u32;
+    unsafe { asm!("mov.u32 {0}, %cluster_ctarank;", out(reg32) r, options(nomem, nostack, pure)) };
+    r
+}
+
+/// 16 bytes of a shared-window address (a ring page written by a bulk copy, after its wait).
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn ld_shared_v4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.shared.v4.u32 {{{0}, {1}, {2}, {3}}}, [{4}];",
+         out(reg32) a, out(reg32) b, out(reg32) c, out(reg32) d, in(reg32) addr, options(readonly, nostack));
+    [a, b, c, d]
+}
+
+/// 8 bytes of a shared-window address.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn ld_shared_v2(addr: u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    asm!("ld.shared.v2.u32 {{{0}, {1}}}, [{2}];", out(reg32) a, out(reg32) b, in(reg32) addr, options(readonly, nostack));
+    [a, b]
+}
+
+/// Two 64-bit words written by other blocks' atomics, relaxed at GPU scope (no `CCTL.IVALL`:
+/// a poll that orders nothing; the words carry their own completeness).
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn ld_relaxed_v2_u64(p: *const u64) -> [u64; 2] {
+    let (a, b): (u64, u64);
+    asm!("ld.relaxed.gpu.global.v2.u64 {{{0}, {1}}}, [{2}];", out(reg64) a, out(reg64) b, in(reg64) p, options(nostack));
+    [a, b]
+}
+
+/// `red.relaxed.gpu.global.max.u64`.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn red_max_relaxed_u64(p: *mut u64, v: u64) {
+    asm!("red.relaxed.gpu.global.max.u64 [{0}], {1};", in(reg64) p, in(reg64) v, options(nostack));
+}
+
+/// `cvt.rni.s64.f32`: the nearest integer, ties to even (finite, in range: the caller clamps).
+#[inline(always)]
+pub fn f32_to_i64_nearest(x: f32) -> i64 {
+    let r: i64;
+    unsafe { asm!("cvt.rni.s64.f32 {0}, {1};", out(reg64) r, in(reg32) x, options(nomem, nostack, pure)) };
+    r
 }
