@@ -484,3 +484,170 @@ pub struct PrefillAttentionParams {
 /// Dynamic shared memory (bytes per block) of `prefill_nll`: the running log-sum-exp state of
 /// each warp of its `PREFILL_THREADS` (two f32), merged by thread 0.
 pub const PREFILL_NLL_SMEM_BYTES: u32 = 2 * PREFILL_WARPS * 4;
+
+// ---------------------------------------------------------------- the streaming step (kernel/src/stream.rs)
+
+/// The streaming step runs on `STREAM_GRID` blocks in thread-block clusters of
+/// `STREAM_CLUSTER`: the first `STREAM_KV_HEADS` clusters hold one kv head each (its q, k and
+/// v rows, its attention, its o columns), every block a share of the MLP and the LM head.
+pub const STREAM_CLUSTER: u32 = 8;
+pub const STREAM_CLUSTERS: u32 = 15;
+pub const STREAM_GRID: u32 = STREAM_CLUSTER * STREAM_CLUSTERS;
+/// Consumer warps of a block; one more warp is the loader.
+pub const STREAM_CONSUMER_WARPS: u32 = 8;
+pub const STREAM_CONSUMERS: u32 = 32 * STREAM_CONSUMER_WARPS;
+pub const STREAM_THREADS: u32 = STREAM_CONSUMERS + 32; // build.rs's LAUNCH_BOUNDS must agree
+/// A ring page: 8 rows of 1024 bf16, or a tile of o or down of the same size or less.
+pub const STREAM_PAGE_BYTES: u32 = 16384;
+pub const STREAM_RING_PAGES: u32 = 12;
+
+/// The one shape the streaming step is compiled for: Qwen3-0.6B's.
+pub const STREAM_HIDDEN: u32 = 1024;
+pub const STREAM_HEADS: u32 = 16;
+pub const STREAM_KV_HEADS: u32 = 8;
+pub const STREAM_HEAD_DIM: u32 = 128;
+pub const STREAM_INTER: u32 = 3072;
+pub const STREAM_MAX_LAYERS: u32 = 32;
+/// Blocks holding attention: a cluster per kv head. Block `r` of kv head `g`'s cluster
+/// (`b = 8 g + r`) computes q rows `32 b .. 32 b + 32` (q head `2 g + r / 4`, dims `32 (r % 4)`
+/// on), k rows `32 r ..` (r < 4) or v rows `32 (r - 4) ..` of kv head `g`, and keeps attention
+/// output dims `32 b .. 32 b + 32` of the q width, the o columns it multiplies.
+pub const STREAM_HEAD_BLOCKS: u32 = STREAM_KV_HEADS * STREAM_CLUSTER;
+/// q/k/v and o pages a head block streams per layer: 64 rows of 1024, then o's 1024 x 32.
+pub const STREAM_QKV_PAGES: u32 = 8;
+pub const STREAM_O_PAGES: u32 = 4;
+/// The MLP is handed out in units of 4 intermediate indices: a page of their gate and up rows
+/// (4 + 4 rows of 1024) and their down columns (1024 x 4, 8 KB; two units to a page).
+pub const STREAM_MLP_UNIT: u32 = 4;
+pub const STREAM_MLP_UNITS: u32 = STREAM_INTER / STREAM_MLP_UNIT;
+pub const STREAM_DOWN_UNIT_BYTES: u32 = STREAM_HIDDEN * STREAM_MLP_UNIT * 2;
+/// Most MLP units one block takes (shared memory holds their gate/up outputs).
+pub const STREAM_MAX_UNITS: u32 = 16;
+/// LM-head rows per page.
+pub const STREAM_LM_ROWS_PER_PAGE: u32 = 8;
+
+/// Sums handed between all blocks (after o, after down) are 64-bit words that carry their own
+/// completeness: each contribution adds `1 << STREAM_COUNT_SHIFT` (so the top byte counts the
+/// contributions) plus `STREAM_BIAS` plus its value in fixed point (`2^STREAM_FIXED_BITS` per
+/// unit, clamped to `STREAM_CLAMP`). Integer sums do not depend on their order: the result is
+/// the same bits whichever cluster adds first. A reader polls its words until the count is
+/// the number of contributors; no fence, no flag.
+pub const STREAM_COUNT_SHIFT: u32 = 56;
+pub const STREAM_FIXED_BITS: u32 = 28;
+pub const STREAM_BIAS: u64 = 1 << 49;
+pub const STREAM_CLAMP: f32 = (1u64 << 20) as f32;
+
+/// One block's share of the MLP and of the LM head (the host's plan, `engine::stream_plan`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamBlockPlan {
+    /// MLP units `mlp_start .. mlp_start + mlp_units` (indices `4 mlp_start ..`).
+    pub mlp_start: u32,
+    pub mlp_units: u32,
+    /// LM-head rows `lm_start .. lm_start + lm_rows` (a multiple of 8).
+    pub lm_start: u32,
+    pub lm_rows: u32,
+}
+
+/// `StreamParams::flags`.
+pub const STREAM_FLAG_LOGITS: u32 = 1; // write the last step's logits to `logits_out`
+
+/// Everything one launch of `qwen3_stream_step` needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamParams {
+    /// `LayerPtrs[n_layers]`: the same weights and KV cache the megakernel reads.
+    pub layers: u64,
+    /// bf16 `[n_layers, STREAM_HEAD_BLOCKS, hidden, 32]`: o's columns `32 b .. 32 b + 32`, tile
+    /// `b` contiguous.
+    pub o_tiles: u64,
+    /// bf16 `[n_layers, STREAM_MLP_UNITS, hidden, 4]`: down's columns `4 u .. 4 u + 4`.
+    pub down_tiles: u64,
+    /// `StreamBlockPlan[STREAM_GRID]`.
+    pub plan: u64,
+    pub embed: u64,
+    pub final_norm: u64,
+    pub lm_head: u64,
+    pub rope_cos: u64,
+    pub rope_sin: u64,
+    /// u64 `[2, n_layers, 2, hidden]`, zero at launch: the hand-off sums of even and odd steps.
+    pub sums: u64,
+    /// u64 `[n_steps]`, zero at launch: each step's best logit and token, as a max key.
+    pub best: u64,
+    /// u32, zero at launch: blocks arrived at the steps' token hand-offs.
+    pub arrivals: u64,
+    /// u32 `[n_steps + 1]`: `tokens[s]` is fed at step `s`; the first `prompt_len` are given,
+    /// the kernel writes each step's choice to `tokens[s + 1]` past them.
+    pub tokens: u64,
+    /// f32 `[vocab]` or 0: the last step's logits (STREAM_FLAG_LOGITS).
+    pub logits_out: u64,
+    /// f32 `[STREAM_PROBE_WORDS]` or 0 (tests): layer 0's pieces at the launch's first step,
+    /// at the `STREAM_PROBE_*` offsets.
+    pub probe: u64,
+    /// u64 `[STREAM_GRID, STREAM_TRACE_MARKS]` or 0: each block's SM cycles at the marks of
+    /// `StreamMark`, in layer `STREAM_TRACE_LAYER` and the end of the launch's last step.
+    pub trace: u64,
+    pub n_layers: u32,
+    pub vocab: u32,
+    pub max_ctx: u32,
+    pub start_pos: u32,
+    pub prompt_len: u32,
+    pub n_steps: u32,
+    pub flags: u32,
+    pub eps: f32,
+    /// Polls of global memory after which a wait is a hang: the kernel traps, so the host gets
+    /// an error rather than a GPU that never returns (seconds, where real waits take
+    /// microseconds; the host lifts it under compute-sanitizer).
+    pub spin_limit: u32,
+}
+
+/// Dynamic shared memory of `qwen3_stream_step` (its rooms: kernel/src/stream.rs).
+pub const STREAM_SMEM_BYTES: u32 = 231040;
+// 227 KiB is the most a block may opt in to on sm_90.
+const _: () = assert!(STREAM_SMEM_BYTES <= 227 * 1024 && STREAM_RING_PAGES * STREAM_PAGE_BYTES < STREAM_SMEM_BYTES);
+
+/// `StreamParams::probe`'s rooms: q/k/v rows as the projection gives them (`[q_dim + 2 kv_dim]`,
+/// the stacked rows' order), the attention output (`[q_dim]`), the input norm's output, the
+/// residual after o and after down (`[hidden]` each, as block 0 sees them).
+pub const STREAM_PROBE_QKV: u32 = 0;
+pub const STREAM_PROBE_ATTN: u32 = 4096;
+pub const STREAM_PROBE_XN: u32 = 6144;
+pub const STREAM_PROBE_X_ATTN: u32 = 7168;
+pub const STREAM_PROBE_X_MLP: u32 = 8192;
+/// Block 0's q/k/v rows as received from its cluster (`[8][64]`, by rank) and as attended
+/// (`[512]`: q head 0, q head 1, k, v; normed, rotated, k and v rounded to bf16).
+pub const STREAM_PROBE_RECV: u32 = 9216;
+pub const STREAM_PROBE_ATTENDED: u32 = 9728;
+pub const STREAM_PROBE_WARP_PART: u32 = 10240; // block 0, warp 0: [2][132]
+pub const STREAM_PROBE_ATTN_RECV: u32 = 10504; // block 0: [8][36]
+pub const STREAM_PROBE_WORDS: u32 = 10792;
+
+/// The trace's marks (`StreamParams::trace`), in the order a step reaches them. A block
+/// without attention records none of `QkvPages ..= OSumPublished`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamMark {
+    LayerStart,
+    QkvPages,
+    QkvExchanged,
+    CachedPositions,
+    AttentionMerged,
+    OPages,
+    OSumPublished,
+    OSumSeen,
+    GateUpPages,
+    DownPages,
+    DownSumPublished,
+    DownSumSeen,
+    LmHeadStart,
+    LmHeadPages,
+    TokenKnown,
+    StepStart,
+}
+pub const STREAM_TRACE_MARKS: u32 = 16;
+pub const STREAM_TRACE_LAYER: u32 = 1;
+
+/// Hand-off sum words of one parity of steps: two per layer of `hidden` each.
+pub const fn stream_sum_words(n_layers: u32) -> u32 {
+    n_layers * 2 * STREAM_HIDDEN
+}

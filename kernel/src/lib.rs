@@ -16,6 +16,8 @@ pub mod ops;
 pub mod prefill;
 pub mod probes;
 pub mod schedule;
+#[cfg(target_feature = "sm_90")]
+pub mod stream;
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {

@@ -1,0 +1,918 @@
+//! `qwen3_stream_step`: decode steps of Qwen3-0.6B in which the weight stream does not stop
+//! at dependency points (sm_90: bulk copies, mbarriers, thread-block clusters).
+//!
+//! The megakernel (kernel/src/decode.rs) streams a phase's weights only inside the grid
+//! barrier before it, so a step costs the sum over its 141 phases of (weight fetch + the
+//! dependent chain). Here every block's share of every matrix is known before the step
+//! starts, so a **loader** (one lane of one warp) walks that list and keeps a ring of
+//! shared-memory pages full with bulk copies, waiting only for a free page, never for an
+//! activation; eight **consumer** warps take the pages in the same order. The weights of the
+//! next matrices are thus in flight, or already in shared memory, while the consumers wait
+//! for their inputs.
+//!
+//! The work of a layer (`abi::STREAM_*` name the shape and the split):
+//! - q/k/v: the 64 blocks of the first 8 clusters, a cluster per kv head; each block's 64 rows
+//!   go to every block of its cluster with `st.async`, so each holds its kv head's two q
+//!   heads and the new k and v without a trip through global memory. Every one of them norms
+//!   and rotates them; rank 0 appends k and v to the KV cache.
+//! - attention: the cluster's blocks split the cached positions; each keeps an online softmax
+//!   for both q heads; the partials meet at the block that owns each head's 32 dims, which
+//!   are exactly the 32 columns of o that block multiplies (split-K: o's inputs never leave
+//!   the cluster).
+//! - o and down: split by their inputs, so each block produces a part of every one of the
+//!   1024 outputs. Parts meet first inside the cluster (each block sums one eighth, in rank
+//!   order), then in global memory as counting fixed-point sums (`abi::STREAM_COUNT_SHIFT`):
+//!   integer adds, so the bits do not depend on which cluster adds first, and each word
+//!   carries the number of contributions it holds, so readers poll the data itself with
+//!   relaxed loads. No release fence on a streaming SM (it would wait for the bulk copies in
+//!   flight). The residual is one more addend of cluster 0's sum, so what every block reads
+//!   back is the new residual stream.
+//! - gate/up: every block takes units of 4 intermediate indices (`StreamBlockPlan`), and the
+//!   down columns of the same indices, so SiLU(gate) * up never leaves the block.
+//!
+//! So a layer has two all-to-all hand-offs (after o, after down) and no grid barrier. A step
+//! ends with the LM head (every block a range of rows) and one release/acquire hand-off of
+//! the best logit, which also publishes the KV cache rows and the cleared sums to the next
+//! step.
+
+use crate::abi::*;
+use crate::device::*;
+use crate::unroll;
+
+const RING: u32 = STREAM_RING_PAGES;
+const PAGE: u32 = STREAM_PAGE_BYTES;
+const ROW_BYTES: u32 = STREAM_HIDDEN * 2;
+const CONSUMER_BARRIER: u32 = 1;
+const HEAD_DIM: u32 = STREAM_HEAD_DIM;
+
+// ---------------------------------------------------------------- shared memory
+
+/// Byte offsets of the shared-memory rooms (the ring first: its pages are 16-byte aligned for
+/// the bulk copies). `STREAM_SMEM_BYTES` is the total the host asks for.
+const SM_BARS: u32 = RING * PAGE; // full[RING], empty[RING], qkv, attn, parts: u64 each
+const SM_X: u32 = SM_BARS + 256; // f32 [hidden]: the residual stream
+const SM_XN: u32 = SM_X + 4 * STREAM_HIDDEN; // f32 [hidden]: the normed input of a GEMV
+const SM_QKV_OWN: u32 = SM_XN + 4 * STREAM_HIDDEN; // f32 [64]: this block's q/k/v rows
+const SM_QKV_RECV: u32 = SM_QKV_OWN + 256; // f32 [8][64]: the cluster's q/k/v rows, by rank
+const SM_QKV: u32 = SM_QKV_RECV + 4 * 8 * 64; // f32 [512]: q head 0, q head 1, k, v, normed and rotated
+const SM_WARP_PART: u32 = SM_QKV + 4 * 512; // f32 [8 warps][2 heads][132]: max, sum, -, -, acc[128]
+const WARP_PART_WORDS: u32 = 4 + HEAD_DIM;
+const SM_ATTN_RECV: u32 = SM_WARP_PART + 4 * 8 * 2 * WARP_PART_WORDS; // f32 [8][36]: partials for my dims
+const ATTN_RECV_WORDS: u32 = 36; // max, sum, acc[32], padding
+const SM_ATTN_OUT: u32 = SM_ATTN_RECV + 4 * 8 * ATTN_RECV_WORDS; // f32 [32]: my dims of the attention output
+const SM_PARTS: u32 = SM_ATTN_OUT + 128; // f32 [hidden]: this block's parts of o or down
+const SM_PARTS_RECV: u32 = SM_PARTS + 4 * STREAM_HIDDEN; // f32 [8][128]: the cluster's parts of my eighth
+const SM_GATE_UP: u32 = SM_PARTS_RECV + 4 * STREAM_HIDDEN; // f32 [MAX_UNITS][8]: gate and up rows
+const SM_RED: u32 = SM_GATE_UP + 4 * 8 * STREAM_MAX_UNITS; // 256 bytes: reductions, best keys, token
+const SM_TRACE: u32 = SM_RED + 256; // u64 [STREAM_TRACE_MARKS]
+const SM_LAYERS: u32 = SM_TRACE + 8 * STREAM_TRACE_MARKS; // LayerPtrs [STREAM_MAX_LAYERS]
+pub const STREAM_SMEM_END: u32 = SM_LAYERS + STREAM_MAX_LAYERS * LAYER_PTRS_WORDS * 4;
+const _: () = assert!(STREAM_SMEM_END == STREAM_SMEM_BYTES);
+const _: () = assert!(SM_WARP_PART % 16 == 0 && SM_ATTN_RECV % 16 == 0 && SM_PARTS % 16 == 0);
+const _: () = assert!(SM_PARTS_RECV % 16 == 0 && SM_QKV_RECV % 16 == 0 && SM_LAYERS % 8 == 0);
+
+/// Thread 0 notes the SM's cycle counter at `mark` when this layer or step is traced.
+#[inline(always)]
+unsafe fn mark(sm: Smem, on: bool, mark: StreamMark) {
+    if on && thread_idx() == 0 {
+        *(sm.ptr.add((SM_TRACE + 8 * mark as u32) as usize) as *mut u64) = clock64();
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Smem {
+    /// Shared-window address of the dynamic shared memory.
+    base: u32,
+    ptr: *mut u8,
+}
+
+impl Smem {
+    fn new() -> Smem {
+        let ptr = dynamic_shared::<u8>();
+        Smem { base: shared_address(ptr), ptr }
+    }
+    fn addr(self, off: u32) -> u32 {
+        self.base + off
+    }
+    fn f32s(self, off: u32) -> *mut f32 {
+        unsafe { self.ptr.add(off as usize) as *mut f32 }
+    }
+    fn page(self, slot: u32) -> u32 {
+        self.base + slot * PAGE
+    }
+    fn full(self, slot: u32) -> u32 {
+        self.base + SM_BARS + 8 * slot
+    }
+    fn empty(self, slot: u32) -> u32 {
+        self.base + SM_BARS + 8 * (RING + slot)
+    }
+    fn qkv_bar(self) -> u32 {
+        self.base + SM_BARS + 8 * 2 * RING
+    }
+    fn attn_bar(self) -> u32 {
+        self.qkv_bar() + 8
+    }
+    fn parts_bar(self) -> u32 {
+        self.qkv_bar() + 16
+    }
+    fn layer(self, l: u32) -> LayerPtrs {
+        unsafe { *(self.ptr.add((SM_LAYERS + l * LAYER_PTRS_WORDS * 4) as usize) as *const LayerPtrs) }
+    }
+}
+
+// ---------------------------------------------------------------- the entry
+
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn qwen3_stream_step(p: StreamParams) {
+    if block_dim() != STREAM_THREADS || grid_dim() != STREAM_GRID || p.n_layers > STREAM_MAX_LAYERS {
+        trap();
+    }
+    let sm = Smem::new();
+    let t = thread_idx();
+    if t == 0 {
+        for slot in 0..RING {
+            mbarrier_init(sm.full(slot), 1);
+            mbarrier_init(sm.empty(slot), STREAM_CONSUMERS);
+        }
+        mbarrier_init(sm.qkv_bar(), 1);
+        mbarrier_init(sm.attn_bar(), 1);
+        mbarrier_init(sm.parts_bar(), 1);
+        fence_mbarrier_init();
+    }
+    // The layers' pointers live in shared memory: after a wait that empties L1, a pointer
+    // read from global memory (or spilled) is a round trip to L2 on the chain.
+    let words = p.n_layers * LAYER_PTRS_WORDS;
+    let mut i = t;
+    while i < words {
+        *(sm.ptr.add((SM_LAYERS + 4 * i) as usize) as *mut u32) = *(p.layers as *const u32).add(i as usize);
+        i += STREAM_THREADS;
+    }
+    let plan = *(p.plan as *const StreamBlockPlan).add(block_idx() as usize);
+    sync_threads();
+    // No block may signal a peer's mbarrier before the peer has initialised it.
+    cluster_sync();
+    if warp() == STREAM_CONSUMER_WARPS {
+        if lane() == 0 {
+            load_weights(&p, sm, plan);
+        }
+    } else {
+        consume(&p, sm, plan);
+    }
+    // Peers may still be storing into this block's shared memory until they are done too.
+    cluster_sync();
+}
+
+// ---------------------------------------------------------------- the loader
+
+/// Claims the ring page of copy `k` (waiting until the consumers freed its last use) and
+/// arms its barrier for `bytes`.
+#[inline(always)]
+unsafe fn claim(sm: Smem, k: u32, bytes: u32) -> (u32, u32) {
+    let slot = k % RING;
+    let round = k / RING;
+    if round > 0 {
+        mbarrier_wait(sm.empty(slot), (round - 1) & 1);
+    }
+    mbarrier_arrive_expect_tx(sm.full(slot), bytes);
+    (sm.page(slot), sm.full(slot))
+}
+
+/// The block's weights, every step, in the order the consumers take them.
+unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
+    let b = block_idx();
+    let head = b < STREAM_HEAD_BLOCKS;
+    let (g, r) = (b / STREAM_CLUSTER, b % STREAM_CLUSTER);
+    let q_dim = STREAM_HEADS * HEAD_DIM;
+    let kv_dim = STREAM_KV_HEADS * HEAD_DIM;
+    let kv_row = if r < 4 { q_dim + HEAD_DIM * g + 32 * r } else { q_dim + kv_dim + HEAD_DIM * g + 32 * (r - 4) };
+    let mut k = 0u32;
+    for _step in 0..p.n_steps {
+        for l in 0..p.n_layers {
+            let lp = sm.layer(l);
+            if head {
+                for pg in 0..STREAM_QKV_PAGES {
+                    let row = if pg < 4 { 32 * b + 8 * pg } else { kv_row + 8 * (pg - 4) };
+                    let (dst, bar) = claim(sm, k, PAGE);
+                    bulk_copy_to_shared(dst, lp.wqkv + (row * ROW_BYTES) as u64, PAGE, bar);
+                    k += 1;
+                }
+                let tile = p.o_tiles + ((l * STREAM_HEAD_BLOCKS + b) * STREAM_O_PAGES) as u64 * PAGE as u64;
+                for pg in 0..STREAM_O_PAGES {
+                    let (dst, bar) = claim(sm, k, PAGE);
+                    bulk_copy_to_shared(dst, tile + (pg * PAGE) as u64, PAGE, bar);
+                    k += 1;
+                }
+            }
+            for u in 0..plan.mlp_units {
+                let row = (STREAM_MLP_UNIT * (plan.mlp_start + u)) as u64 * ROW_BYTES as u64;
+                let (dst, bar) = claim(sm, k, PAGE);
+                bulk_copy_to_shared(dst, lp.w_gate + row, PAGE / 2, bar);
+                bulk_copy_to_shared(dst + PAGE / 2, lp.w_up + row, PAGE / 2, bar);
+                k += 1;
+            }
+            let down = p.down_tiles + (l * STREAM_MLP_UNITS + plan.mlp_start) as u64 * STREAM_DOWN_UNIT_BYTES as u64;
+            // Two units' down columns to a page (contiguous in the tile order).
+            for q in 0..plan.mlp_units.div_ceil(2) {
+                let bytes = if 2 * q + 1 < plan.mlp_units { PAGE } else { STREAM_DOWN_UNIT_BYTES };
+                let (dst, bar) = claim(sm, k, bytes);
+                bulk_copy_to_shared(dst, down + (q * PAGE) as u64, bytes, bar);
+                k += 1;
+            }
+        }
+        let lm = p.lm_head + plan.lm_start as u64 * ROW_BYTES as u64;
+        for pg in 0..plan.lm_rows / STREAM_LM_ROWS_PER_PAGE {
+            let (dst, bar) = claim(sm, k, PAGE);
+            bulk_copy_to_shared(dst, lm + (pg * PAGE) as u64, PAGE, bar);
+            k += 1;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the consumers' helpers
+
+/// The consumers' place in the ring: the next page they take, in the loader's order.
+struct Pages {
+    k: u32,
+}
+
+impl Pages {
+    /// Waits for the next page; its shared-window address.
+    #[inline(always)]
+    unsafe fn take(&self, sm: Smem) -> u32 {
+        let slot = self.k % RING;
+        mbarrier_wait(sm.full(slot), (self.k / RING) & 1);
+        sm.page(slot)
+    }
+    /// This thread is done with the page. Every consumer thread frees every page: each
+    /// thread's reads are then ordered before the copy that overwrites them by its own arrival
+    /// (which is what racecheck follows, too).
+    #[inline(always)]
+    unsafe fn free(&mut self, sm: Smem) {
+        mbarrier_arrive(sm.empty(self.k % RING));
+        self.k += 1;
+    }
+}
+
+#[inline(always)]
+fn consumers_sync() {
+    named_barrier(CONSUMER_BARRIER, STREAM_CONSUMERS);
+}
+
+/// A lane's share of a 1024-wide input vector: elements `256 c + 8 lane .. + 8`, c = 0..4,
+/// matching a row's 16-byte chunks in shared memory.
+#[inline(always)]
+unsafe fn lane_vector(v: *const f32) -> [f32; 32] {
+    let mut x = [0.0f32; 32];
+    let l = lane() as usize;
+    unroll!(4, c, {
+        unroll!(8, e, {
+            x[8 * c + e] = *v.add(256 * c + 8 * l + e);
+        });
+    });
+    x
+}
+
+/// A 1024-wide bf16 row in shared memory times the lane vector, summed over the warp.
+#[inline(always)]
+unsafe fn row_dot(row: u32, x: &[f32; 32]) -> f32 {
+    let mut acc = 0.0f32;
+    unroll!(4, c, {
+        let w = ld_shared_v4(row + (256 * c as u32 + 8 * lane()) * 2);
+        unroll!(4, j, {
+            let (lo, hi) = bf16x2_to_f32(w[j]);
+            acc = fma(lo, x[8 * c + 2 * j], acc);
+            acc = fma(hi, x[8 * c + 2 * j + 1], acc);
+        });
+    });
+    warp_sum(acc)
+}
+
+/// RMSNorm of the residual (thread `t` holds elements `4 t .. 4 t + 4`) times `weight`, into
+/// the XN room; the sum of squares meets in a fixed order, so every block gets the same bits.
+#[inline(always)]
+unsafe fn norm_to_shared(sm: Smem, x: [f32; 4], weight: u64, eps: f32) {
+    let t = thread_idx();
+    let red = sm.f32s(SM_RED);
+    let ss = warp_sum(x[0] * x[0] + x[1] * x[1] + x[2] * x[2] + x[3] * x[3]);
+    if lane() == 0 {
+        *red.add(warp() as usize) = ss;
+    }
+    consumers_sync();
+    let mut total = 0.0f32;
+    unroll!(8, w, {
+        total += *red.add(w);
+    });
+    let inv = rsqrt(total / STREAM_HIDDEN as f32 + eps);
+    let wt = bf16x4_to_f32(ld_nc_v2((weight as *const u32).add(2 * t as usize)));
+    let xn = sm.f32s(SM_XN);
+    unroll!(4, i, {
+        *xn.add(4 * t as usize + i) = (x[i] * inv) * wt[i];
+    });
+    consumers_sync();
+}
+
+#[inline(always)]
+fn encode_part(v: f32) -> u64 {
+    let c = fminf(fmaxf(v, -STREAM_CLAMP), STREAM_CLAMP);
+    let fixed = f32_to_i64_nearest(c * (1u64 << STREAM_FIXED_BITS) as f32);
+    ((1u64 << STREAM_COUNT_SHIFT) + STREAM_BIAS).wrapping_add(fixed as u64)
+}
+
+/// Waits until this thread's four words of a hand-off sum hold `count` contributions each;
+/// their values (the new residual stream, elements `4 t .. 4 t + 4`).
+#[inline(always)]
+unsafe fn poll_sums(words: *const u64, count: u32, spin_limit: u32) -> [f32; 4] {
+    let p = words.add(4 * thread_idx() as usize);
+    let want = count as u64;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        if tries > spin_limit {
+            trap();
+        }
+        let a = ld_relaxed_v2_u64(p);
+        let b = ld_relaxed_v2_u64(p.add(2));
+        let w = [a[0], a[1], b[0], b[1]];
+        if (w[0] >> STREAM_COUNT_SHIFT) == want
+            && (w[1] >> STREAM_COUNT_SHIFT) == want
+            && (w[2] >> STREAM_COUNT_SHIFT) == want
+            && (w[3] >> STREAM_COUNT_SHIFT) == want
+        {
+            let mut out = [0.0f32; 4];
+            let mask = (1u64 << STREAM_COUNT_SHIFT) - 1;
+            let bias = (STREAM_BIAS * want) as i64;
+            let scale = 1.0 / (1u64 << STREAM_FIXED_BITS) as f32;
+            unroll!(4, i, {
+                out[i] = ((w[i] & mask) as i64 - bias) as f32 * scale;
+            });
+            return out;
+        }
+    }
+}
+
+/// The block's parts (the PARTS room, all 1024 outputs) summed with the cluster's: rank `r`
+/// sums eighth `r` of every block's parts, in rank order, adds the residual if asked (cluster
+/// 0), and adds the result into the global sums `dest`.
+#[inline(always)]
+unsafe fn cluster_sum(sm: Smem, parts_phase: &mut u32, dest: *mut u64, add_residual: bool) {
+    let t = thread_idx();
+    let rank = block_idx() % STREAM_CLUSTER;
+    if t == 0 {
+        mbarrier_arrive_expect_tx(sm.parts_bar(), STREAM_CLUSTER * 128 * 4);
+    }
+    let (peer, chunk) = (t / 32, t % 32);
+    let src = sm.f32s(SM_PARTS).add((128 * peer + 4 * chunk) as usize) as *const u32;
+    let v = [*src, *src.add(1), *src.add(2), *src.add(3)];
+    let remote = cluster_address(sm.addr(SM_PARTS_RECV + 4 * (128 * rank + 4 * chunk)), peer);
+    st_async_v4(remote, v, cluster_address(sm.parts_bar(), peer));
+    mbarrier_wait_cluster(sm.parts_bar(), *parts_phase);
+    *parts_phase ^= 1;
+    if t < 128 {
+        let recv = sm.f32s(SM_PARTS_RECV);
+        let mut s = 0.0f32;
+        unroll!(8, src, {
+            s += *recv.add(128 * src + t as usize);
+        });
+        if add_residual {
+            s += *sm.f32s(SM_X).add((128 * rank + t) as usize);
+        }
+        red_add_relaxed_u64(dest.add((128 * rank + t) as usize), encode_part(s));
+    }
+    // The residual's room is rewritten by the poll that follows.
+    consumers_sync();
+}
+
+#[inline(always)]
+fn best_key(v: f32, row: u32) -> u64 {
+    let u = v.to_bits();
+    let ordered = if u & 0x8000_0000 != 0 { !u } else { u | 0x8000_0000 };
+    ((ordered as u64) << 32) | (u32::MAX - row) as u64
+}
+
+// ---------------------------------------------------------------- the consumers
+
+unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
+    let t = thread_idx();
+    let (w, l_) = (warp(), lane());
+    let b = block_idx();
+    let cluster = b / STREAM_CLUSTER;
+    let head = b < STREAM_HEAD_BLOCKS;
+    let mut pages = Pages { k: 0 };
+    let (mut qkv_phase, mut attn_phase, mut parts_phase) = (0u32, 0u32, 0u32);
+    let set_words = stream_sum_words(p.n_layers) as usize;
+    let token_slot = (sm.ptr.add(SM_RED as usize + 128)) as *mut u32;
+    let mut token = *(p.tokens as *const u32);
+    for s in 0..p.n_steps {
+        let pos = p.start_pos + s;
+        let traced = p.trace != 0 && s + 1 == p.n_steps;
+        mark(sm, traced, StreamMark::StepStart);
+        let sums = (p.sums as *mut u64).add(set_words * (s & 1) as usize);
+        if s > 0 {
+            // Clear the other parity's sums (last step's): every block has read them, since it
+            // took part in last step's token hand-off; the next to add to them comes after this
+            // step's, which publishes these stores.
+            let other = (p.sums as *mut u64).add(set_words * ((s + 1) & 1) as usize);
+            let per = set_words.div_ceil(STREAM_GRID as usize);
+            let mut i = per * b as usize + t as usize;
+            while i < (per * (b as usize + 1)).min(set_words) {
+                *other.add(i) = 0;
+                i += STREAM_CONSUMERS as usize;
+            }
+        }
+        let row = (p.embed as *const u32).add((token * STREAM_HIDDEN / 2 + 2 * t) as usize);
+        let mut x = bf16x4_to_f32(ld_nc_v2(row));
+        unroll!(4, i, {
+            *sm.f32s(SM_X).add(4 * t as usize + i) = x[i];
+        });
+        for l in 0..p.n_layers {
+            let lp = sm.layer(l);
+            let probe = if s == 0 && l == 0 && p.probe != 0 { p.probe as *mut f32 } else { core::ptr::null_mut() };
+            let on = traced && l == STREAM_TRACE_LAYER;
+            mark(sm, on, StreamMark::LayerStart);
+            let o_sums = sums.add((2 * l * STREAM_HIDDEN) as usize);
+            let down_sums = o_sums.add(STREAM_HIDDEN as usize);
+            if head {
+                norm_to_shared(sm, x, lp.input_norm, p.eps);
+                if !probe.is_null() && b == 0 {
+                    unroll!(4, i, {
+                        *probe.add((STREAM_PROBE_XN + 4 * t) as usize + i) = *sm.f32s(SM_XN).add(4 * t as usize + i);
+                    });
+                }
+                attend(p, sm, &mut pages, &lp, pos, &mut qkv_phase, &mut attn_phase, probe, on);
+                // o: 4 pages of 256 rows x 32 columns; 4 lanes to a row, 8 columns each.
+                let (q, sub) = (l_ / 4, l_ % 4);
+                let a = sm.f32s(SM_ATTN_OUT).add(8 * sub as usize);
+                let mut av = [0.0f32; 8];
+                unroll!(8, e, {
+                    av[e] = *a.add(e);
+                });
+                let parts = sm.f32s(SM_PARTS);
+                for pg in 0..STREAM_O_PAGES {
+                    let page = pages.take(sm);
+                    unroll!(4, it, {
+                        let r = 32 * w + 8 * it as u32 + q;
+                        let wv = ld_shared_v4(page + r * 64 + 16 * sub);
+                        let mut d = 0.0f32;
+                        unroll!(4, j, {
+                            let (lo, hi) = bf16x2_to_f32(wv[j]);
+                            d = fma(lo, av[2 * j], d);
+                            d = fma(hi, av[2 * j + 1], d);
+                        });
+                        d += shfl_xor_f32(d, 1);
+                        d += shfl_xor_f32(d, 2);
+                        if sub == 0 {
+                            *parts.add((256 * pg + r) as usize) = d;
+                        }
+                    });
+                    pages.free(sm);
+                }
+                mark(sm, on, StreamMark::OPages);
+                consumers_sync();
+                cluster_sum(sm, &mut parts_phase, o_sums, cluster == 0);
+                mark(sm, on, StreamMark::OSumPublished);
+            }
+            x = poll_sums(o_sums, STREAM_KV_HEADS, p.spin_limit);
+            mark(sm, on, StreamMark::OSumSeen);
+            unroll!(4, i, {
+                *sm.f32s(SM_X).add(4 * t as usize + i) = x[i];
+            });
+            if !probe.is_null() && b == 0 {
+                unroll!(4, i, {
+                    *probe.add((STREAM_PROBE_X_ATTN + 4 * t) as usize + i) = x[i];
+                });
+            }
+
+            // The MLP: gate and up rows of each unit (warp w: row w of the page), then down.
+            norm_to_shared(sm, x, lp.post_norm, p.eps);
+            let xv = lane_vector(sm.f32s(SM_XN));
+            let gu = sm.f32s(SM_GATE_UP);
+            for u in 0..plan.mlp_units {
+                let page = pages.take(sm);
+                let d = row_dot(page + w * ROW_BYTES, &xv);
+                if l_ == 0 {
+                    *gu.add((8 * u + w) as usize) = d;
+                }
+                pages.free(sm);
+            }
+            mark(sm, on, StreamMark::GateUpPages);
+            consumers_sync();
+            let mut acc = [0.0f32; 4];
+            for q in 0..plan.mlp_units.div_ceil(2) {
+                let page = pages.take(sm);
+                unroll!(2, half, {
+                    let u = 2 * q + half as u32;
+                    if u < plan.mlp_units {
+                        let mut act = [0.0f32; 4];
+                        unroll!(4, i, {
+                            let g = *gu.add(8 * u as usize + i);
+                            let up = *gu.add(8 * u as usize + 4 + i);
+                            act[i] = g / (1.0 + exp(-g)) * up;
+                        });
+                        let cols = page + half as u32 * STREAM_DOWN_UNIT_BYTES;
+                        unroll!(4, i, {
+                            let wv = bf16x4_to_f32(ld_shared_v2(cols + (t + 256 * i as u32) * 8));
+                            unroll!(4, c, {
+                                acc[i] = fma(wv[c], act[c], acc[i]);
+                            });
+                        });
+                    }
+                });
+                pages.free(sm);
+            }
+            mark(sm, on, StreamMark::DownPages);
+            let parts = sm.f32s(SM_PARTS);
+            unroll!(4, i, {
+                *parts.add(t as usize + 256 * i) = acc[i];
+            });
+            consumers_sync();
+            cluster_sum(sm, &mut parts_phase, down_sums, cluster == 0);
+            mark(sm, on, StreamMark::DownSumPublished);
+            x = poll_sums(down_sums, STREAM_CLUSTERS, p.spin_limit);
+            mark(sm, on, StreamMark::DownSumSeen);
+            unroll!(4, i, {
+                *sm.f32s(SM_X).add(4 * t as usize + i) = x[i];
+            });
+            if !probe.is_null() && b == 0 {
+                unroll!(4, i, {
+                    *probe.add((STREAM_PROBE_X_MLP + 4 * t) as usize + i) = x[i];
+                });
+            }
+        }
+
+        // The LM head: warp w takes row w of every page; the block's best goes to the grid.
+        norm_to_shared(sm, x, p.final_norm, p.eps);
+        let xv = lane_vector(sm.f32s(SM_XN));
+        mark(sm, traced, StreamMark::LmHeadStart);
+        let last = s + 1 == p.n_steps && p.flags & STREAM_FLAG_LOGITS != 0;
+        let (mut best, mut best_row) = (f32::NEG_INFINITY, plan.lm_start);
+        for pg in 0..plan.lm_rows / STREAM_LM_ROWS_PER_PAGE {
+            let page = pages.take(sm);
+            let row = plan.lm_start + STREAM_LM_ROWS_PER_PAGE * pg + w;
+            let d = row_dot(page + w * ROW_BYTES, &xv);
+            if d > best {
+                best = d;
+                best_row = row;
+            }
+            if last && l_ == 0 {
+                *(p.logits_out as *mut f32).add(row as usize) = d;
+            }
+            pages.free(sm);
+        }
+        mark(sm, traced, StreamMark::LmHeadPages);
+        let keys = sm.ptr.add(SM_RED as usize) as *mut u64;
+        if l_ == 0 {
+            *keys.add(w as usize) = best_key(best, best_row);
+        }
+        consumers_sync();
+        if t == 0 {
+            let mut key = 0u64;
+            unroll!(8, i, {
+                key = key.max(*keys.add(i));
+            });
+            let best_word = (p.best as *mut u64).add(s as usize);
+            red_max_relaxed_u64(best_word, key);
+            // Release: this block's KV cache rows, cleared sums and logits go with it.
+            let arrivals = p.arrivals as *mut u32;
+            red_add_release(arrivals, 1);
+            let mut tries = 0u32;
+            while ld_acquire(arrivals) < STREAM_GRID * (s + 1) {
+                tries += 1;
+                if tries > p.spin_limit {
+                    trap();
+                }
+            }
+            let chosen = u32::MAX - ld_cg_u64(best_word) as u32;
+            let next = if s + 1 < p.prompt_len { *(p.tokens as *const u32).add(s as usize + 1) } else { chosen };
+            if b == 0 && s + 1 >= p.prompt_len {
+                *(p.tokens as *mut u32).add(s as usize + 1) = chosen;
+            }
+            *token_slot = next;
+            mark(sm, traced, StreamMark::TokenKnown);
+            if traced {
+                let out = (p.trace as *mut u64).add((b * STREAM_TRACE_MARKS) as usize);
+                let marks = sm.ptr.add(SM_TRACE as usize) as *const u64;
+                for i in 0..STREAM_TRACE_MARKS as usize {
+                    *out.add(i) = *marks.add(i);
+                }
+            }
+        }
+        consumers_sync();
+        token = *token_slot;
+        consumers_sync();
+    }
+}
+
+/// q/k/v, the cluster's exchange, q/k norm + RoPE + the KV append, attention over the cached
+/// positions and the merge: leaves this block's 32 dims of the attention output in ATTN_OUT.
+#[inline(always)]
+unsafe fn attend(
+    p: &StreamParams,
+    sm: Smem,
+    pages: &mut Pages,
+    lp: &LayerPtrs,
+    pos: u32,
+    qkv_phase: &mut u32,
+    attn_phase: &mut u32,
+    probe: *mut f32,
+    on: bool,
+) {
+    let t = thread_idx();
+    let (w, l_) = (warp(), lane());
+    let b = block_idx();
+    let (g, rank) = (b / STREAM_CLUSTER, b % STREAM_CLUSTER);
+
+    // The first round of cached rows depends on nothing this step computes: ask for it now,
+    // so that it arrives while the q/k/v pages are multiplied.
+    let span = Span::new(p, lp, pos);
+    let mut cached = span.request(span.lo + w, pos);
+
+    // q/k/v rows: warp w takes row w of each of the 8 pages.
+    let xv = lane_vector(sm.f32s(SM_XN));
+    let own = sm.f32s(SM_QKV_OWN);
+    for pg in 0..STREAM_QKV_PAGES {
+        let page = pages.take(sm);
+        let d = row_dot(page + w * ROW_BYTES, &xv);
+        if l_ == 0 {
+            *own.add((8 * pg + w) as usize) = d;
+        }
+        pages.free(sm);
+    }
+    mark(sm, on, StreamMark::QkvPages);
+    consumers_sync();
+    if !probe.is_null() && t < 64 {
+        let q_dim = STREAM_HEADS * HEAD_DIM;
+        let kv_dim = STREAM_KV_HEADS * HEAD_DIM;
+        let kv_row = if rank < 4 { q_dim + HEAD_DIM * g + 32 * rank } else { q_dim + kv_dim + HEAD_DIM * g + 32 * (rank - 4) };
+        let row = if t < 32 { 32 * b + t } else { kv_row + t - 32 };
+        *probe.add((STREAM_PROBE_QKV + row) as usize) = *own.add(t as usize);
+    }
+    if t == 0 {
+        mbarrier_arrive_expect_tx(sm.qkv_bar(), STREAM_CLUSTER * 64 * 4);
+    }
+    if t < 128 {
+        let (peer, chunk) = (t / 16, t % 16);
+        let src = own.add(4 * chunk as usize) as *const u32;
+        let v = [*src, *src.add(1), *src.add(2), *src.add(3)];
+        let remote = cluster_address(sm.addr(SM_QKV_RECV + 4 * (64 * rank + 4 * chunk)), peer);
+        st_async_v4(remote, v, cluster_address(sm.qkv_bar(), peer));
+    }
+    mbarrier_wait_cluster(sm.qkv_bar(), *qkv_phase);
+    *qkv_phase ^= 1;
+    mark(sm, on, StreamMark::QkvExchanged);
+
+    // Warps 0-3: q head 0, q head 1, k, v. Lane dims lane + 32 i; rank 4 h + i sent dims
+    // 32 i .. of q head h (words 0..32), rank i (k) or 4 + i (v) dims 32 i .. (words 32..64).
+    let qkv = sm.f32s(SM_QKV);
+    if w < 4 {
+        let recv = sm.f32s(SM_QKV_RECV);
+        let (rank0, word0) = match w {
+            0 => (0, 0),
+            1 => (4, 0),
+            2 => (0, 32),
+            _ => (4, 32),
+        };
+        let mut v = [0.0f32; 4];
+        unroll!(4, i, {
+            v[i] = *recv.add(64 * (rank0 + i) + word0 + l_ as usize);
+        });
+        if w < 3 {
+            let weight = if w < 2 { lp.q_norm } else { lp.k_norm } as *const u16;
+            let ss = warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]);
+            let inv = rsqrt(ss / HEAD_DIM as f32 + p.eps);
+            let mut n = [0.0f32; 4];
+            unroll!(4, i, {
+                n[i] = (v[i] * inv) * bf16_to_f32(*weight.add(l_ as usize + 32 * i));
+            });
+            let half = (HEAD_DIM / 2) as usize;
+            let cos = (p.rope_cos as *const f32).add(pos as usize * half);
+            let sin = (p.rope_sin as *const f32).add(pos as usize * half);
+            unroll!(2, i, {
+                let j = l_ as usize + 32 * i;
+                let (c, s) = (*cos.add(j), *sin.add(j));
+                v[i] = n[i] * c - n[i + 2] * s;
+                v[i + 2] = n[i + 2] * c + n[i] * s;
+            });
+        }
+        if w >= 2 {
+            // The cache holds bf16: the new position is attended as it will be read later.
+            let cache = (if w == 2 { lp.k_cache } else { lp.v_cache }) as *mut u16;
+            let at = cache.add(((g * p.max_ctx + pos) * HEAD_DIM) as usize);
+            unroll!(4, i, {
+                let bits = f32_to_bf16(v[i]);
+                v[i] = bf16_to_f32(bits);
+                if rank == 0 {
+                    *at.add(l_ as usize + 32 * i) = bits;
+                }
+            });
+        }
+        unroll!(4, i, {
+            *qkv.add(128 * w as usize + l_ as usize + 32 * i) = v[i];
+        });
+    }
+    consumers_sync();
+    if !probe.is_null() && b == 0 {
+        let recv = sm.f32s(SM_QKV_RECV);
+        *probe.add((STREAM_PROBE_RECV + t) as usize) = *recv.add(t as usize);
+        *probe.add((STREAM_PROBE_RECV + 256 + t) as usize) = *recv.add(256 + t as usize);
+        *probe.add((STREAM_PROBE_ATTENDED + t) as usize) = *qkv.add(t as usize);
+        *probe.add((STREAM_PROBE_ATTENDED + 256 + t) as usize) = *qkv.add(256 + t as usize);
+    }
+
+    // Attention: the cluster splits positions 0..=pos; this block's warps stride over its
+    // chunk `BATCH` positions at a time, lane dims 4 lane .. 4 lane + 4, both q heads. The
+    // first batch's cached rows were requested before the q/k/v pages (`cached`).
+    let scale = rsqrt(HEAD_DIM as f32) * LOG2_E;
+    let d0 = 4 * l_ as usize;
+    let mut q0 = [0.0f32; 4];
+    let mut q1 = [0.0f32; 4];
+    unroll!(4, i, {
+        q0[i] = *qkv.add(d0 + i) * scale;
+        q1[i] = *qkv.add(128 + d0 + i) * scale;
+    });
+    let (mut m0, mut m1) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    let (mut s0, mut s1) = (0.0f32, 0.0f32);
+    let mut a0 = [0.0f32; 4];
+    let mut a1 = [0.0f32; 4];
+    let mut j = span.lo + w;
+    while j < span.hi {
+        let mut kk = [[0.0f32; 4]; BATCH];
+        let mut vv = [[0.0f32; 4]; BATCH];
+        unroll!(4, e, {
+            if j + (STREAM_CONSUMER_WARPS * e as u32) == pos {
+                unroll!(4, i, {
+                    kk[e][i] = *qkv.add(256 + d0 + i);
+                    vv[e][i] = *qkv.add(384 + d0 + i);
+                });
+            } else {
+                kk[e] = bf16x4_to_f32(cached.k[e]);
+                vv[e] = bf16x4_to_f32(cached.v[e]);
+            }
+        });
+        let next = j + STREAM_CONSUMER_WARPS * BATCH as u32;
+        if next < span.hi {
+            cached = span.request(next, pos);
+        }
+        let mut sc0 = [f32::NEG_INFINITY; BATCH];
+        let mut sc1 = [f32::NEG_INFINITY; BATCH];
+        unroll!(4, e, {
+            let d_0 = warp_sum(q0[0] * kk[e][0] + q0[1] * kk[e][1] + q0[2] * kk[e][2] + q0[3] * kk[e][3]);
+            let d_1 = warp_sum(q1[0] * kk[e][0] + q1[1] * kk[e][1] + q1[2] * kk[e][2] + q1[3] * kk[e][3]);
+            if j + STREAM_CONSUMER_WARPS * (e as u32) < span.hi {
+                sc0[e] = d_0;
+                sc1[e] = d_1;
+            }
+        });
+        online_softmax_step(&mut m0, &mut s0, &mut a0, &sc0, &vv);
+        online_softmax_step(&mut m1, &mut s1, &mut a1, &sc1, &vv);
+        j = next;
+    }
+    mark(sm, on, StreamMark::CachedPositions);
+    let part = sm.f32s(SM_WARP_PART);
+    let mine0 = part.add((2 * w * WARP_PART_WORDS) as usize);
+    let mine1 = mine0.add(WARP_PART_WORDS as usize);
+    if l_ == 0 {
+        *mine0 = m0;
+        *mine0.add(1) = s0;
+        *mine1 = m1;
+        *mine1.add(1) = s1;
+    }
+    unroll!(4, i, {
+        *mine0.add(4 + d0 + i) = a0[i];
+        *mine1.add(4 + d0 + i) = a1[i];
+    });
+    consumers_sync();
+
+    if !probe.is_null() && b == 0 && t < 2 * WARP_PART_WORDS {
+        *probe.add((STREAM_PROBE_WARP_PART + t) as usize) = *part.add(t as usize);
+    }
+    // The block's partial for (head h, dim d) = thread t, sent to the owner of those dims.
+    let (h, d) = (t / 128, t % 128);
+    let mut mx = f32::NEG_INFINITY;
+    unroll!(8, ww, {
+        mx = fmaxf(mx, *part.add(((2 * ww as u32 + h) * WARP_PART_WORDS) as usize));
+    });
+    let (mut sum, mut acc) = (0.0f32, 0.0f32);
+    unroll!(8, ww, {
+        let wp = part.add(((2 * ww as u32 + h) * WARP_PART_WORDS) as usize);
+        let m = *wp;
+        let f = if m == f32::NEG_INFINITY { 0.0 } else { exp2(m - mx) };
+        sum = fma(*wp.add(1), f, sum);
+        acc = fma(*wp.add(4 + d as usize), f, acc);
+    });
+    if t == 0 {
+        mbarrier_arrive_expect_tx(sm.attn_bar(), STREAM_CLUSTER * (8 + 32 * 4));
+    }
+    let owner = 4 * h + d / 32;
+    let slot = sm.addr(SM_ATTN_RECV + 4 * ATTN_RECV_WORDS * rank);
+    let owner_bar = cluster_address(sm.attn_bar(), owner);
+    if d % 32 == 0 {
+        st_async_v2(cluster_address(slot, owner), [mx.to_bits(), sum.to_bits()], owner_bar);
+    }
+    st_async_b32(cluster_address(slot + 4 * (2 + d % 32), owner), acc.to_bits(), owner_bar);
+    mbarrier_wait_cluster(sm.attn_bar(), *attn_phase);
+    *attn_phase ^= 1;
+    if !probe.is_null() && b == 0 {
+        let recv = sm.f32s(SM_ATTN_RECV);
+        *probe.add((STREAM_PROBE_ATTN_RECV + t) as usize) = *recv.add(t as usize);
+        if t < 32 {
+            *probe.add((STREAM_PROBE_ATTN_RECV + 256 + t) as usize) = *recv.add(256 + t as usize);
+        }
+    }
+    if t < 32 {
+        let recv = sm.f32s(SM_ATTN_RECV);
+        let mut mx = f32::NEG_INFINITY;
+        unroll!(8, src, {
+            mx = fmaxf(mx, *recv.add(ATTN_RECV_WORDS as usize * src));
+        });
+        let (mut sum, mut acc) = (0.0f32, 0.0f32);
+        unroll!(8, src, {
+            let r = recv.add(ATTN_RECV_WORDS as usize * src);
+            let m = *r;
+            let f = if m == f32::NEG_INFINITY { 0.0 } else { exp2(m - mx) };
+            sum = fma(*r.add(1), f, sum);
+            acc = fma(*r.add(2 + t as usize), f, acc);
+        });
+        *sm.f32s(SM_ATTN_OUT).add(t as usize) = acc / sum;
+        if !probe.is_null() {
+            *probe.add((STREAM_PROBE_ATTN + 32 * b + t) as usize) = acc / sum;
+        }
+    }
+    mark(sm, on, StreamMark::AttentionMerged);
+    consumers_sync();
+}
+
+/// Up to `BATCH` positions' scores (log2 units; -inf where there is no position) folded into a
+/// running softmax: one max, one correction of the running sum and accumulator.
+#[inline(always)]
+fn online_softmax_step(m: &mut f32, sum: &mut f32, acc: &mut [f32; 4], scores: &[f32; BATCH], v: &[[f32; 4]; BATCH]) {
+    let mut mx = *m;
+    unroll!(4, e, {
+        mx = fmaxf(mx, scores[e]);
+    });
+    if mx == f32::NEG_INFINITY {
+        return;
+    }
+    let corr = exp2(*m - mx);
+    let mut pe = [0.0f32; BATCH];
+    unroll!(4, e, {
+        pe[e] = exp2(scores[e] - mx);
+    });
+    *sum = *sum * corr + (pe[0] + pe[1]) + (pe[2] + pe[3]);
+    unroll!(4, i, {
+        let mut a = acc[i] * corr;
+        unroll!(4, e, {
+            a = fma(pe[e], v[e][i], a);
+        });
+        acc[i] = a;
+    });
+    *m = mx;
+}
+
+/// Positions per round of a warp's walk over its cached rows.
+const BATCH: usize = 4;
+
+/// One warp's cached k and v rows of a round, as loaded (4 bf16 a lane each).
+#[derive(Clone, Copy)]
+struct CachedRows {
+    k: [[u32; 2]; BATCH],
+    v: [[u32; 2]; BATCH],
+}
+
+/// This block's share of a kv head's positions `0 ..= pos` and where their rows are.
+#[derive(Clone, Copy)]
+struct Span {
+    lo: u32,
+    hi: u32,
+    k: *const u16,
+    v: *const u16,
+}
+
+impl Span {
+    #[inline(always)]
+    unsafe fn new(p: &StreamParams, lp: &LayerPtrs, pos: u32) -> Span {
+        let b = block_idx();
+        let (g, rank) = (b / STREAM_CLUSTER, b % STREAM_CLUSTER);
+        let n = pos + 1;
+        let chunk = n.div_ceil(STREAM_CLUSTER);
+        let lo = (rank * chunk).min(n);
+        let hi = (lo + chunk).min(n);
+        let at = (g * p.max_ctx * HEAD_DIM) as usize + 4 * lane() as usize;
+        Span { lo, hi, k: (lp.k_cache as *const u16).add(at), v: (lp.v_cache as *const u16).add(at) }
+    }
+
+    /// Requests the cached rows of the round starting at position `j` (positions `j + 8 e`;
+    /// none for the new position, which is in shared memory, or past the span).
+    #[inline(always)]
+    unsafe fn request(&self, j: u32, pos: u32) -> CachedRows {
+        let mut rows = CachedRows { k: [[0; 2]; BATCH], v: [[0; 2]; BATCH] };
+        unroll!(4, e, {
+            let jj = j + STREAM_CONSUMER_WARPS * e as u32;
+            if jj < self.hi && jj != pos {
+                let off = (jj * HEAD_DIM) as usize;
+                rows.k[e] = ld_cg_v2(self.k.add(off) as *const u32);
+                rows.v[e] = ld_cg_v2(self.v.add(off) as *const u32);
+            }
+        });
+        rows
+    }
+}
