@@ -172,6 +172,7 @@ int cuLaunchGrid(void) { return 3; }
 int cuLaunchGridAsync(void) { return 3; }
 int cuLaunchHostFunc(void) { return 3; }
 int cuLaunchKernel(void) { return 3; }
+int cuLaunchKernelEx(void) { return 3; }
 int cuLinkAddData_v2(void) { return 3; }
 int cuLinkAddFile_v2(void) { return 3; }
 int cuLinkComplete(void) { return 3; }
@@ -274,6 +275,7 @@ int cuModuleUnload(void) { return 3; }
 int cuOccupancyAvailableDynamicSMemPerBlock(void) { return 3; }
 int cuOccupancyMaxActiveBlocksPerMultiprocessor(void) { return 3; }
 int cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(void) { return 3; }
+int cuOccupancyMaxActiveClusters(void) { return 3; }
 int cuOccupancyMaxPotentialBlockSize(void) { return 3; }
 int cuOccupancyMaxPotentialBlockSizeWithFlags(void) { return 3; }
 int cuParamSetSize(void) { return 3; }

@@ -14,6 +14,8 @@
 //! - `fault`: a device error reported with the step the kernel had reached.
 //! - `graph`: the same step as split kernels captured in a CUDA graph (`bench --compare`).
 //! - `backend`: [`Backend`] on top of launches: generation, scoring, logits.
+//! - `stream_plan`, `stream_step`: the streaming step (kernel/src/stream.rs), its plan and
+//!   tile order, and its launches on this engine's checkpoint.
 
 mod backend;
 mod fault;
@@ -22,11 +24,14 @@ mod launch;
 mod prefill;
 mod score;
 mod stream;
+pub mod stream_plan;
+mod stream_step;
 mod upload;
 
 pub use graph::SplitCheck;
 pub use launch::{LaunchOutcome, LaunchSpec};
 pub use score::SCORE_ROWS;
+pub use stream_step::{StreamRun, StreamStep, STREAM_KERNEL};
 
 use crate::backend::Backend;
 use crate::gpu::{Gpu, HostRing};
@@ -51,6 +56,8 @@ unsafe impl DeviceCopy for DecodeParams {}
 unsafe impl DeviceCopy for AttentionTestParams {}
 unsafe impl DeviceCopy for LmHeadTestParams {}
 unsafe impl DeviceCopy for PrefillAttentionParams {}
+unsafe impl DeviceCopy for StreamParams {}
+unsafe impl DeviceCopy for StreamBlockPlan {}
 
 /// Most end-of-sequence ids one launch stops at: the length of `DecodeParams::eos`.
 pub const MAX_EOS: usize = 4;

@@ -92,6 +92,14 @@ pub fn memset_zero(ptr: cu::CUdeviceptr, bytes: usize) -> Result<()> {
     check(unsafe { cu::cuMemsetD8_v2(ptr, 0, bytes) }, "cuMemsetD8")
 }
 
+/// `cuMemsetD8Async(ptr, 0, bytes)` on `stream`: ordered with the stream's kernels.
+pub fn memset_zero_async(ptr: cu::CUdeviceptr, bytes: usize, stream: cu::CUstream) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    check(unsafe { cu::cuMemsetD8Async(ptr, 0, bytes, stream) }, "cuMemsetD8Async")
+}
+
 /// `cuMemsetD32(ptr, value, words)`.
 pub fn memset_u32(ptr: cu::CUdeviceptr, value: u32, words: usize) -> Result<()> {
     if words == 0 {
@@ -222,6 +230,97 @@ pub unsafe fn launch(
 ) -> Result<()> {
     let p = if params.is_empty() { ptr::null_mut() } else { params.as_mut_ptr() };
     check(cu::cuLaunchKernel(f, grid, 1, 1, block, 1, 1, dynamic_smem, stream, p, ptr::null_mut()), "cuLaunchKernel")
+}
+
+// cuLaunchKernelEx and cuOccupancyMaxActiveClusters (CUDA 12) are newer than cust_raw's
+// bindings: their structures as cuda.h lays them out.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LaunchAttribute {
+    id: u32,
+    _pad: u32,
+    /// `CUlaunchAttributeValue`, a 64-byte union: the cluster's dimensions or the
+    /// cooperative flag in its first words.
+    value: [u32; 16],
+}
+
+#[repr(C)]
+struct LaunchConfig {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_mem_bytes: u32,
+    stream: cu::CUstream,
+    attrs: *mut LaunchAttribute,
+    num_attrs: u32,
+}
+
+const LAUNCH_ATTRIBUTE_COOPERATIVE: u32 = 2;
+const LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION: u32 = 4;
+
+extern "C" {
+    fn cuLaunchKernelEx(
+        config: *const LaunchConfig,
+        f: cu::CUfunction,
+        params: *mut *mut c_void,
+        extra: *mut *mut c_void,
+    ) -> CUresult;
+    fn cuOccupancyMaxActiveClusters(n: *mut i32, f: cu::CUfunction, config: *const LaunchConfig) -> CUresult;
+}
+
+fn cluster_attributes(cluster: u32, cooperative: bool) -> Vec<LaunchAttribute> {
+    let mut dims = [0u32; 16];
+    dims[..3].copy_from_slice(&[cluster, 1, 1]);
+    let mut attrs = vec![LaunchAttribute { id: LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, _pad: 0, value: dims }];
+    if cooperative {
+        let mut one = [0u32; 16];
+        one[0] = 1;
+        attrs.push(LaunchAttribute { id: LAUNCH_ATTRIBUTE_COOPERATIVE, _pad: 0, value: one });
+    }
+    attrs
+}
+
+/// Clusters of `cluster` blocks of `f` that can be resident at once (`cuOccupancyMaxActiveClusters`).
+pub fn max_active_clusters(f: cu::CUfunction, cluster: u32, block: u32, dynamic_smem: u32) -> Result<u32> {
+    let mut attrs = cluster_attributes(cluster, false);
+    let config = LaunchConfig {
+        grid: [cluster, 1, 1],
+        block: [block, 1, 1],
+        shared_mem_bytes: dynamic_smem,
+        stream: ptr::null_mut(),
+        attrs: attrs.as_mut_ptr(),
+        num_attrs: attrs.len() as u32,
+    };
+    let mut n = 0;
+    // SAFETY: `config` and its attributes outlive the call; `n` is a valid out-pointer.
+    check(unsafe { cuOccupancyMaxActiveClusters(&mut n, f, &config) }, "cuOccupancyMaxActiveClusters")?;
+    Ok(n.max(0) as u32)
+}
+
+/// `cuLaunchKernelEx` of a 1-D grid in clusters of `cluster` blocks, cooperative (every block
+/// resident at once).
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_cooperative_clusters(
+    f: cu::CUfunction,
+    stream: cu::CUstream,
+    grid: u32,
+    cluster: u32,
+    block: u32,
+    dynamic_smem: u32,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    let mut attrs = cluster_attributes(cluster, true);
+    let config = LaunchConfig {
+        grid: [grid, 1, 1],
+        block: [block, 1, 1],
+        shared_mem_bytes: dynamic_smem,
+        stream,
+        attrs: attrs.as_mut_ptr(),
+        num_attrs: attrs.len() as u32,
+    };
+    let p = if params.is_empty() { ptr::null_mut() } else { params.as_mut_ptr() };
+    check(cuLaunchKernelEx(&config, f, p, ptr::null_mut()), "cuLaunchKernelEx")
 }
 
 /// `cuLaunchCooperativeKernel` of a 1-D grid.

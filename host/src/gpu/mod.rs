@@ -229,6 +229,16 @@ impl Gpu {
         Ok(buf)
     }
 
+    /// Zeroes `buf` in stream order (after the kernels enqueued before, before those after).
+    pub fn zero_async<T: DeviceCopy>(&self, buf: &DeviceSlice<T>) -> Result<()> {
+        self.make_current()?;
+        driver::memset_zero_async(
+            buf.as_device_ptr().as_raw(),
+            buf.len() * std::mem::size_of::<T>(),
+            self.stream.as_inner(),
+        )
+    }
+
     /// A device buffer holding a copy of `data`.
     pub fn upload<T: DeviceCopy>(&self, data: &[T], what: &str) -> Result<DeviceBuffer<T>> {
         let mut buf = self.alloc_uninit::<T>(data.len(), what)?;
@@ -428,6 +438,44 @@ impl Kernel<'_> {
         driver::launch_cooperative(self.func, stream.as_inner(), grid, block, dynamic_smem, args).with_context(|| {
             format!("kernel {} (grid {grid}, block {block}, {dynamic_smem} B dynamic smem)", self.name)
         })
+    }
+
+    /// Cooperative launch of `grid` blocks in thread-block clusters of `cluster` (sm_90+), after
+    /// checking with the driver that all of them can be resident at once.
+    ///
+    /// # Safety
+    /// As [`launch_cooperative`](Self::launch_cooperative).
+    pub unsafe fn launch_cooperative_clusters(
+        &self,
+        stream: &Stream,
+        grid: u32,
+        cluster: u32,
+        block: u32,
+        dynamic_smem: u32,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        if !self.gpu.cooperative {
+            bail!("{} does not support cooperative launches", self.gpu.name);
+        }
+        let fit = self.max_active_clusters(cluster, block, dynamic_smem)?;
+        if grid == 0 || !grid.is_multiple_of(cluster) || grid / cluster > fit {
+            bail!(
+                "launch of {} with {grid} blocks in clusters of {cluster} ({block} threads, {dynamic_smem} bytes of \
+                 dynamic shared memory): {} holds at most {fit} such clusters at once",
+                self.name,
+                self.gpu.name
+            );
+        }
+        self.gpu.make_current()?;
+        driver::launch_cooperative_clusters(self.func, stream.as_inner(), grid, cluster, block, dynamic_smem, args)
+            .with_context(|| format!("kernel {} (grid {grid} in clusters of {cluster}, block {block})", self.name))
+    }
+
+    /// Clusters of `cluster` blocks of this kernel that fit on the GPU at once.
+    pub fn max_active_clusters(&self, cluster: u32, block: u32, dynamic_smem: u32) -> Result<u32> {
+        self.gpu.make_current()?;
+        driver::max_active_clusters(self.func, cluster, block, dynamic_smem)
+            .with_context(|| format!("kernel {}", self.name))
     }
 
     /// Ordinary launch (`cuLaunchKernel`) of a 1-D grid.

@@ -16,8 +16,8 @@ mod split_graph;
 
 use anyhow::{bail, ensure, Result};
 use host::backend::SamplingParams;
-use host::engine::abi::FLAG_PROFILE_BARRIERS;
-use host::engine::{GpuEngine, LaunchSpec};
+use host::engine::abi::{FLAG_PROFILE_BARRIERS, STREAM_CLUSTER, STREAM_GRID, STREAM_THREADS};
+use host::engine::{GpuEngine, LaunchSpec, StreamStep};
 use host::gpu::measure_read_bandwidth;
 use host::model::config::GenerationConfig;
 use host::model::synth::{write_checkpoint, SynthSpec};
@@ -26,6 +26,7 @@ use host::stats::median;
 use serde_json::json;
 use split_graph::Comparison;
 use std::path::PathBuf;
+use std::time::Instant;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -61,6 +62,10 @@ pub struct BenchArgs {
     /// Repeat the flag to time several in one run.
     #[arg(long, default_value = "default", action = clap::ArgAction::Append, allow_hyphen_values = true)]
     sampling: Vec<String>,
+    /// Also time the streaming step (kernel/src/stream.rs; greedy only, sm_90) at the same
+    /// positions, in the same process, against the same probe and byte count.
+    #[arg(long)]
+    stream: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -150,12 +155,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let mut engine = GpuEngine::new(&weights, max_ctx)?;
+    let mut stream = if args.stream { Some(engine.stream_step(&weights)?) } else { None };
     drop(weights);
     engine.set_eos(&[])?; // random weights may well produce an EOS id; time every step
     engine.randomize_kv_cache(0x5eed)?;
     let probe = measure_read_bandwidth(engine.gpu(), 2 << 30)?;
 
     let mut rows = Vec::new();
+    let mut stream_rows = Vec::new();
     for ((label, sampling), &p) in samplings.iter().flat_map(|s| args.positions.iter().map(move |p| (s, p))) {
         let spec = LaunchSpec {
             start_pos: p,
@@ -193,7 +200,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let comparison =
             if args.compare { Some(split_graph::compare_at(&mut engine, p, args.steps, args.reps)?) } else { None };
         rows.push(Row { sampling: label.clone(), position: p, us_median, us_min, bytes, barrier_share, comparison });
+        if let (Some(step), true) = (stream.as_mut(), sampling.is_greedy()) {
+            let mut row = time_stream_step(step, &engine, p, args.steps, args.reps, bytes)?;
+            let marks = step.trace(&engine, p as usize, args.steps as usize)?;
+            row.trace = trace_summary(&marks, engine.gpu().clock_rate_khz()? as f64);
+            stream_rows.push(row);
+        }
     }
+    ensure!(
+        !args.stream || !stream_rows.is_empty(),
+        "--stream times the streaming step with greedy sampling only: add --sampling greedy"
+    );
     let (act_bytes, act_extra_split) = split_graph::intermediate_bytes(&engine);
 
     let name = engine.gpu().name().to_string();
@@ -238,6 +255,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "activation_bytes_per_step": act_bytes,
             "activation_bytes_per_step_split_extra": act_extra_split,
             "rows": r,
+            "streaming_step": stream_rows.iter().map(|r| json!({
+                "position": r.position,
+                "tokens_per_s": 1e6 / r.us_median,
+                "us_per_token_median": r.us_median,
+                "us_per_token_min": r.us_min,
+                "gb_per_s": r.bytes as f64 / (r.us_median * 1e-6) / 1e9,
+                "percent_of_probe": 100.0 * r.bytes as f64 / (r.us_median * 1e-6) / probe,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -276,7 +301,115 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.compare {
         print_comparison(&rows, probe, engine.barriers_per_step(), args.steps, act_bytes, act_extra_split);
     }
+    if !stream_rows.is_empty() {
+        println!(
+            "\n## the streaming step (greedy): {STREAM_GRID} blocks in clusters of {STREAM_CLUSTER}, {STREAM_THREADS} threads, \
+             no grid barrier\n"
+        );
+        println!(
+            "| position | tok/s | us/token (median) | us/token (min) | MB/token | GB/s | % of probe | vs megakernel |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for r in &stream_rows {
+            let gbs = r.bytes as f64 / (r.us_median * 1e-6) / 1e9;
+            let mega = rows.iter().find(|m| m.position == r.position && m.sampling == "greedy");
+            println!(
+                "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1}% | {} |",
+                r.position,
+                1e6 / r.us_median,
+                r.us_median,
+                r.us_min,
+                r.bytes as f64 / 1e6,
+                gbs,
+                100.0 * gbs * 1e9 / probe,
+                mega.map_or(String::new(), |m| format!("{:.2}x", m.us_median / r.us_median))
+            );
+        }
+        println!(
+            "\ntrace of the last step of a launch (median over blocks; us after the layer's or the LM head's start):\n"
+        );
+        for r in &stream_rows {
+            let items: Vec<String> = r.trace.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
+            println!("- position {}: {}", r.position, items.join(", "));
+        }
+    }
     Ok(())
+}
+
+/// One row of the streaming step's table.
+struct StreamRow {
+    position: u32,
+    us_median: f64,
+    us_min: f64,
+    bytes: u64,
+    /// The trace's marks, us after the start of their layer or of the LM head (median over
+    /// the blocks that record each).
+    trace: Vec<(&'static str, f64)>,
+}
+
+/// Where a traced step's time goes: each mark of layer `STREAM_TRACE_LAYER` as us after the
+/// layer's start, then the LM head's pages and the token as us after the LM head's start.
+fn trace_summary(marks: &[u64], clock_khz: f64) -> Vec<(&'static str, f64)> {
+    use host::engine::abi::{StreamMark as M, STREAM_HEAD_BLOCKS, STREAM_TRACE_MARKS};
+    let per = STREAM_TRACE_MARKS as usize;
+    let us = |cycles: u64| cycles as f64 / clock_khz * 1e3;
+    let blocks: Vec<&[u64]> = marks.chunks_exact(per).collect();
+    let since = |m: M, from: M, heads_only: bool| {
+        let mut v: Vec<f64> = blocks
+            .iter()
+            .enumerate()
+            .filter(|(b, _)| !heads_only || (*b as u32) < STREAM_HEAD_BLOCKS)
+            .map(|(_, t)| us(t[m as usize].wrapping_sub(t[from as usize])))
+            .collect();
+        median(&mut v)
+    };
+    let mut out = Vec::new();
+    for (name, m) in [
+        ("q/k/v pages", M::QkvPages),
+        ("q/k/v exchanged", M::QkvExchanged),
+        ("cached positions", M::CachedPositions),
+        ("attention merged", M::AttentionMerged),
+        ("o pages", M::OPages),
+        ("o sum published", M::OSumPublished),
+    ] {
+        out.push((name, since(m, M::LayerStart, true)));
+    }
+    for (name, m) in [
+        ("o sum seen", M::OSumSeen),
+        ("gate/up pages", M::GateUpPages),
+        ("down pages", M::DownPages),
+        ("down sum published", M::DownSumPublished),
+        ("layer (down sum seen)", M::DownSumSeen),
+    ] {
+        out.push((name, since(m, M::LayerStart, false)));
+    }
+    out.push(("LM head pages", since(M::LmHeadPages, M::LmHeadStart, false)));
+    out.push(("token known", since(M::TokenKnown, M::LmHeadStart, false)));
+    out.push(("step", since(M::TokenKnown, M::StepStart, false)));
+    out
+}
+
+/// The streaming step at position `p`: `steps` tokens a launch, one warm-up, `reps` timed
+/// launches, each from launch to completion as the megakernel's rows are timed.
+fn time_stream_step(
+    step: &mut StreamStep,
+    engine: &GpuEngine,
+    p: u32,
+    steps: u32,
+    reps: u32,
+    bytes: u64,
+) -> Result<StreamRow> {
+    let token = [1u32];
+    step.run(engine, p as usize, &token, steps as usize, false)?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let started = Instant::now();
+        step.launch(engine, p as usize, &token, steps as usize, false)?;
+        engine.gpu().synchronize()?;
+        times.push(started.elapsed().as_secs_f64() * 1e6 / steps as f64);
+    }
+    let us_min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    Ok(StreamRow { position: p, us_median: median(&mut times), us_min, bytes, trace: Vec::new() })
 }
 
 fn print_comparison(rows: &[Row], probe: f64, barriers: u32, steps: u32, act_bytes: u64, act_extra: u64) {
