@@ -15,7 +15,8 @@
 # summary line per run and a total; exits non-zero if any run reported errors or did not
 # finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_ONLY=REGEX only the runs whose
 # name matches; SANITIZE_TIMEOUT (s) bounds each run;
-# SANITIZE_TINY=0 runs only the full-size model's part.
+# SANITIZE_TINY=0 runs only the full-size model's part; SANITIZE_STREAM=0 leaves out the
+# streaming step's runs (they need an sm_90 GPU).
 set -u
 cd "$(dirname "$0")"
 san=${COMPUTE_SANITIZER:-compute-sanitizer}
@@ -143,6 +144,19 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
     done
     [[ " $tools " == *" memcheck "* ]] && run "memcheck full-size bench --compare (megakernel + split kernels)" "$san" --tool memcheck \
         ./host bench --model "$SANITIZE_FULL_MODEL" --positions 5 --steps 2 --reps 1 --compare
+    # The streaming step (sm_90: clusters, bulk copies, st.async hand-offs): one step at
+    # position 1 and one at 300 over a random KV cache (every cluster block walks its chunk of
+    # the cache in rounds), from its GPU test.
+    stream=$(ls tests/gpu_stream-* 2>/dev/null | head -1)
+    if [ "${SANITIZE_STREAM:-1}" = 1 ] && [ -n "$stream" ]; then
+        for tool in $tools; do
+            extra=()
+            [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+            QWEN3_FULL_CHECKPOINT=$SANITIZE_FULL_MODEL run "$tool full-size streaming step (positions 1 and 300)" \
+                "$san" --tool "$tool" "${extra[@]}" "$stream" --ignored --exact \
+                stream_step_chooses_its_logits_arg_max_at_short_and_long_context
+        done
+    fi
 fi
 # The summary again, one line per run, last (the end of a long log is what gets read).
 echo

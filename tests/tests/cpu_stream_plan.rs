@@ -1,0 +1,118 @@
+//! The streaming step's plan and tile order (host/src/engine/stream_plan.rs), checked without a
+//! GPU: every weight streamed exactly once, pages the loader can copy whole, and hand-off
+//! sums whose bits do not depend on the order they are added in.
+
+use half::bf16;
+use host::engine::abi::*;
+use host::engine::stream_plan::{
+    block_plans, decode_sum, down_tiles, encode_part, layer_bytes, mlp_pages, o_tiles, MlpSplit,
+};
+
+const VOCAB: usize = 151936;
+
+#[test]
+fn every_mlp_unit_and_lm_row_has_one_block() {
+    for split in [MlpSplit::EvenBytes, MlpSplit::RingFirst] {
+        let plans = block_plans(VOCAB, split);
+        assert_eq!(plans.len(), STREAM_GRID as usize);
+        let (mut unit, mut row) = (0, 0);
+        for (b, p) in plans.iter().enumerate() {
+            assert_eq!(p.mlp_start, unit, "{split:?}: block {b}'s MLP units do not follow the previous block's");
+            assert_eq!(p.lm_start, row, "{split:?}: block {b}'s LM-head rows do not follow the previous block's");
+            assert!(
+                p.mlp_units >= 1 && p.mlp_units <= STREAM_MAX_UNITS,
+                "{split:?}: block {b}: {} MLP units",
+                p.mlp_units
+            );
+            assert!(
+                p.lm_rows > 0 && p.lm_rows.is_multiple_of(STREAM_LM_ROWS_PER_PAGE),
+                "block {b}: {} LM rows",
+                p.lm_rows
+            );
+            unit += p.mlp_units;
+            row += p.lm_rows;
+        }
+        assert_eq!(unit, STREAM_MLP_UNITS, "{split:?}: the MLP units do not add up");
+        assert_eq!(row as usize, VOCAB, "{split:?}: the LM-head rows do not add up");
+        let pages: Vec<u32> = plans.iter().map(|p| p.lm_rows / STREAM_LM_ROWS_PER_PAGE).collect();
+        assert!(pages.iter().max().unwrap() - pages.iter().min().unwrap() <= 1, "LM-head pages {pages:?}");
+    }
+}
+
+/// Split by bytes, the slowest block streams within one MLP unit of the average per layer
+/// (31.5 MB over 120 blocks is 256 KiB each); split ring first, every block without attention
+/// holds its whole MLP share in its ring, and takes as many units as fit.
+#[test]
+fn the_splits_do_what_they_say() {
+    let layer = 2 * (4096 * 1024 + 1024 * 2048 + 3 * 3072 * 1024) as u64;
+    let bytes = |plans: &[StreamBlockPlan]| -> Vec<u64> {
+        plans.iter().enumerate().map(|(b, p)| layer_bytes((b as u32) < STREAM_HEAD_BLOCKS, p.mlp_units)).collect()
+    };
+    let even = bytes(&block_plans(VOCAB, MlpSplit::EvenBytes));
+    assert_eq!(even.iter().sum::<u64>(), layer, "the blocks' pages are not one layer's weights");
+    let unit = (STREAM_PAGE_BYTES + STREAM_DOWN_UNIT_BYTES) as u64;
+    let worst = *even.iter().max().unwrap();
+    assert!(
+        worst <= layer / STREAM_GRID as u64 + unit,
+        "split by bytes, the slowest block streams {worst} bytes a layer"
+    );
+
+    let ring = block_plans(VOCAB, MlpSplit::RingFirst);
+    assert_eq!(bytes(&ring).iter().sum::<u64>(), layer);
+    for p in &ring[STREAM_HEAD_BLOCKS as usize..] {
+        assert!(mlp_pages(p.mlp_units) <= STREAM_RING_PAGES, "{} units do not fit the ring", p.mlp_units);
+        assert!(mlp_pages(p.mlp_units + 1) > STREAM_RING_PAGES, "{} units leave room in the ring", p.mlp_units);
+    }
+}
+
+#[test]
+fn the_tiles_are_the_matrices_columns() {
+    let q_dim = (STREAM_HEADS * STREAM_HEAD_DIM) as usize;
+    let (hidden, inter) = (STREAM_HIDDEN as usize, STREAM_INTER as usize);
+    let o: Vec<bf16> = (0..hidden * q_dim).map(|i| bf16::from_bits((i * 7 % 65521) as u16)).collect();
+    let t = o_tiles(&o);
+    assert_eq!(t.len(), o.len());
+    for (b, row, c) in [(0, 0, 0), (5, 17, 31), (63, 1023, 7), (31, 512, 16)] {
+        assert_eq!(
+            t[(b * hidden + row) * 32 + c],
+            o[row * q_dim + 32 * b + c].to_bits(),
+            "o tile {b} row {row} col {c}"
+        );
+    }
+    let d: Vec<bf16> = (0..hidden * inter).map(|i| bf16::from_bits((i * 13 % 65521) as u16)).collect();
+    let t = down_tiles(&d);
+    assert_eq!(t.len(), d.len());
+    // Two units' tiles make one ring page.
+    assert_eq!(2 * hidden * 4 * 2, STREAM_PAGE_BYTES as usize);
+    for (u, row, c) in [(0, 0, 0), (767, 1023, 3), (100, 5, 2)] {
+        assert_eq!(
+            t[(u * hidden + row) * 4 + c],
+            d[row * inter + 4 * u + c].to_bits(),
+            "down tile {u} row {row} col {c}"
+        );
+    }
+    // A tile is a whole number of the loader's copies.
+    assert_eq!(hidden * 32 * 2, (STREAM_O_PAGES * STREAM_PAGE_BYTES) as usize);
+    assert_eq!(hidden * 4 * 2, STREAM_DOWN_UNIT_BYTES as usize);
+}
+
+#[test]
+fn hand_off_sums_count_and_do_not_depend_on_order() {
+    let parts = [0.5f32, -1.25, 3.0e-5, 1000.0, -999.9, 7.0, -0.001, 2.0e-9, 42.0, -42.0, 0.3, 0.7, -5.5, 6.25, 1.0e4];
+    let add = |order: &[usize]| order.iter().fold(0u64, |w, &i| w.wrapping_add(encode_part(parts[i])));
+    let forward: Vec<usize> = (0..parts.len()).collect();
+    let backward: Vec<usize> = forward.iter().rev().cloned().collect();
+    let shuffled = [7, 3, 14, 0, 9, 1, 12, 5, 2, 11, 8, 13, 4, 10, 6];
+    let w = add(&forward);
+    assert_eq!(w, add(&backward));
+    assert_eq!(w, add(&shuffled));
+    let n = parts.len() as u32;
+    let v = decode_sum(w, n).expect("the word counts its parts");
+    let exact: f64 = parts.iter().map(|&p| p as f64).sum();
+    assert!((v as f64 - exact).abs() < 1e-3, "{v} vs {exact}");
+    assert!(decode_sum(w, n - 1).is_none() && decode_sum(w, n + 1).is_none(), "a partial sum passed for complete");
+    // Out of range and NaN are clamped, never carried into the count.
+    let big = encode_part(f32::INFINITY).wrapping_add(encode_part(f32::NAN));
+    assert_eq!(decode_sum(big, 2), Some(0.0));
+    assert_eq!(decode_sum(encode_part(-3.0e9), 1), Some(-STREAM_CLAMP));
+}
