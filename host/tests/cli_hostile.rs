@@ -242,3 +242,13 @@ fn bad_bench_prefill_lengths_are_refused_before_the_gpu_is_opened() {
         assert!(stderr.contains("--prefill"), "bench {extra:?}: {stderr}");
     }
 }
+
+#[test]
+fn bench_stream_without_greedy_sampling_is_refused_before_the_gpu_is_opened() {
+    // The streaming step draws greedily only; asking to time it with sampling alone is refused
+    // once the checkpoint's sampling is known, before the GPU is opened.
+    let dir = tiny();
+    let m = dir.path().to_str().unwrap();
+    let e = fails(&["bench", "--model", m, "--stream", "--sampling", "0.7,20,0.9"]);
+    assert!(e.contains("--stream") && e.contains("greedy"), "{e}");
+}

@@ -145,6 +145,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let (weights, gen_config) = load_weights(&args)?;
     let samplings = args.sampling.iter().map(|s| parse_sampling(s, &gen_config)).collect::<Result<Vec<_>>>()?;
+    ensure!(
+        !args.stream || samplings.iter().any(|(_, p)| p.is_greedy()),
+        "--stream times the streaming step with greedy sampling only: add --sampling greedy"
+    );
     let max_pos = *args.positions.iter().max().unwrap();
     let max_ctx = (max_pos + args.steps + 1) as usize;
     if max_ctx > weights.config.max_position_embeddings {
@@ -207,10 +211,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             stream_rows.push(row);
         }
     }
-    ensure!(
-        !args.stream || !stream_rows.is_empty(),
-        "--stream times the streaming step with greedy sampling only: add --sampling greedy"
-    );
+
     let (act_bytes, act_extra_split) = split_graph::intermediate_bytes(&engine);
 
     let name = engine.gpu().name().to_string();
@@ -284,19 +285,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
-        let gbs = r.bytes as f64 / (r.us_median * 1e-6) / 1e9;
-        println!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1}% | {:.1}% |",
-            r.sampling,
-            r.position,
-            1e6 / r.us_median,
-            r.us_median,
-            r.us_min,
-            r.bytes as f64 / 1e6,
-            gbs,
-            100.0 * gbs * 1e9 / probe,
-            100.0 * r.barrier_share
-        );
+        let speed = speed_cells(r.us_median, r.us_min, r.bytes, probe);
+        println!("| {} | {} | {speed} | {:.1}% |", r.sampling, r.position, 100.0 * r.barrier_share);
     }
     if args.compare {
         print_comparison(&rows, probe, engine.barriers_per_step(), args.steps, act_bytes, act_extra_split);
@@ -311,19 +301,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &stream_rows {
-            let gbs = r.bytes as f64 / (r.us_median * 1e-6) / 1e9;
             let mega = rows.iter().find(|m| m.position == r.position && m.sampling == "greedy");
-            println!(
-                "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1}% | {} |",
-                r.position,
-                1e6 / r.us_median,
-                r.us_median,
-                r.us_min,
-                r.bytes as f64 / 1e6,
-                gbs,
-                100.0 * gbs * 1e9 / probe,
-                mega.map_or(String::new(), |m| format!("{:.2}x", m.us_median / r.us_median))
-            );
+            let ratio = mega.map_or(String::new(), |m| format!("{:.2}x", m.us_median / r.us_median));
+            println!("| {} | {} | {ratio} |", r.position, speed_cells(r.us_median, r.us_min, r.bytes, probe));
         }
         println!(
             "\ntrace of the last step of a launch (median over blocks; us after the layer's or the LM head's start):\n"
@@ -334,6 +314,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A table row's speed cells: tok/s, us/token (median, min), MB/token, GB/s, % of the probe.
+fn speed_cells(us_median: f64, us_min: f64, bytes: u64, probe: f64) -> String {
+    let gbs = bytes as f64 / (us_median * 1e-6) / 1e9;
+    format!(
+        "{:.0} | {us_median:.1} | {us_min:.1} | {:.1} | {gbs:.0} | {:.1}%",
+        1e6 / us_median,
+        bytes as f64 / 1e6,
+        100.0 * gbs * 1e9 / probe
+    )
 }
 
 /// One row of the streaming step's table.
@@ -363,26 +354,21 @@ fn trace_summary(marks: &[u64], clock_khz: f64) -> Vec<(&'static str, f64)> {
             .collect();
         median(&mut v)
     };
-    let mut out = Vec::new();
-    for (name, m) in [
-        ("q/k/v pages", M::QkvPages),
-        ("q/k/v exchanged", M::QkvExchanged),
-        ("cached positions", M::CachedPositions),
-        ("attention merged", M::AttentionMerged),
-        ("o pages", M::OPages),
-        ("o sum published", M::OSumPublished),
-    ] {
-        out.push((name, since(m, M::LayerStart, true)));
-    }
-    for (name, m) in [
-        ("o sum seen", M::OSumSeen),
-        ("gate/up pages", M::GateUpPages),
-        ("down pages", M::DownPages),
-        ("down sum published", M::DownSumPublished),
-        ("layer (down sum seen)", M::DownSumSeen),
-    ] {
-        out.push((name, since(m, M::LayerStart, false)));
-    }
+    // (name, mark, recorded by head blocks only)
+    let layer = [
+        ("q/k/v pages", M::QkvPages, true),
+        ("q/k/v exchanged", M::QkvExchanged, true),
+        ("cached positions", M::CachedPositions, true),
+        ("attention merged", M::AttentionMerged, true),
+        ("o pages", M::OPages, true),
+        ("o sum published", M::OSumPublished, true),
+        ("o sum seen", M::OSumSeen, false),
+        ("gate/up pages", M::GateUpPages, false),
+        ("down pages", M::DownPages, false),
+        ("down sum published", M::DownSumPublished, false),
+        ("layer (down sum seen)", M::DownSumSeen, false),
+    ];
+    let mut out: Vec<_> = layer.iter().map(|&(name, m, heads)| (name, since(m, M::LayerStart, heads))).collect();
     out.push(("LM head pages", since(M::LmHeadPages, M::LmHeadStart, false)));
     out.push(("token known", since(M::TokenKnown, M::LmHeadStart, false)));
     out.push(("step", since(M::TokenKnown, M::StepStart, false)));
