@@ -12,18 +12,17 @@ const VOCAB: usize = 151936;
 
 #[test]
 fn every_mlp_unit_and_lm_row_has_one_block() {
-    for split in [MlpSplit::EvenBytes, MlpSplit::RingFirst] {
+    for split in [MlpSplit::EvenBytes, MlpSplit::RingFirst, MlpSplit::HeadUnits(0), MlpSplit::HeadUnits(2)] {
         let plans = block_plans(VOCAB, split);
         assert_eq!(plans.len(), STREAM_GRID as usize);
         let (mut unit, mut row) = (0, 0);
         for (b, p) in plans.iter().enumerate() {
             assert_eq!(p.mlp_start, unit, "{split:?}: block {b}'s MLP units do not follow the previous block's");
             assert_eq!(p.lm_start, row, "{split:?}: block {b}'s LM-head rows do not follow the previous block's");
-            assert!(
-                p.mlp_units >= 1 && p.mlp_units <= STREAM_MAX_UNITS,
-                "{split:?}: block {b}: {} MLP units",
-                p.mlp_units
-            );
+            assert!(p.mlp_units <= STREAM_MAX_UNITS, "{split:?}: block {b}: {} MLP units", p.mlp_units);
+            if split != MlpSplit::HeadUnits(0) {
+                assert!(p.mlp_units >= 1, "{split:?}: block {b} has no MLP units");
+            }
             assert!(
                 p.lm_rows > 0 && p.lm_rows.is_multiple_of(STREAM_LM_ROWS_PER_PAGE),
                 "block {b}: {} LM rows",
@@ -62,6 +61,20 @@ fn the_splits_do_what_they_say() {
     for p in &ring[STREAM_HEAD_BLOCKS as usize..] {
         assert!(mlp_pages(p.mlp_units) <= STREAM_RING_PAGES, "{} units do not fit the ring", p.mlp_units);
         assert!(mlp_pages(p.mlp_units + 1) > STREAM_RING_PAGES, "{} units leave room in the ring", p.mlp_units);
+    }
+}
+
+#[test]
+fn splits_parse_and_refuse_what_the_blocks_cannot_take() {
+    assert_eq!(MlpSplit::parse("even"), Some(MlpSplit::EvenBytes));
+    assert_eq!(MlpSplit::parse("ring"), Some(MlpSplit::RingFirst));
+    assert_eq!(MlpSplit::parse("heads:3"), Some(MlpSplit::HeadUnits(3)));
+    let plans = block_plans(VOCAB, MlpSplit::HeadUnits(3));
+    assert!(plans[..STREAM_HEAD_BLOCKS as usize].iter().all(|p| p.mlp_units == 3));
+    // 0 units for the head blocks leaves 768 over 56 blocks: 14 each at most, within 16.
+    assert!(MlpSplit::parse("heads:0").is_some());
+    for bad in ["heads:17", "heads:13", "heads:", "heads:x", "fast", ""] {
+        assert_eq!(MlpSplit::parse(bad), None, "{bad:?} accepted");
     }
 }
 

@@ -51,6 +51,31 @@ pub enum MlpSplit {
     /// attention's sum with nothing else to do, so their whole share can be in shared memory
     /// by then); the blocks with attention take the rest.
     RingFirst,
+    /// Each block with attention takes this many units (0 ..= `STREAM_MAX_UNITS`), the others
+    /// the rest (for sweeps: `QWEN3_STREAM_SPLIT=heads:N`).
+    HeadUnits(u32),
+}
+
+impl MlpSplit {
+    /// `even`, `ring` or `heads:N`; `None` for anything else or a split the blocks cannot take.
+    pub fn parse(s: &str) -> Option<MlpSplit> {
+        let split = match s {
+            "even" => MlpSplit::EvenBytes,
+            "ring" => MlpSplit::RingFirst,
+            _ => MlpSplit::HeadUnits(s.strip_prefix("heads:")?.parse().ok()?),
+        };
+        if let MlpSplit::HeadUnits(n) = split {
+            let heads = STREAM_HEAD_BLOCKS * n;
+            let others = STREAM_GRID - STREAM_HEAD_BLOCKS;
+            let fits = n <= STREAM_MAX_UNITS
+                && heads <= STREAM_MLP_UNITS
+                && (STREAM_MLP_UNITS - heads).div_ceil(others) <= STREAM_MAX_UNITS;
+            if !fits {
+                return None;
+            }
+        }
+        Some(split)
+    }
 }
 
 /// Ring pages `units` MLP units take: a gate/up page each, a down page per two.
@@ -85,6 +110,7 @@ pub fn block_plans(vocab: usize, split: MlpSplit) -> Vec<StreamBlockPlan> {
             let other_total = (others * fit).min(STREAM_MLP_UNITS - heads);
             (STREAM_MLP_UNITS - other_total, other_total)
         }
+        MlpSplit::HeadUnits(n) => (heads * n, STREAM_MLP_UNITS - heads * n),
     };
     let mut plans = vec![StreamBlockPlan::default(); grid];
     let mut start = 0;

@@ -76,11 +76,13 @@ impl GpuEngine {
         let gpu = &self.gpu;
         let o_tiles = gpu.upload(&o, "o_proj in the streaming step's tiles")?;
         let down_tiles = gpu.upload(&down, "down_proj in the streaming step's tiles")?;
-        // An experiment: QWEN3_STREAM_SPLIT=even splits the MLP by bytes alone.
-        let split = match std::env::var("QWEN3_STREAM_SPLIT").as_deref() {
-            Ok("even") => MlpSplit::EvenBytes,
-            Ok("ring") | Err(_) => MlpSplit::RingFirst,
-            Ok(other) => anyhow::bail!("QWEN3_STREAM_SPLIT={other}: expected even or ring"),
+        // Experiments: QWEN3_STREAM_SPLIT=even splits the MLP by bytes alone, heads:N gives each
+        // block with attention N units.
+        let split = match std::env::var("QWEN3_STREAM_SPLIT") {
+            Err(_) => MlpSplit::RingFirst,
+            Ok(v) => MlpSplit::parse(&v).with_context(|| {
+                format!("QWEN3_STREAM_SPLIT={v}: expected even, ring or heads:N with N units the blocks can take")
+            })?,
         };
         let plan = gpu.upload(&block_plans(c.vocab_size, split), "streaming plan")?;
         let n_layers = c.num_hidden_layers as u32;
