@@ -245,6 +245,42 @@ pub fn warp_sum(mut v: f32) -> f32 {
     }
     v
 }
+/// Eight sums over the 32 lanes at once, in 9 shuffles (8 separate [`warp_sum`]s take 40, in
+/// 8 dependent chains): each step sends half of the sums still held to the partner lane and
+/// keeps the other half. Lane `l` gets the sum of `v[(l >> 2) & 7]`, in a fixed order.
+#[inline(always)]
+pub fn warp_sum8(v: [f32; 8]) -> f32 {
+    let l = lane();
+    let (hi4, hi3, hi2) = (l & 16 != 0, l & 8 != 0, l & 4 != 0);
+    let mut four = [0.0f32; 4];
+    for i in 0..4 {
+        let (keep, send) = if hi4 { (v[4 + i], v[i]) } else { (v[i], v[4 + i]) };
+        four[i] = keep + shfl_xor_f32(send, 16);
+    }
+    let mut two = [0.0f32; 2];
+    for i in 0..2 {
+        let (keep, send) = if hi3 { (four[2 + i], four[i]) } else { (four[i], four[2 + i]) };
+        two[i] = keep + shfl_xor_f32(send, 8);
+    }
+    let (keep, send) = if hi2 { (two[1], two[0]) } else { (two[0], two[1]) };
+    let mut s = keep + shfl_xor_f32(send, 4);
+    s += shfl_xor_f32(s, 2);
+    s + shfl_xor_f32(s, 1)
+}
+/// Four sums over each group of four lanes (`l & !3 ..`) at once, in 3 shuffles: lane `l`
+/// gets the group's sum of `v[l & 3]`, in a fixed order.
+#[inline(always)]
+pub fn quad_sum4(v: [f32; 4]) -> f32 {
+    let l = lane();
+    let (hi1, hi0) = (l & 2 != 0, l & 1 != 0);
+    let mut two = [0.0f32; 2];
+    for i in 0..2 {
+        let (keep, send) = if hi1 { (v[2 + i], v[i]) } else { (v[i], v[2 + i]) };
+        two[i] = keep + shfl_xor_f32(send, 2);
+    }
+    let (keep, send) = if hi0 { (two[1], two[0]) } else { (two[0], two[1]) };
+    keep + shfl_xor_f32(send, 1)
+}
 /// Integer sum over the 32 lanes (the same in any order); every lane gets the result.
 #[inline(always)]
 pub fn warp_sum_u64(mut v: u64) -> u64 {
@@ -964,6 +1000,14 @@ pub unsafe fn mbarrier_wait_cluster(bar: u32, parity: u32) {
 pub unsafe fn bulk_copy_to_shared(dst: u32, src: u64, bytes: u32, bar: u32) {
     asm!("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [{0}], [{1}], {2}, [{3}];",
          in(reg32) dst, in(reg64) src, in(reg32) bytes, in(reg32) bar, options(nostack));
+}
+
+/// Orders this thread's earlier accesses through the generic proxy (or those it acquired) before
+/// its later bulk copies, which read global memory through the async proxy.
+#[cfg(target_feature = "sm_90")]
+#[inline(always)]
+pub unsafe fn fence_proxy_async_global() {
+    asm!("fence.proxy.async.global;", options(nostack));
 }
 
 /// The address of shared byte `addr` of cluster block `rank` (`mapa`).

@@ -287,6 +287,24 @@ pub unsafe extern "ptx-kernel" fn test_warp_reduce(
     }
 }
 
+/// `warp_sum8` over each warp: lane `l` of warp `w` sums `v[8 (32 w + l) .. + 8]` with the
+/// warp's other lanes and writes what it gets to `out[32 w + l]`; `quad_sum4` of the first
+/// four of them to `quad[32 w + l]`.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn test_warp_sum8(v: *const f32, n_warps: u32, out: *mut f32, quad: *mut f32) {
+    let w = global_warp();
+    if w >= n_warps {
+        return;
+    }
+    let k = (w * WARP_SIZE + lane()) as usize;
+    let mut x = [0.0f32; 8];
+    for (i, xi) in x.iter_mut().enumerate() {
+        *xi = *v.add(8 * k + i);
+    }
+    *out.add(k) = warp_sum8(x);
+    *quad.add(k) = quad_sum4([x[0], x[1], x[2], x[3]]);
+}
+
 /// `block_sum` twice in a row over the same scratch: block `b` sums `v[b*blockDim ..]`, then
 /// twice those values. Thread 0 writes `out[2b]` and `out[2b+1]`; any thread whose results
 /// differ from thread 0's counts in `errors`. Needs `4 * warps` bytes of dynamic shared memory.

@@ -357,6 +357,74 @@ fn butterfly<T: Copy>(mut v: [T; WARP], f: impl Fn(T, T) -> T) -> [T; WARP] {
     v
 }
 
+/// `warp_sum8` replayed on the CPU in the same order: at each step (lane masks 16, 8, 4) a
+/// lane keeps the half of its sums its mask bit names and adds its partner's copy of them;
+/// masks 2 and 1 then sum the one left.
+fn warp_sum8_cpu(v: &[[f32; 8]; WARP]) -> [f32; WARP] {
+    let mut held: Vec<Vec<f32>> = v.iter().map(|x| x.to_vec()).collect();
+    for m in [16usize, 8, 4] {
+        let prev = held.clone();
+        for (l, h) in held.iter_mut().enumerate() {
+            let half = prev[l].len() / 2;
+            let at = if l & m != 0 { half } else { 0 };
+            *h = (0..half).map(|i| prev[l][at + i] + prev[l ^ m][at + i]).collect();
+        }
+    }
+    let mut one: [f32; WARP] = std::array::from_fn(|l| held[l][0]);
+    for m in [2usize, 1] {
+        let prev = one;
+        for (l, x) in one.iter_mut().enumerate() {
+            *x = prev[l] + prev[l ^ m];
+        }
+    }
+    one
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn warp_sum8_matches_cpu() {
+    let gpu = open_gpu();
+    let n_warps = 1024usize;
+    let mut rng = Rng(3);
+    let v: Vec<f32> = (0..n_warps * WARP * 8)
+        .map(|_| rng.uniform(-1.0, 1.0) * 2f32.powi((rng.next_u32() % 30) as i32 - 15))
+        .collect();
+    let vb = gpu.upload(&v, "v").unwrap();
+    let out = gpu.alloc::<f32>(n_warps * WARP, "out").unwrap();
+    let quad = gpu.alloc::<f32>(n_warps * WARP, "quad").unwrap();
+    let k = gpu.kernel("test_warp_sum8").unwrap();
+    let (mut pv, mut nw, mut po, mut pq) = (dptr(&vb), n_warps as u32, dptr(&out), dptr(&quad));
+    unsafe { k.launch(gpu.stream(), (n_warps * WARP / 256) as u32, 256, 0, &mut args!(pv, nw, po, pq)).unwrap() };
+    gpu.synchronize().unwrap();
+    let (out, quad) = (gpu.download(&out).unwrap(), gpu.download(&quad).unwrap());
+    for w in 0..n_warps {
+        let lanes: [[f32; 8]; WARP] = std::array::from_fn(|l| v[8 * (w * WARP + l)..][..8].try_into().unwrap());
+        let want = warp_sum8_cpu(&lanes);
+        for l in 0..WARP {
+            let got = out[w * WARP + l];
+            assert_eq!(got.to_bits(), want[l].to_bits(), "warp {w} lane {l}: gpu {got} cpu twin {}", want[l]);
+            // And it is the sum lane l is meant to hold: index (l >> 2) & 7 over all lanes.
+            let i = (l >> 2) & 7;
+            let exact: f64 = lanes.iter().map(|x| x[i] as f64).sum();
+            let scale: f64 = lanes.iter().map(|x| (x[i] as f64).abs()).sum();
+            assert!((got as f64 - exact).abs() <= 1e-5 * scale, "warp {w} lane {l}: {got} is not sum {i} ({exact})");
+            // quad_sum4: (own + partner at lane ^ 2) for the half bit 1 keeps, then with lane ^ 1.
+            let g = l & !3;
+            let half = |m: usize| {
+                let at = if m & 2 != 0 { 2 } else { 0 };
+                [lanes[m][at] + lanes[m ^ 2][at], lanes[m][at + 1] + lanes[m ^ 2][at + 1]]
+            };
+            let want_quad = half(l)[l & 1] + half(l ^ 1)[l & 1];
+            assert_eq!(quad[w * WARP + l].to_bits(), want_quad.to_bits(), "quad_sum4: warp {w} lane {l}");
+            let exact: f64 = (g..g + 4).map(|m| lanes[m][l & 3] as f64).sum();
+            assert!(
+                (quad[w * WARP + l] as f64 - exact).abs()
+                    <= 1e-5 * (g..g + 4).map(|m| (lanes[m][l & 3] as f64).abs()).sum::<f64>()
+            );
+        }
+    }
+}
+
 fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
     v > bv || (v == bv && i < bi)
 }
