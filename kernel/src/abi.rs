@@ -500,6 +500,10 @@ pub const STREAM_THREADS: u32 = STREAM_CONSUMERS + 32; // build.rs's LAUNCH_BOUN
 /// A ring page: 8 rows of 1024 bf16, or a tile of o or down of the same size or less.
 pub const STREAM_PAGE_BYTES: u32 = 16384;
 pub const STREAM_RING_PAGES: u32 = 12;
+/// `StreamParams::copies_in_flight` unless QWEN3_STREAM_IN_FLIGHT says otherwise. DRAM is busy
+/// with a few pages in flight per SM; more only queue, and every hand-off's loads and adds
+/// wait in that queue (Little's law: latency = bytes in flight / bandwidth).
+pub const STREAM_COPIES_IN_FLIGHT: u32 = 3;
 
 /// The one shape the streaming step is compiled for: Qwen3-0.6B's.
 pub const STREAM_HIDDEN: u32 = 1024;
@@ -516,6 +520,9 @@ pub const STREAM_HEAD_BLOCKS: u32 = STREAM_KV_HEADS * STREAM_CLUSTER;
 /// q/k/v and o pages a head block streams per layer: 64 rows of 1024, then o's 1024 x 32.
 pub const STREAM_QKV_PAGES: u32 = 8;
 pub const STREAM_O_PAGES: u32 = 4;
+/// Cached positions a ring page holds: their k rows (8 KB), then their v rows. A kv head's
+/// positions `0 .. pos` go to its cluster page by page: block `r` takes pages `r, r + 8, ..`.
+pub const STREAM_KV_PAGE_POSITIONS: u32 = 32;
 /// The MLP is handed out in units of 4 intermediate indices: a page of their gate and up rows
 /// (4 + 4 rows of 1024) and their down columns (1024 x 4, 8 KB; two units to a page).
 pub const STREAM_MLP_UNIT: u32 = 4;
@@ -599,6 +606,9 @@ pub struct StreamParams {
     /// an error rather than a GPU that never returns (seconds, where real waits take
     /// microseconds; the host lifts it under compute-sanitizer).
     pub spin_limit: u32,
+    /// Bulk copies a block's loader keeps on their way at once (1 ..= `STREAM_RING_PAGES`;
+    /// the ring may hold more pages that have landed).
+    pub copies_in_flight: u32,
 }
 
 /// Dynamic shared memory of `qwen3_stream_step` (its rooms: kernel/src/stream.rs).

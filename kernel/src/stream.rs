@@ -15,8 +15,10 @@
 //!   go to every block of its cluster with `st.async`, so each holds its kv head's two q
 //!   heads and the new k and v without a trip through global memory. Every one of them norms
 //!   and rotates them; rank 0 appends k and v to the KV cache.
-//! - attention: the cluster's blocks split the cached positions; each keeps an online softmax
-//!   for both q heads; the partials meet at the block that owns each head's 32 dims, which
+//! - attention: the cluster's blocks split the cached positions in pages of 32, whose k and v
+//!   rows the loader streams through the ring like weights (they too are known before the
+//!   step: only the new position is computed, and it is in shared memory); each block keeps
+//!   an online softmax for both q heads; the partials meet at the block that owns each head's 32 dims, which
 //!   are exactly the 32 columns of o that block multiplies (split-K: o's inputs never leave
 //!   the cluster).
 //! - o and down: split by their inputs, so each block produces a part of every one of the
@@ -44,6 +46,34 @@ const PAGE: u32 = STREAM_PAGE_BYTES;
 const ROW_BYTES: u32 = STREAM_HIDDEN * 2;
 const CONSUMER_BARRIER: u32 = 1;
 const HEAD_DIM: u32 = STREAM_HEAD_DIM;
+const KV_ROWS: u32 = STREAM_KV_PAGE_POSITIONS;
+const KV_ROW_BYTES: u32 = HEAD_DIM * 2;
+const _: () = assert!(2 * KV_ROWS * KV_ROW_BYTES == PAGE && KV_ROWS == STREAM_CONSUMER_WARPS * BATCH as u32);
+
+/// Ring pages of cached positions (`0 .. pos`, `KV_ROWS` to a page) cluster block `rank`
+/// attends: pages `rank, rank + 8, ..`.
+#[inline(always)]
+fn kv_pages(pos: u32, rank: u32) -> u32 {
+    let n = pos.div_ceil(KV_ROWS);
+    if n > rank {
+        (n - rank).div_ceil(STREAM_CLUSTER)
+    } else {
+        0
+    }
+}
+
+/// Waits until every block has passed the token hand-off of `steps` steps (acquiring what
+/// each released there: its KV cache rows, its cleared sums).
+#[inline(always)]
+unsafe fn wait_token_handoffs(p: &StreamParams, steps: u32) {
+    let mut tries = 0u32;
+    while ld_acquire(p.arrivals as *const u32) < STREAM_GRID * steps {
+        tries += 1;
+        if tries > p.spin_limit {
+            trap();
+        }
+    }
+}
 
 // ---------------------------------------------------------------- shared memory
 
@@ -124,7 +154,8 @@ impl Smem {
 
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn qwen3_stream_step(p: StreamParams) {
-    if block_dim() != STREAM_THREADS || grid_dim() != STREAM_GRID || p.n_layers > STREAM_MAX_LAYERS {
+    let in_flight_ok = p.copies_in_flight >= 1 && p.copies_in_flight <= RING;
+    if block_dim() != STREAM_THREADS || grid_dim() != STREAM_GRID || p.n_layers > STREAM_MAX_LAYERS || !in_flight_ok {
         trap();
     }
     let sm = Smem::new();
@@ -164,20 +195,25 @@ pub unsafe extern "ptx-kernel" fn qwen3_stream_step(p: StreamParams) {
 
 // ---------------------------------------------------------------- the loader
 
-/// Claims the ring page of copy `k` (waiting until the consumers freed its last use) and
-/// arms its barrier for `bytes`.
+/// Claims the ring page of copy `k` (waiting until the consumers freed its last use, and
+/// until copy `k - in_flight` has landed) and arms its barrier for `bytes`.
 #[inline(always)]
-unsafe fn claim(sm: Smem, k: u32, bytes: u32) -> (u32, u32) {
+unsafe fn claim(sm: Smem, k: u32, bytes: u32, in_flight: u32) -> (u32, u32) {
     let slot = k % RING;
     let round = k / RING;
     if round > 0 {
         mbarrier_wait(sm.empty(slot), (round - 1) & 1);
+    }
+    if k >= in_flight {
+        let landed = k - in_flight;
+        mbarrier_wait(sm.full(landed % RING), (landed / RING) & 1);
     }
     mbarrier_arrive_expect_tx(sm.full(slot), bytes);
     (sm.page(slot), sm.full(slot))
 }
 
 /// The block's weights, every step, in the order the consumers take them.
+#[inline(always)]
 unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let b = block_idx();
     let head = b < STREAM_HEAD_BLOCKS;
@@ -185,27 +221,49 @@ unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let q_dim = STREAM_HEADS * HEAD_DIM;
     let kv_dim = STREAM_KV_HEADS * HEAD_DIM;
     let kv_row = if r < 4 { q_dim + HEAD_DIM * g + 32 * r } else { q_dim + kv_dim + HEAD_DIM * g + 32 * (r - 4) };
+    let in_flight = p.copies_in_flight;
     let mut k = 0u32;
-    for _step in 0..p.n_steps {
+    for step in 0..p.n_steps {
+        let pos = p.start_pos + step;
+        let kv_n = kv_pages(pos, r);
+        // Cached rows this launch wrote (positions `start_pos .. pos`) are read only after the
+        // last step's token hand-off, which released them, and through the async proxy after
+        // a proxy fence. Rows written before the launch need neither.
+        let last_end = (KV_ROWS * (r + STREAM_CLUSTER * kv_n.max(1) - STREAM_CLUSTER + 1)).min(pos);
+        let mut visible = !head || kv_n == 0 || last_end <= p.start_pos;
         for l in 0..p.n_layers {
             let lp = sm.layer(l);
             if head {
                 for pg in 0..STREAM_QKV_PAGES {
                     let row = if pg < 4 { 32 * b + 8 * pg } else { kv_row + 8 * (pg - 4) };
-                    let (dst, bar) = claim(sm, k, PAGE);
+                    let (dst, bar) = claim(sm, k, PAGE, in_flight);
                     bulk_copy_to_shared(dst, lp.wqkv + (row * ROW_BYTES) as u64, PAGE, bar);
+                    k += 1;
+                }
+                if !visible {
+                    wait_token_handoffs(p, step);
+                    fence_proxy_async_global();
+                    visible = true;
+                }
+                for i in 0..kv_n {
+                    let j0 = KV_ROWS * (r + STREAM_CLUSTER * i);
+                    let bytes = (pos - j0).min(KV_ROWS) * KV_ROW_BYTES;
+                    let at = (g * p.max_ctx + j0) as u64 * KV_ROW_BYTES as u64;
+                    let (dst, bar) = claim(sm, k, 2 * bytes, in_flight);
+                    bulk_copy_to_shared(dst, lp.k_cache + at, bytes, bar);
+                    bulk_copy_to_shared(dst + PAGE / 2, lp.v_cache + at, bytes, bar);
                     k += 1;
                 }
                 let tile = p.o_tiles + ((l * STREAM_HEAD_BLOCKS + b) * STREAM_O_PAGES) as u64 * PAGE as u64;
                 for pg in 0..STREAM_O_PAGES {
-                    let (dst, bar) = claim(sm, k, PAGE);
+                    let (dst, bar) = claim(sm, k, PAGE, in_flight);
                     bulk_copy_to_shared(dst, tile + (pg * PAGE) as u64, PAGE, bar);
                     k += 1;
                 }
             }
             for u in 0..plan.mlp_units {
                 let row = (STREAM_MLP_UNIT * (plan.mlp_start + u)) as u64 * ROW_BYTES as u64;
-                let (dst, bar) = claim(sm, k, PAGE);
+                let (dst, bar) = claim(sm, k, PAGE, in_flight);
                 bulk_copy_to_shared(dst, lp.w_gate + row, PAGE / 2, bar);
                 bulk_copy_to_shared(dst + PAGE / 2, lp.w_up + row, PAGE / 2, bar);
                 k += 1;
@@ -214,14 +272,14 @@ unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             // Two units' down columns to a page (contiguous in the tile order).
             for q in 0..plan.mlp_units.div_ceil(2) {
                 let bytes = if 2 * q + 1 < plan.mlp_units { PAGE } else { STREAM_DOWN_UNIT_BYTES };
-                let (dst, bar) = claim(sm, k, bytes);
+                let (dst, bar) = claim(sm, k, bytes, in_flight);
                 bulk_copy_to_shared(dst, down + (q * PAGE) as u64, bytes, bar);
                 k += 1;
             }
         }
         let lm = p.lm_head + plan.lm_start as u64 * ROW_BYTES as u64;
         for pg in 0..plan.lm_rows / STREAM_LM_ROWS_PER_PAGE {
-            let (dst, bar) = claim(sm, k, PAGE);
+            let (dst, bar) = claim(sm, k, PAGE, in_flight);
             bulk_copy_to_shared(dst, lm + (pg * PAGE) as u64, PAGE, bar);
             k += 1;
         }
@@ -272,25 +330,59 @@ unsafe fn lane_vector(v: *const f32) -> [f32; 32] {
     x
 }
 
-/// A 1024-wide bf16 row in shared memory times the lane vector, summed over the warp.
+/// A 1024-wide bf16 row in shared memory times the lane vector: this lane's part of the dot
+/// product, in four independent chains.
 #[inline(always)]
-unsafe fn row_dot(row: u32, x: &[f32; 32]) -> f32 {
-    let mut acc = 0.0f32;
+unsafe fn row_part(row: u32, x: &[f32; 32]) -> f32 {
+    let mut acc = [0.0f32; 4];
     unroll!(4, c, {
         let w = ld_shared_v4(row + (256 * c as u32 + 8 * lane()) * 2);
         unroll!(4, j, {
             let (lo, hi) = bf16x2_to_f32(w[j]);
-            acc = fma(lo, x[8 * c + 2 * j], acc);
-            acc = fma(hi, x[8 * c + 2 * j + 1], acc);
+            acc[c] = fma(lo, x[8 * c + 2 * j], acc[c]);
+            acc[c] = fma(hi, x[8 * c + 2 * j + 1], acc[c]);
         });
     });
-    warp_sum(acc)
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
 }
 
-/// RMSNorm of the residual (thread `t` holds elements `4 t .. 4 t + 4`) times `weight`, into
-/// the XN room; the sum of squares meets in a fixed order, so every block gets the same bits.
+/// Row `warp()` of each of the ring's next `n` pages times the lane vector. The dot products
+/// are summed over the warp eight pages at a time (`warp_sum8`), so a page costs its loads and
+/// FMAs and is freed at once; `out(i, d)` gets page `i`'s, on one lane of the four that hold it.
 #[inline(always)]
-unsafe fn norm_to_shared(sm: Smem, x: [f32; 4], weight: u64, eps: f32) {
+unsafe fn page_rows(sm: Smem, pages: &mut Pages, n: u32, x: &[f32; 32], mut out: impl FnMut(u32, f32)) {
+    let w = warp();
+    let mut first = 0;
+    while first < n {
+        let mut parts = [0.0f32; 8];
+        unroll!(8, i, {
+            if first + (i as u32) < n {
+                let page = pages.take(sm);
+                parts[i] = row_part(page + w * ROW_BYTES, x);
+                pages.free(sm);
+            }
+        });
+        let d = warp_sum8(parts);
+        let i = first + ((lane() >> 2) & 7);
+        if lane() % 4 == 0 && i < n {
+            out(i, d);
+        }
+        first += 8;
+    }
+}
+
+/// Thread `t`'s four bf16 of a norm weight (`norm_words`), asked for before the wait that
+/// precedes the norm so that they are not a round trip on the chain after it.
+#[inline(always)]
+unsafe fn norm_words(weight: u64) -> [u32; 2] {
+    ld_cg_v2((weight as *const u32).add(2 * thread_idx() as usize))
+}
+
+/// RMSNorm of the residual (thread `t` holds elements `4 t .. 4 t + 4`) times the weight
+/// (`norm_words`), into the XN room; the sum of squares meets in a fixed order, so every
+/// block gets the same bits.
+#[inline(always)]
+unsafe fn norm_to_shared(sm: Smem, x: [f32; 4], weight: [u32; 2], eps: f32) {
     let t = thread_idx();
     let red = sm.f32s(SM_RED);
     let ss = warp_sum(x[0] * x[0] + x[1] * x[1] + x[2] * x[2] + x[3] * x[3]);
@@ -303,7 +395,7 @@ unsafe fn norm_to_shared(sm: Smem, x: [f32; 4], weight: u64, eps: f32) {
         total += *red.add(w);
     });
     let inv = rsqrt(total / STREAM_HIDDEN as f32 + eps);
-    let wt = bf16x4_to_f32(ld_nc_v2((weight as *const u32).add(2 * t as usize)));
+    let wt = bf16x4_to_f32(weight);
     let xn = sm.f32s(SM_XN);
     unroll!(4, i, {
         *xn.add(4 * t as usize + i) = (x[i] * inv) * wt[i];
@@ -391,6 +483,7 @@ fn best_key(v: f32, row: u32) -> u64 {
 
 // ---------------------------------------------------------------- the consumers
 
+#[inline(always)]
 unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let t = thread_idx();
     let (w, l_) = (warp(), lane());
@@ -424,6 +517,7 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
         unroll!(4, i, {
             *sm.f32s(SM_X).add(4 * t as usize + i) = x[i];
         });
+        let mut next_norm = if head { norm_words(sm.layer(0).input_norm) } else { [0; 2] };
         for l in 0..p.n_layers {
             let lp = sm.layer(l);
             let probe = if s == 0 && l == 0 && p.probe != 0 { p.probe as *mut f32 } else { core::ptr::null_mut() };
@@ -432,7 +526,7 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             let o_sums = sums.add((2 * l * STREAM_HIDDEN) as usize);
             let down_sums = o_sums.add(STREAM_HIDDEN as usize);
             if head {
-                norm_to_shared(sm, x, lp.input_norm, p.eps);
+                norm_to_shared(sm, x, next_norm, p.eps);
                 if !probe.is_null() && b == 0 {
                     unroll!(4, i, {
                         *probe.add((STREAM_PROBE_XN + 4 * t) as usize + i) = *sm.f32s(SM_XN).add(4 * t as usize + i);
@@ -449,28 +543,27 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
                 let parts = sm.f32s(SM_PARTS);
                 for pg in 0..STREAM_O_PAGES {
                     let page = pages.take(sm);
+                    let mut d = [0.0f32; 4];
                     unroll!(4, it, {
                         let r = 32 * w + 8 * it as u32 + q;
                         let wv = ld_shared_v4(page + r * 64 + 16 * sub);
-                        let mut d = 0.0f32;
                         unroll!(4, j, {
                             let (lo, hi) = bf16x2_to_f32(wv[j]);
-                            d = fma(lo, av[2 * j], d);
-                            d = fma(hi, av[2 * j + 1], d);
+                            d[it] = fma(lo, av[2 * j], d[it]);
+                            d[it] = fma(hi, av[2 * j + 1], d[it]);
                         });
-                        d += shfl_xor_f32(d, 1);
-                        d += shfl_xor_f32(d, 2);
-                        if sub == 0 {
-                            *parts.add((256 * pg + r) as usize) = d;
-                        }
                     });
                     pages.free(sm);
+                    // The four lanes of a row meet for all four rows at once: lane sub gets
+                    // row 32 w + 8 sub + q.
+                    *parts.add((256 * pg + 32 * w + 8 * sub + q) as usize) = quad_sum4(d);
                 }
                 mark(sm, on, StreamMark::OPages);
                 consumers_sync();
                 cluster_sum(sm, &mut parts_phase, o_sums, cluster == 0);
                 mark(sm, on, StreamMark::OSumPublished);
             }
+            let post_norm = norm_words(lp.post_norm);
             x = poll_sums(o_sums, STREAM_KV_HEADS, p.spin_limit);
             mark(sm, on, StreamMark::OSumSeen);
             unroll!(4, i, {
@@ -483,18 +576,18 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             }
 
             // The MLP: gate and up rows of each unit (warp w: row w of the page), then down.
-            norm_to_shared(sm, x, lp.post_norm, p.eps);
+            norm_to_shared(sm, x, post_norm, p.eps);
             let xv = lane_vector(sm.f32s(SM_XN));
             let gu = sm.f32s(SM_GATE_UP);
-            for u in 0..plan.mlp_units {
-                let page = pages.take(sm);
-                let d = row_dot(page + w * ROW_BYTES, &xv);
-                if l_ == 0 {
-                    *gu.add((8 * u + w) as usize) = d;
-                }
-                pages.free(sm);
-            }
+            page_rows(sm, &mut pages, plan.mlp_units, &xv, |u, d| *gu.add((8 * u + w) as usize) = d);
             mark(sm, on, StreamMark::GateUpPages);
+            consumers_sync();
+            // SiLU(gate) * up once per index, over the gate's word (each thread its own).
+            if t < STREAM_MLP_UNIT * plan.mlp_units {
+                let at = (8 * (t / 4) + t % 4) as usize;
+                let (g, up) = (*gu.add(at), *gu.add(at + 4));
+                *gu.add(at) = g / (1.0 + exp(-g)) * up;
+            }
             consumers_sync();
             let mut acc = [0.0f32; 4];
             for q in 0..plan.mlp_units.div_ceil(2) {
@@ -504,9 +597,7 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
                     if u < plan.mlp_units {
                         let mut act = [0.0f32; 4];
                         unroll!(4, i, {
-                            let g = *gu.add(8 * u as usize + i);
-                            let up = *gu.add(8 * u as usize + 4 + i);
-                            act[i] = g / (1.0 + exp(-g)) * up;
+                            act[i] = *gu.add(8 * u as usize + i);
                         });
                         let cols = page + half as u32 * STREAM_DOWN_UNIT_BYTES;
                         unroll!(4, i, {
@@ -527,6 +618,12 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             consumers_sync();
             cluster_sum(sm, &mut parts_phase, down_sums, cluster == 0);
             mark(sm, on, StreamMark::DownSumPublished);
+            // The next norm's weight: the next layer's input norm (head blocks) or the final one.
+            if l + 1 == p.n_layers {
+                next_norm = norm_words(p.final_norm);
+            } else if head {
+                next_norm = norm_words(sm.layer(l + 1).input_norm);
+            }
             x = poll_sums(down_sums, STREAM_CLUSTERS, p.spin_limit);
             mark(sm, on, StreamMark::DownSumSeen);
             unroll!(4, i, {
@@ -540,28 +637,32 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
         }
 
         // The LM head: warp w takes row w of every page; the block's best goes to the grid.
-        norm_to_shared(sm, x, p.final_norm, p.eps);
+        norm_to_shared(sm, x, next_norm, p.eps);
         let xv = lane_vector(sm.f32s(SM_XN));
         mark(sm, traced, StreamMark::LmHeadStart);
         let last = s + 1 == p.n_steps && p.flags & STREAM_FLAG_LOGITS != 0;
+        // Each lane keeps the best of the rows it was handed; the warp's best meets once.
         let (mut best, mut best_row) = (f32::NEG_INFINITY, plan.lm_start);
-        for pg in 0..plan.lm_rows / STREAM_LM_ROWS_PER_PAGE {
-            let page = pages.take(sm);
+        page_rows(sm, &mut pages, plan.lm_rows / STREAM_LM_ROWS_PER_PAGE, &xv, |pg, d| {
             let row = plan.lm_start + STREAM_LM_ROWS_PER_PAGE * pg + w;
-            let d = row_dot(page + w * ROW_BYTES, &xv);
             if d > best {
                 best = d;
                 best_row = row;
             }
-            if last && l_ == 0 {
+            if last {
                 *(p.logits_out as *mut f32).add(row as usize) = d;
             }
-            pages.free(sm);
-        }
+        });
         mark(sm, traced, StreamMark::LmHeadPages);
+        let mut key = best_key(best, best_row);
+        let mut m = 16;
+        while m > 0 {
+            key = key.max(shfl_xor_u64(key, m));
+            m >>= 1;
+        }
         let keys = sm.ptr.add(SM_RED as usize) as *mut u64;
         if l_ == 0 {
-            *keys.add(w as usize) = best_key(best, best_row);
+            *keys.add(w as usize) = key;
         }
         consumers_sync();
         if t == 0 {
@@ -574,13 +675,7 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             // Release: this block's KV cache rows, cleared sums and logits go with it.
             let arrivals = p.arrivals as *mut u32;
             red_add_release(arrivals, 1);
-            let mut tries = 0u32;
-            while ld_acquire(arrivals) < STREAM_GRID * (s + 1) {
-                tries += 1;
-                if tries > p.spin_limit {
-                    trap();
-                }
-            }
+            wait_token_handoffs(p, s + 1);
             let chosen = u32::MAX - ld_cg_u64(best_word) as u32;
             let next = if s + 1 < p.prompt_len { *(p.tokens as *const u32).add(s as usize + 1) } else { chosen };
             if b == 0 && s + 1 >= p.prompt_len {
@@ -621,22 +716,26 @@ unsafe fn attend(
     let b = block_idx();
     let (g, rank) = (b / STREAM_CLUSTER, b % STREAM_CLUSTER);
 
-    // The first round of cached rows depends on nothing this step computes: ask for it now,
-    // so that it arrives while the q/k/v pages are multiplied.
-    let span = Span::new(p, lp, pos);
-    let mut cached = span.request(span.lo + w, pos);
+    // Warps 0-2's q/k norm weights and RoPE factors depend on nothing this step computes: ask
+    // for them now, so that they are here when the exchange is (not a round trip after it).
+    let half = (HEAD_DIM / 2) as usize;
+    let (mut nw, mut cos, mut sin) = ([0u16; 4], [0.0f32; 2], [0.0f32; 2]);
+    if w < 3 {
+        let weight = if w < 2 { lp.q_norm } else { lp.k_norm } as *const u16;
+        unroll!(4, i, {
+            nw[i] = ld_cg_u16(weight.add(l_ as usize + 32 * i));
+        });
+        unroll!(2, i, {
+            let j = pos as usize * half + l_ as usize + 32 * i;
+            cos[i] = ld_cg_f32((p.rope_cos as *const f32).add(j));
+            sin[i] = ld_cg_f32((p.rope_sin as *const f32).add(j));
+        });
+    }
 
     // q/k/v rows: warp w takes row w of each of the 8 pages.
     let xv = lane_vector(sm.f32s(SM_XN));
     let own = sm.f32s(SM_QKV_OWN);
-    for pg in 0..STREAM_QKV_PAGES {
-        let page = pages.take(sm);
-        let d = row_dot(page + w * ROW_BYTES, &xv);
-        if l_ == 0 {
-            *own.add((8 * pg + w) as usize) = d;
-        }
-        pages.free(sm);
-    }
+    page_rows(sm, pages, STREAM_QKV_PAGES, &xv, |pg, d| *own.add((8 * pg + w) as usize) = d);
     mark(sm, on, StreamMark::QkvPages);
     consumers_sync();
     if !probe.is_null() && t < 64 {
@@ -676,21 +775,15 @@ unsafe fn attend(
             v[i] = *recv.add(64 * (rank0 + i) + word0 + l_ as usize);
         });
         if w < 3 {
-            let weight = if w < 2 { lp.q_norm } else { lp.k_norm } as *const u16;
             let ss = warp_sum(v[0] * v[0] + v[1] * v[1] + v[2] * v[2] + v[3] * v[3]);
             let inv = rsqrt(ss / HEAD_DIM as f32 + p.eps);
             let mut n = [0.0f32; 4];
             unroll!(4, i, {
-                n[i] = (v[i] * inv) * bf16_to_f32(*weight.add(l_ as usize + 32 * i));
+                n[i] = (v[i] * inv) * bf16_to_f32(nw[i]);
             });
-            let half = (HEAD_DIM / 2) as usize;
-            let cos = (p.rope_cos as *const f32).add(pos as usize * half);
-            let sin = (p.rope_sin as *const f32).add(pos as usize * half);
             unroll!(2, i, {
-                let j = l_ as usize + 32 * i;
-                let (c, s) = (*cos.add(j), *sin.add(j));
-                v[i] = n[i] * c - n[i + 2] * s;
-                v[i + 2] = n[i + 2] * c + n[i] * s;
+                v[i] = n[i] * cos[i] - n[i + 2] * sin[i];
+                v[i + 2] = n[i + 2] * cos[i] + n[i] * sin[i];
             });
         }
         if w >= 2 {
@@ -718,9 +811,10 @@ unsafe fn attend(
         *probe.add((STREAM_PROBE_ATTENDED + 256 + t) as usize) = *qkv.add(256 + t as usize);
     }
 
-    // Attention: the cluster splits positions 0..=pos; this block's warps stride over its
-    // chunk `BATCH` positions at a time, lane dims 4 lane .. 4 lane + 4, both q heads. The
-    // first batch's cached rows were requested before the q/k/v pages (`cached`).
+    // Attention: the cluster's blocks take the cached positions page by page (`kv_pages`), the
+    // loader's copies of their k and v rows; warp w takes rows w + 8 e of a page, lane dims
+    // 4 lane .. 4 lane + 4, both q heads. The new position (in shared memory) is folded in by
+    // warp 0 of the block after the last page's (the one with the fewest pages).
     let scale = rsqrt(HEAD_DIM as f32) * LOG2_E;
     let d0 = 4 * l_ as usize;
     let mut q0 = [0.0f32; 4];
@@ -729,43 +823,36 @@ unsafe fn attend(
         q0[i] = *qkv.add(d0 + i) * scale;
         q1[i] = *qkv.add(128 + d0 + i) * scale;
     });
-    let (mut m0, mut m1) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    let (mut s0, mut s1) = (0.0f32, 0.0f32);
-    let mut a0 = [0.0f32; 4];
-    let mut a1 = [0.0f32; 4];
-    let mut j = span.lo + w;
-    while j < span.hi {
+    let mut st = SoftmaxState::new();
+    for i in 0..kv_pages(pos, rank) {
+        let page = pages.take(sm);
+        let j0 = KV_ROWS * (rank + STREAM_CLUSTER * i);
         let mut kk = [[0.0f32; 4]; BATCH];
         let mut vv = [[0.0f32; 4]; BATCH];
+        let mut valid = [false; BATCH];
         unroll!(4, e, {
-            if j + (STREAM_CONSUMER_WARPS * e as u32) == pos {
-                unroll!(4, i, {
-                    kk[e][i] = *qkv.add(256 + d0 + i);
-                    vv[e][i] = *qkv.add(384 + d0 + i);
-                });
-            } else {
-                kk[e] = bf16x4_to_f32(cached.k[e]);
-                vv[e] = bf16x4_to_f32(cached.v[e]);
+            let row = w + STREAM_CONSUMER_WARPS * e as u32;
+            // Rows past the cached positions hold an older page's bytes: never read as values.
+            valid[e] = j0 + row < pos;
+            if valid[e] {
+                let at = page + row * KV_ROW_BYTES + 8 * l_;
+                kk[e] = bf16x4_to_f32(ld_shared_v2(at));
+                vv[e] = bf16x4_to_f32(ld_shared_v2(at + PAGE / 2));
             }
         });
-        let next = j + STREAM_CONSUMER_WARPS * BATCH as u32;
-        if next < span.hi {
-            cached = span.request(next, pos);
-        }
-        let mut sc0 = [f32::NEG_INFINITY; BATCH];
-        let mut sc1 = [f32::NEG_INFINITY; BATCH];
-        unroll!(4, e, {
-            let d_0 = warp_sum(q0[0] * kk[e][0] + q0[1] * kk[e][1] + q0[2] * kk[e][2] + q0[3] * kk[e][3]);
-            let d_1 = warp_sum(q1[0] * kk[e][0] + q1[1] * kk[e][1] + q1[2] * kk[e][2] + q1[3] * kk[e][3]);
-            if j + STREAM_CONSUMER_WARPS * (e as u32) < span.hi {
-                sc0[e] = d_0;
-                sc1[e] = d_1;
-            }
-        });
-        online_softmax_step(&mut m0, &mut s0, &mut a0, &sc0, &vv);
-        online_softmax_step(&mut m1, &mut s1, &mut a1, &sc1, &vv);
-        j = next;
+        st.fold(&q0, &q1, &kk, &vv, &valid);
+        pages.free(sm);
     }
+    if rank == pos.div_ceil(KV_ROWS) % STREAM_CLUSTER && w == 0 {
+        let mut kk = [[0.0f32; 4]; BATCH];
+        let mut vv = [[0.0f32; 4]; BATCH];
+        unroll!(4, i, {
+            kk[0][i] = *qkv.add(256 + d0 + i);
+            vv[0][i] = *qkv.add(384 + d0 + i);
+        });
+        st.fold(&q0, &q1, &kk, &vv, &[true, false, false, false]);
+    }
+    let SoftmaxState { m0, m1, s0, s1, a0, a1 } = st;
     mark(sm, on, StreamMark::CachedPositions);
     let part = sm.f32s(SM_WARP_PART);
     let mine0 = part.add((2 * w * WARP_PART_WORDS) as usize);
@@ -868,51 +955,49 @@ fn online_softmax_step(m: &mut f32, sum: &mut f32, acc: &mut [f32; 4], scores: &
     *m = mx;
 }
 
-/// Positions per round of a warp's walk over its cached rows.
+/// Positions of a page one warp takes.
 const BATCH: usize = 4;
 
-/// One warp's cached k and v rows of a round, as loaded (4 bf16 a lane each).
-#[derive(Clone, Copy)]
-struct CachedRows {
-    k: [[u32; 2]; BATCH],
-    v: [[u32; 2]; BATCH],
+/// A warp's running softmax over the positions it attended, for both q heads of its kv head
+/// (log2 units): max, sum of weights, weighted sum of v (lane dims).
+struct SoftmaxState {
+    m0: f32,
+    m1: f32,
+    s0: f32,
+    s1: f32,
+    a0: [f32; 4],
+    a1: [f32; 4],
 }
 
-/// This block's share of a kv head's positions `0 ..= pos` and where their rows are.
-#[derive(Clone, Copy)]
-struct Span {
-    lo: u32,
-    hi: u32,
-    k: *const u16,
-    v: *const u16,
-}
-
-impl Span {
+impl SoftmaxState {
     #[inline(always)]
-    unsafe fn new(p: &StreamParams, lp: &LayerPtrs, pos: u32) -> Span {
-        let b = block_idx();
-        let (g, rank) = (b / STREAM_CLUSTER, b % STREAM_CLUSTER);
-        let n = pos + 1;
-        let chunk = n.div_ceil(STREAM_CLUSTER);
-        let lo = (rank * chunk).min(n);
-        let hi = (lo + chunk).min(n);
-        let at = (g * p.max_ctx * HEAD_DIM) as usize + 4 * lane() as usize;
-        Span { lo, hi, k: (lp.k_cache as *const u16).add(at), v: (lp.v_cache as *const u16).add(at) }
+    fn new() -> SoftmaxState {
+        SoftmaxState { m0: f32::NEG_INFINITY, m1: f32::NEG_INFINITY, s0: 0.0, s1: 0.0, a0: [0.0; 4], a1: [0.0; 4] }
     }
 
-    /// Requests the cached rows of the round starting at position `j` (positions `j + 8 e`;
-    /// none for the new position, which is in shared memory, or past the span).
+    /// Folds in up to `BATCH` positions' k and v rows (lane dims; those not `valid` count as
+    /// no position).
     #[inline(always)]
-    unsafe fn request(&self, j: u32, pos: u32) -> CachedRows {
-        let mut rows = CachedRows { k: [[0; 2]; BATCH], v: [[0; 2]; BATCH] };
+    fn fold(&mut self, q0: &[f32; 4], q1: &[f32; 4], k: &[[f32; 4]; BATCH], v: &[[f32; 4]; BATCH], valid: &[bool; BATCH]) {
+        // The eight dot products (head h, row e: index 4 h + e) reduced together, then each
+        // taken from a lane that holds it.
+        let mut dots = [0.0f32; 8];
         unroll!(4, e, {
-            let jj = j + STREAM_CONSUMER_WARPS * e as u32;
-            if jj < self.hi && jj != pos {
-                let off = (jj * HEAD_DIM) as usize;
-                rows.k[e] = ld_cg_v2(self.k.add(off) as *const u32);
-                rows.v[e] = ld_cg_v2(self.v.add(off) as *const u32);
+            dots[e] = q0[0] * k[e][0] + q0[1] * k[e][1] + q0[2] * k[e][2] + q0[3] * k[e][3];
+            dots[4 + e] = q1[0] * k[e][0] + q1[1] * k[e][1] + q1[2] * k[e][2] + q1[3] * k[e][3];
+        });
+        let total = warp_sum8(dots);
+        let mut sc0 = [f32::NEG_INFINITY; BATCH];
+        let mut sc1 = [f32::NEG_INFINITY; BATCH];
+        unroll!(4, e, {
+            let d_0 = shfl_idx_f32(total, 4 * e as u32);
+            let d_1 = shfl_idx_f32(total, 16 + 4 * e as u32);
+            if valid[e] {
+                sc0[e] = d_0;
+                sc1[e] = d_1;
             }
         });
-        rows
+        online_softmax_step(&mut self.m0, &mut self.s0, &mut self.a0, &sc0, v);
+        online_softmax_step(&mut self.m1, &mut self.s1, &mut self.a1, &sc1, v);
     }
 }

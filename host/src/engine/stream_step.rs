@@ -85,6 +85,13 @@ impl GpuEngine {
             })?,
         };
         let plan = gpu.upload(&block_plans(c.vocab_size, split), "streaming plan")?;
+        // QWEN3_STREAM_IN_FLIGHT=N: each loader's bulk copies on their way at once.
+        let copies_in_flight = match std::env::var("QWEN3_STREAM_IN_FLIGHT") {
+            Err(_) => STREAM_COPIES_IN_FLIGHT,
+            Ok(v) => v.parse().ok().filter(|n| (1..=STREAM_RING_PAGES).contains(n)).with_context(|| {
+                format!("QWEN3_STREAM_IN_FLIGHT={v}: expected 1 to {STREAM_RING_PAGES} bulk copies")
+            })?,
+        };
         let n_layers = c.num_hidden_layers as u32;
         let sums = gpu.alloc::<u64>(2 * stream_sum_words(n_layers) as usize, "streaming hand-off sums")?;
         let best = gpu.alloc::<u64>(StreamStep::MAX_STEPS, "streaming best keys")?;
@@ -114,6 +121,7 @@ impl GpuEngine {
             eps: c.rms_norm_eps,
             // Under compute-sanitizer (which sets the tests' watchdog) a poll takes far longer.
             spin_limit: if std::env::var_os("QWEN3_WATCHDOG_SECS").is_some() { u32::MAX } else { 1 << 24 },
+            copies_in_flight,
             ..StreamParams::default()
         };
         Ok(StreamStep {
