@@ -35,6 +35,20 @@ fi
 cd "$here"
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 
+# gpu_hf compares against HF transformers' logits on the full-size checkpoint: where the
+# checkpoint is given and torch is here but the logits are not, make them (48 ids; positions
+# 0, 7, 31 and 47).
+if [ -n "${QWEN3_FULL_CHECKPOINT:-}" ] && [ -z "${QWEN3_HF_LOGITS:-}" ] && [ -f "$here/hf_logits.py" ] \
+    && python3 -c "import torch, transformers" 2>/dev/null; then
+    hf_json=$(mktemp --suffix=.json)
+    ids=$(python3 -c "import random; r = random.Random(5); print(','.join(str(r.randrange(150000)) for _ in range(48)))")
+    if python3 "$here/hf_logits.py" --model "$QWEN3_FULL_CHECKPOINT" --ids "$ids" --positions 0,7,31,47 --out "$hf_json"; then
+        export QWEN3_HF_LOGITS=$hf_json
+    else
+        echo "warning: scripts/hf_logits.py failed; gpu_hf will fail for want of QWEN3_HF_LOGITS" >&2
+    fi
+fi
+
 passed=0 failed=0 ignored=0 bad_bins=()
 [ -x "$here/host" ] && { "$here/host" --help >/dev/null 2>&1 && echo "host binary: starts" || { echo "host binary: FAILED to start" >&2; bad_bins+=(host); }; }
 for bin in "$here"/tests/*; do

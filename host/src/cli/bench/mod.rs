@@ -306,10 +306,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("| {} | {} | {ratio} |", r.position, speed_cells(r.us_median, r.us_min, r.bytes, probe));
         }
         println!(
-            "\ntrace of the last step of a launch (median over blocks; us after the layer's or the LM head's start):\n"
+            "\ntrace of the last step of a launch (median / latest block; us after the layer's or the LM head's start):\n"
         );
         for r in &stream_rows {
-            let items: Vec<String> = r.trace.iter().map(|(n, v)| format!("{n} {v:.2}")).collect();
+            let items: Vec<String> = r.trace.iter().map(|(n, med, max)| format!("{n} {med:.2}/{max:.2}")).collect();
             println!("- position {}: {}", r.position, items.join(", "));
         }
     }
@@ -333,14 +333,14 @@ struct StreamRow {
     us_median: f64,
     us_min: f64,
     bytes: u64,
-    /// The trace's marks, us after the start of their layer or of the LM head (median over
-    /// the blocks that record each).
-    trace: Vec<(&'static str, f64)>,
+    /// The trace's marks, us after the start of their layer or of the LM head (median and
+    /// latest over the blocks that record each: a hand-off waits for the latest).
+    trace: Vec<(&'static str, f64, f64)>,
 }
 
 /// Where a traced step's time goes: each mark of layer `STREAM_TRACE_LAYER` as us after the
 /// layer's start, then the LM head's pages and the token as us after the LM head's start.
-fn trace_summary(marks: &[u64], clock_khz: f64) -> Vec<(&'static str, f64)> {
+fn trace_summary(marks: &[u64], clock_khz: f64) -> Vec<(&'static str, f64, f64)> {
     use host::engine::abi::{StreamMark as M, STREAM_HEAD_BLOCKS, STREAM_TRACE_MARKS};
     let per = STREAM_TRACE_MARKS as usize;
     let us = |cycles: u64| cycles as f64 / clock_khz * 1e3;
@@ -352,7 +352,8 @@ fn trace_summary(marks: &[u64], clock_khz: f64) -> Vec<(&'static str, f64)> {
             .filter(|(b, _)| !heads_only || (*b as u32) < STREAM_HEAD_BLOCKS)
             .map(|(_, t)| us(t[m as usize].wrapping_sub(t[from as usize])))
             .collect();
-        median(&mut v)
+        let latest = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (median(&mut v), latest)
     };
     // (name, mark, recorded by head blocks only)
     let layer = [
@@ -368,10 +369,14 @@ fn trace_summary(marks: &[u64], clock_khz: f64) -> Vec<(&'static str, f64)> {
         ("down sum published", M::DownSumPublished, false),
         ("layer (down sum seen)", M::DownSumSeen, false),
     ];
-    let mut out: Vec<_> = layer.iter().map(|&(name, m, heads)| (name, since(m, M::LayerStart, heads))).collect();
-    out.push(("LM head pages", since(M::LmHeadPages, M::LmHeadStart, false)));
-    out.push(("token known", since(M::TokenKnown, M::LmHeadStart, false)));
-    out.push(("step", since(M::TokenKnown, M::StepStart, false)));
+    let mut out: Vec<(&'static str, f64, f64)> = Vec::new();
+    let mut push = |name, (med, max)| out.push((name, med, max));
+    for &(name, m, heads) in &layer {
+        push(name, since(m, M::LayerStart, heads));
+    }
+    push("LM head pages", since(M::LmHeadPages, M::LmHeadStart, false));
+    push("token known", since(M::TokenKnown, M::LmHeadStart, false));
+    push("step", since(M::TokenKnown, M::StepStart, false));
     out
 }
 
