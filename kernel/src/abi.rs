@@ -523,6 +523,21 @@ pub const STREAM_O_PAGES: u32 = 4;
 /// Cached positions a ring page holds: their k rows (8 KB), then their v rows. A kv head's
 /// positions `0 .. pos` go to its cluster page by page: block `r` takes pages `r, r + 8, ..`.
 pub const STREAM_KV_PAGE_POSITIONS: u32 = 32;
+/// Pages of cached positions (`0 .. pos`, `STREAM_KV_PAGE_POSITIONS` to a page) that cluster
+/// block `rank` attends: pages `rank, rank + 8, ..`.
+pub const fn stream_kv_pages(pos: u32, rank: u32) -> u32 {
+    let n = pos.div_ceil(STREAM_KV_PAGE_POSITIONS);
+    if n > rank {
+        (n - rank).div_ceil(STREAM_CLUSTER)
+    } else {
+        0
+    }
+}
+/// The cluster block that attends the new position (from shared memory, not a page): the one
+/// after the last page's, which has the fewest pages.
+pub const fn stream_new_position_rank(pos: u32) -> u32 {
+    pos.div_ceil(STREAM_KV_PAGE_POSITIONS) % STREAM_CLUSTER
+}
 /// The MLP is handed out in units of 4 intermediate indices: a page of their gate and up rows
 /// (4 + 4 rows of 1024) and their down columns (1024 x 4, 8 KB; two units to a page).
 pub const STREAM_MLP_UNIT: u32 = 4;

@@ -50,18 +50,6 @@ const KV_ROWS: u32 = STREAM_KV_PAGE_POSITIONS;
 const KV_ROW_BYTES: u32 = HEAD_DIM * 2;
 const _: () = assert!(2 * KV_ROWS * KV_ROW_BYTES == PAGE && KV_ROWS == STREAM_CONSUMER_WARPS * BATCH as u32);
 
-/// Ring pages of cached positions (`0 .. pos`, `KV_ROWS` to a page) cluster block `rank`
-/// attends: pages `rank, rank + 8, ..`.
-#[inline(always)]
-fn kv_pages(pos: u32, rank: u32) -> u32 {
-    let n = pos.div_ceil(KV_ROWS);
-    if n > rank {
-        (n - rank).div_ceil(STREAM_CLUSTER)
-    } else {
-        0
-    }
-}
-
 /// Waits until every block has passed the token hand-off of `steps` steps (acquiring what
 /// each released there: its KV cache rows, its cleared sums).
 #[inline(always)]
@@ -225,7 +213,7 @@ unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let mut k = 0u32;
     for step in 0..p.n_steps {
         let pos = p.start_pos + step;
-        let kv_n = kv_pages(pos, r);
+        let kv_n = stream_kv_pages(pos, r);
         // Cached rows this launch wrote (positions `start_pos .. pos`) are read only after the
         // last step's token hand-off, which released them, and through the async proxy after
         // a proxy fence. Rows written before the launch need neither.
@@ -811,7 +799,7 @@ unsafe fn attend(
         *probe.add((STREAM_PROBE_ATTENDED + 256 + t) as usize) = *qkv.add(256 + t as usize);
     }
 
-    // Attention: the cluster's blocks take the cached positions page by page (`kv_pages`), the
+    // Attention: the cluster's blocks take the cached positions page by page (`stream_kv_pages`), the
     // loader's copies of their k and v rows; warp w takes rows w + 8 e of a page, lane dims
     // 4 lane .. 4 lane + 4, both q heads. The new position (in shared memory) is folded in by
     // warp 0 of the block after the last page's (the one with the fewest pages).
@@ -824,7 +812,7 @@ unsafe fn attend(
         q1[i] = *qkv.add(128 + d0 + i) * scale;
     });
     let mut st = SoftmaxState::new();
-    for i in 0..kv_pages(pos, rank) {
+    for i in 0..stream_kv_pages(pos, rank) {
         let page = pages.take(sm);
         let j0 = KV_ROWS * (rank + STREAM_CLUSTER * i);
         let mut kk = [[0.0f32; 4]; BATCH];
@@ -843,7 +831,7 @@ unsafe fn attend(
         st.fold(&q0, &q1, &kk, &vv, &valid);
         pages.free(sm);
     }
-    if rank == pos.div_ceil(KV_ROWS) % STREAM_CLUSTER && w == 0 {
+    if rank == stream_new_position_rank(pos) && w == 0 {
         let mut kk = [[0.0f32; 4]; BATCH];
         let mut vv = [[0.0f32; 4]; BATCH];
         unroll!(4, i, {

@@ -5,7 +5,7 @@
 use half::bf16;
 use host::engine::abi::*;
 use host::engine::stream_plan::{
-    block_plans, decode_sum, down_tiles, encode_part, layer_bytes, mlp_pages, o_tiles, MlpSplit,
+    block_plans, decode_sum, down_tiles, encode_part, layer_bytes, mlp_pages, o_tiles, parse_copies_in_flight, MlpSplit,
 };
 
 const VOCAB: usize = 151936;
@@ -128,4 +128,41 @@ fn hand_off_sums_count_and_do_not_depend_on_order() {
     let big = encode_part(f32::INFINITY).wrapping_add(encode_part(f32::NAN));
     assert_eq!(decode_sum(big, 2), Some(0.0));
     assert_eq!(decode_sum(encode_part(-3.0e9), 1), Some(-STREAM_CLAMP));
+}
+
+/// The kernel's split of a kv head's cached positions over its cluster (`stream_kv_pages`):
+/// every position before the new one in exactly one block's pages, every page holding at
+/// least one position and no more than a page's worth, the new position with a block whose
+/// page count is the cluster's fewest.
+#[test]
+fn cached_positions_have_one_page_and_one_block() {
+    let per = STREAM_KV_PAGE_POSITIONS;
+    assert_eq!(2 * per * STREAM_HEAD_DIM * 2, STREAM_PAGE_BYTES, "a page is 32 k rows and 32 v rows");
+    for pos in 0..3000u32 {
+        let mut seen = vec![0u32; pos as usize];
+        let counts: Vec<u32> = (0..STREAM_CLUSTER).map(|r| stream_kv_pages(pos, r)).collect();
+        for (r, &n) in counts.iter().enumerate() {
+            for i in 0..n {
+                let page = r as u32 + STREAM_CLUSTER * i;
+                let (lo, hi) = (per * page, (per * (page + 1)).min(pos));
+                assert!(lo < hi, "position {pos}: block {r}'s page {i} holds no position");
+                for j in lo..hi {
+                    seen[j as usize] += 1;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1), "position {pos}: cached positions not covered once");
+        let fewest = *counts.iter().min().unwrap();
+        assert_eq!(counts[stream_new_position_rank(pos) as usize], fewest, "position {pos}: pages {counts:?}");
+    }
+}
+
+#[test]
+fn copies_in_flight_parse_within_the_ring() {
+    assert_eq!(parse_copies_in_flight("3"), Some(3));
+    assert_eq!(parse_copies_in_flight(&STREAM_RING_PAGES.to_string()), Some(STREAM_RING_PAGES));
+    for bad in ["0", "13", "-1", "", "three", "3.0"] {
+        assert_eq!(parse_copies_in_flight(bad), None, "{bad:?} accepted");
+    }
+    assert!((1..=STREAM_RING_PAGES).contains(&STREAM_COPIES_IN_FLIGHT));
 }

@@ -78,6 +78,12 @@ impl MlpSplit {
     }
 }
 
+/// `QWEN3_STREAM_IN_FLIGHT`'s value: bulk copies each loader keeps on their way at once, 1 to
+/// the ring's pages; `None` for anything else.
+pub fn parse_copies_in_flight(s: &str) -> Option<u32> {
+    s.parse().ok().filter(|n| (1..=STREAM_RING_PAGES).contains(n))
+}
+
 /// Ring pages `units` MLP units take: a gate/up page each, a down page per two.
 pub fn mlp_pages(units: u32) -> u32 {
     units + units.div_ceil(2)

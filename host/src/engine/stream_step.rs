@@ -4,7 +4,7 @@
 //! [`StreamStep::MAX_STEPS`] steps from a position, prompt tokens first.
 
 use super::abi::*;
-use super::stream_plan::{block_plans, check_stream_shape, down_tiles, o_tiles, MlpSplit};
+use super::stream_plan::{block_plans, check_stream_shape, down_tiles, o_tiles, parse_copies_in_flight, MlpSplit};
 use super::{dptr, GpuEngine};
 use crate::backend::check_ids;
 use crate::model::Weights;
@@ -88,7 +88,7 @@ impl GpuEngine {
         // QWEN3_STREAM_IN_FLIGHT=N: each loader's bulk copies on their way at once.
         let copies_in_flight = match std::env::var("QWEN3_STREAM_IN_FLIGHT") {
             Err(_) => STREAM_COPIES_IN_FLIGHT,
-            Ok(v) => v.parse().ok().filter(|n| (1..=STREAM_RING_PAGES).contains(n)).with_context(|| {
+            Ok(v) => parse_copies_in_flight(&v).with_context(|| {
                 format!("QWEN3_STREAM_IN_FLIGHT={v}: expected 1 to {STREAM_RING_PAGES} bulk copies")
             })?,
         };
