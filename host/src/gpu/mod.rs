@@ -384,12 +384,17 @@ impl Kernel<'_> {
         Ok(n)
     }
 
-    /// The grid of a cooperative launch with `blocks_per_sm` blocks on every SM:
-    /// `sm_count * blocks_per_sm`, or an error if that many cannot be co-resident.
-    pub fn cooperative_grid(&self, threads: u32, dynamic_smem: u32, blocks_per_sm: u32) -> Result<u32> {
+    fn require_cooperative(&self) -> Result<()> {
         if !self.gpu.cooperative {
             bail!("{} does not support cooperative launches", self.gpu.name);
         }
+        Ok(())
+    }
+
+    /// The grid of a cooperative launch with `blocks_per_sm` blocks on every SM:
+    /// `sm_count * blocks_per_sm`, or an error if that many cannot be co-resident.
+    pub fn cooperative_grid(&self, threads: u32, dynamic_smem: u32, blocks_per_sm: u32) -> Result<u32> {
+        self.require_cooperative()?;
         if blocks_per_sm == 0 {
             bail!("cooperative_grid: blocks_per_sm must be at least 1");
         }
@@ -421,9 +426,7 @@ impl Kernel<'_> {
         dynamic_smem: u32,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        if !self.gpu.cooperative {
-            bail!("{} does not support cooperative launches", self.gpu.name);
-        }
+        self.require_cooperative()?;
         let fit = self.max_blocks_per_sm(block, dynamic_smem)?;
         let max = fit * self.gpu.sm_count;
         if grid == 0 || grid > max {
@@ -454,9 +457,7 @@ impl Kernel<'_> {
         dynamic_smem: u32,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        if !self.gpu.cooperative {
-            bail!("{} does not support cooperative launches", self.gpu.name);
-        }
+        self.require_cooperative()?;
         let fit = self.max_active_clusters(cluster, block, dynamic_smem)?;
         if grid == 0 || !grid.is_multiple_of(cluster) || grid / cluster > fit {
             bail!(
