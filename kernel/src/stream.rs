@@ -18,9 +18,9 @@
 //! - attention: the cluster's blocks split the cached positions in pages of 32, whose k and v
 //!   rows the loader streams through the ring like weights (they too are known before the
 //!   step: only the new position is computed, and it is in shared memory); each block keeps
-//!   an online softmax for both q heads; the partials meet at the block that owns each head's 32 dims, which
-//!   are exactly the 32 columns of o that block multiplies (split-K: o's inputs never leave
-//!   the cluster).
+//!   an online softmax for both q heads; the partials meet at the block that owns each head's
+//!   32 dims, which are exactly the 32 columns of o that block multiplies (split-K: o's inputs
+//!   never leave the cluster).
 //! - o and down: split by their inputs, so each block produces a part of every one of the
 //!   1024 outputs. Parts meet first inside the cluster (each block sums one eighth, in rank
 //!   order), then in global memory as counting fixed-point sums (`abi::STREAM_COUNT_SHIFT`):
@@ -799,10 +799,10 @@ unsafe fn attend(
         *probe.add((STREAM_PROBE_ATTENDED + 256 + t) as usize) = *qkv.add(256 + t as usize);
     }
 
-    // Attention: the cluster's blocks take the cached positions page by page (`stream_kv_pages`), the
-    // loader's copies of their k and v rows; warp w takes rows w + 8 e of a page, lane dims
-    // 4 lane .. 4 lane + 4, both q heads. The new position (in shared memory) is folded in by
-    // warp 0 of the block after the last page's (the one with the fewest pages).
+    // Attention: the cluster's blocks take the cached positions page by page
+    // (`stream_kv_pages`), the loader's copies of their k and v rows; warp w takes rows w + 8 e
+    // of a page, lane dims 4 lane .. 4 lane + 4, both q heads. The new position (in shared
+    // memory) is folded in by warp 0 of the block after the last page's (`stream_new_position_rank`).
     let scale = rsqrt(HEAD_DIM as f32) * LOG2_E;
     let d0 = 4 * l_ as usize;
     let mut q0 = [0.0f32; 4];
