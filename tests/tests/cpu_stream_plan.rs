@@ -166,3 +166,63 @@ fn copies_in_flight_parse_within_the_ring() {
     }
     assert!((1..=STREAM_RING_PAGES).contains(&STREAM_COPIES_IN_FLIGHT));
 }
+
+/// The trace's summary over each kind of block: medians and the latest block of a synthetic
+/// trace whose marks are known, marks only blocks with attention record left out of the
+/// others' summary.
+#[test]
+fn the_trace_summary_finds_medians_and_the_latest_block() {
+    use host::engine::stream_trace::{summarize, TraceBlocks};
+    let per = STREAM_TRACE_MARKS as usize;
+    let mut marks = vec![0u64; STREAM_GRID as usize * per];
+    // 1 GHz: 1000 cycles a microsecond. Mark i of block b at (i + 1) us + 10 b ns after the
+    // mark it is measured from; every block starts its layer at a different time.
+    let clock_khz = 1e6;
+    let layer = [
+        StreamMark::QkvPages,
+        StreamMark::QkvExchanged,
+        StreamMark::CachedPositions,
+        StreamMark::AttentionMerged,
+        StreamMark::OPages,
+        StreamMark::OSumPublished,
+        StreamMark::OSumSeen,
+        StreamMark::GateUpPages,
+        StreamMark::DownPages,
+        StreamMark::DownSumPublished,
+        StreamMark::DownSumSeen,
+    ];
+    for b in 0..STREAM_GRID as usize {
+        let t = &mut marks[b * per..(b + 1) * per];
+        let start = 5_000_000 + 777 * b as u64;
+        t[StreamMark::StepStart as usize] = start;
+        t[StreamMark::LayerStart as usize] = start + 100_000;
+        for (i, m) in layer.iter().enumerate() {
+            t[*m as usize] = start + 100_000 + 1000 * (i as u64 + 1) + 10 * b as u64;
+        }
+        t[StreamMark::LmHeadStart as usize] = start + 400_000;
+        t[StreamMark::LmHeadPages as usize] = start + 400_000 + 60_000 + 10 * b as u64;
+        t[StreamMark::TokenKnown as usize] = start + 400_000 + 64_000 + 10 * b as u64;
+    }
+    let heads = summarize(&marks, clock_khz, TraceBlocks::Heads);
+    let others = summarize(&marks, clock_khz, TraceBlocks::Others);
+    let all = summarize(&marks, clock_khz, TraceBlocks::All);
+    assert_eq!((heads.len(), others.len(), all.len()), (14, 8, 14), "marks per summary");
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    let (h, o) = (STREAM_HEAD_BLOCKS as f64, STREAM_GRID as f64);
+    for (i, m) in heads.iter().take(11).enumerate() {
+        let base = i as f64 + 1.0;
+        assert!(close(m.median_us, base + 0.01 * (h - 1.0) / 2.0), "{}: median {}", m.name, m.median_us);
+        assert!(close(m.latest_us, base + 0.01 * (h - 1.0)), "{}: latest {}", m.name, m.latest_us);
+        assert_eq!(m.latest_block, STREAM_HEAD_BLOCKS - 1, "{}", m.name);
+    }
+    assert_eq!(others[0].name, "o sum seen", "the others' summary starts at the first mark they record");
+    for (i, m) in others.iter().take(5).enumerate() {
+        let base = i as f64 + 7.0;
+        assert!(close(m.median_us, base + 0.01 * (h + o - 1.0) / 2.0), "{}: median {}", m.name, m.median_us);
+        assert_eq!(m.latest_block, STREAM_GRID - 1, "{}", m.name);
+    }
+    let step = all.iter().find(|m| m.name == "step").unwrap();
+    assert!(close(step.latest_us, 400.0 + 64.0 + 0.01 * (o - 1.0)), "step: {}", step.latest_us);
+    let lm = all.iter().find(|m| m.name == "LM head pages").unwrap();
+    assert!(close(lm.median_us, 60.0 + 0.01 * (o - 1.0) / 2.0), "LM head pages: {}", lm.median_us);
+}

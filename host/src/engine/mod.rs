@@ -14,8 +14,8 @@
 //! - `fault`: a device error reported with the step the kernel had reached.
 //! - `graph`: the same step as split kernels captured in a CUDA graph (`bench --compare`).
 //! - `backend`: [`Backend`] on top of launches: generation, scoring, logits.
-//! - `stream_plan`, `stream_step`: the streaming step (kernel/src/stream.rs), its plan and
-//!   tile order, and its launches on this engine's checkpoint.
+//! - `stream_plan`, `stream_step`, `stream_trace`: the streaming step (kernel/src/stream.rs),
+//!   its plan and tile order, its launches on this engine's checkpoint, and its trace summed up.
 
 mod backend;
 mod fault;
@@ -26,6 +26,7 @@ mod score;
 mod stream;
 pub mod stream_plan;
 mod stream_step;
+pub mod stream_trace;
 mod upload;
 
 pub use graph::SplitCheck;

@@ -17,6 +17,7 @@ mod split_graph;
 use anyhow::{bail, ensure, Result};
 use host::backend::SamplingParams;
 use host::engine::abi::{FLAG_PROFILE_BARRIERS, STREAM_CLUSTER, STREAM_GRID, STREAM_THREADS};
+use host::engine::stream_trace::{self, MarkSummary, TraceBlocks};
 use host::engine::{GpuEngine, LaunchSpec, StreamStep};
 use host::gpu::measure_read_bandwidth;
 use host::model::config::GenerationConfig;
@@ -207,7 +208,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if let (Some(step), true) = (stream.as_mut(), sampling.is_greedy()) {
             let mut row = time_stream_step(step, &engine, p, args.steps, args.reps, bytes)?;
             let marks = step.trace(&engine, p as usize, args.steps as usize)?;
-            row.trace = trace_summary(&marks, engine.gpu().clock_rate_khz()? as f64);
+            let clock_khz = engine.gpu().clock_rate_khz()? as f64;
+            for (blocks, summary) in row.trace.iter_mut() {
+                *summary = stream_trace::summarize(&marks, clock_khz, *blocks);
+            }
             stream_rows.push(row);
         }
     }
@@ -263,6 +267,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "us_per_token_min": r.us_min,
                 "gb_per_s": r.bytes as f64 / (r.us_median * 1e-6) / 1e9,
                 "percent_of_probe": 100.0 * r.bytes as f64 / (r.us_median * 1e-6) / probe,
+                "trace": r.trace.iter().map(|(blocks, summary)| json!({
+                    "blocks": format!("{blocks:?}").to_lowercase(),
+                    "marks": summary.iter().map(|m| json!({
+                        "name": m.name,
+                        "median_us": m.median_us,
+                        "latest_us": m.latest_us,
+                        "latest_block": m.latest_block,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -306,11 +319,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("| {} | {} | {ratio} |", r.position, speed_cells(r.us_median, r.us_min, r.bytes, probe));
         }
         println!(
-            "\ntrace of the last step of a launch (median / latest block; us after the layer's or the LM head's start):\n"
+            "\ntrace of the last step of a launch (median / latest, the latest block's number; us after the layer's \
+             or the LM head's start):\n"
         );
         for r in &stream_rows {
-            let items: Vec<String> = r.trace.iter().map(|(n, med, max)| format!("{n} {med:.2}/{max:.2}")).collect();
-            println!("- position {}: {}", r.position, items.join(", "));
+            for (blocks, summary) in &r.trace {
+                // A layer's marks per kind of block; the LM head, the token and the step once.
+                let step_marks = |m: &&MarkSummary| LAST_MARKS.contains(&m.name);
+                let items: Vec<String> = match blocks {
+                    TraceBlocks::All => summary.iter().filter(step_marks).map(trace_cell).collect(),
+                    _ => summary.iter().filter(|m| !step_marks(m)).map(trace_cell).collect(),
+                };
+                let what = match blocks {
+                    TraceBlocks::Heads => "blocks with attention",
+                    TraceBlocks::Others => "other blocks",
+                    TraceBlocks::All => "all blocks",
+                };
+                println!("- position {}, {what}: {}", r.position, items.join(", "));
+            }
         }
     }
     Ok(())
@@ -327,57 +353,21 @@ fn speed_cells(us_median: f64, us_min: f64, bytes: u64, probe: f64) -> String {
     )
 }
 
+/// The trace's marks of a step rather than of a layer.
+const LAST_MARKS: [&str; 3] = ["LM head pages", "token known", "step"];
+
+fn trace_cell(m: &MarkSummary) -> String {
+    format!("{} {:.2}/{:.2} (b{})", m.name, m.median_us, m.latest_us, m.latest_block)
+}
+
 /// One row of the streaming step's table.
 struct StreamRow {
     position: u32,
     us_median: f64,
     us_min: f64,
     bytes: u64,
-    /// The trace's marks, us after the start of their layer or of the LM head (median and
-    /// latest over the blocks that record each: a hand-off waits for the latest).
-    trace: Vec<(&'static str, f64, f64)>,
-}
-
-/// Where a traced step's time goes: each mark of layer `STREAM_TRACE_LAYER` as us after the
-/// layer's start, then the LM head's pages and the token as us after the LM head's start.
-fn trace_summary(marks: &[u64], clock_khz: f64) -> Vec<(&'static str, f64, f64)> {
-    use host::engine::abi::{StreamMark as M, STREAM_HEAD_BLOCKS, STREAM_TRACE_MARKS};
-    let per = STREAM_TRACE_MARKS as usize;
-    let us = |cycles: u64| cycles as f64 / clock_khz * 1e3;
-    let blocks: Vec<&[u64]> = marks.chunks_exact(per).collect();
-    let since = |m: M, from: M, heads_only: bool| {
-        let mut v: Vec<f64> = blocks
-            .iter()
-            .enumerate()
-            .filter(|(b, _)| !heads_only || (*b as u32) < STREAM_HEAD_BLOCKS)
-            .map(|(_, t)| us(t[m as usize].wrapping_sub(t[from as usize])))
-            .collect();
-        let latest = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (median(&mut v), latest)
-    };
-    // (name, mark, recorded by head blocks only)
-    let layer = [
-        ("q/k/v pages", M::QkvPages, true),
-        ("q/k/v exchanged", M::QkvExchanged, true),
-        ("cached positions", M::CachedPositions, true),
-        ("attention merged", M::AttentionMerged, true),
-        ("o pages", M::OPages, true),
-        ("o sum published", M::OSumPublished, true),
-        ("o sum seen", M::OSumSeen, false),
-        ("gate/up pages", M::GateUpPages, false),
-        ("down pages", M::DownPages, false),
-        ("down sum published", M::DownSumPublished, false),
-        ("layer (down sum seen)", M::DownSumSeen, false),
-    ];
-    let mut out: Vec<(&'static str, f64, f64)> = Vec::new();
-    let mut push = |name, (med, max)| out.push((name, med, max));
-    for &(name, m, heads) in &layer {
-        push(name, since(m, M::LayerStart, heads));
-    }
-    push("LM head pages", since(M::LmHeadPages, M::LmHeadStart, false));
-    push("token known", since(M::TokenKnown, M::LmHeadStart, false));
-    push("step", since(M::TokenKnown, M::StepStart, false));
-    out
+    /// The trace's marks over the blocks with attention, the others, and all of them.
+    trace: [(TraceBlocks, Vec<MarkSummary>); 3],
 }
 
 /// The streaming step at position `p`: `steps` tokens a launch, one warm-up, `reps` timed
@@ -400,7 +390,8 @@ fn time_stream_step(
         times.push(started.elapsed().as_secs_f64() * 1e6 / steps as f64);
     }
     let us_min = times.iter().cloned().fold(f64::INFINITY, f64::min);
-    Ok(StreamRow { position: p, us_median: median(&mut times), us_min, bytes, trace: Vec::new() })
+    let trace = [(TraceBlocks::Heads, Vec::new()), (TraceBlocks::Others, Vec::new()), (TraceBlocks::All, Vec::new())];
+    Ok(StreamRow { position: p, us_median: median(&mut times), us_min, bytes, trace })
 }
 
 fn print_comparison(rows: &[Row], probe: f64, barriers: u32, steps: u32, act_bytes: u64, act_extra: u64) {
