@@ -1056,15 +1056,6 @@ pub unsafe fn cluster_sync() {
     asm!("barrier.cluster.arrive.release;", "barrier.cluster.wait.acquire;", options(nostack));
 }
 
-/// This block's rank in its cluster (`%cluster_ctarank`).
-#[cfg(target_feature = "sm_90")]
-#[inline(always)]
-pub fn cluster_rank() -> u32 {
-    let r: u32;
-    unsafe { asm!("mov.u32 {0}, %cluster_ctarank;", out(reg32) r, options(nomem, nostack, pure)) };
-    r
-}
-
 /// 16 bytes of a shared-window address (a ring page written by a bulk copy, after its wait).
 #[cfg(target_feature = "sm_90")]
 #[inline(always)]
