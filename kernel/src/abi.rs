@@ -573,6 +573,10 @@ pub struct StreamBlockPlan {
 
 /// `StreamParams::flags`.
 pub const STREAM_FLAG_LOGITS: u32 = 1; // write the last step's logits to `logits_out`
+/// The loaders of blocks without attention hold a layer's pages until their consumers have
+/// seen the layer's input (the last layer's down sum): the hand-off then runs with only the
+/// attention blocks' copies in flight.
+pub const STREAM_FLAG_QUIET_HANDOFF: u32 = 2;
 
 /// Everything one launch of `qwen3_stream_step` needs.
 #[repr(C)]
@@ -627,7 +631,7 @@ pub struct StreamParams {
 }
 
 /// Dynamic shared memory of `qwen3_stream_step` (its rooms: kernel/src/stream.rs).
-pub const STREAM_SMEM_BYTES: u32 = 231040;
+pub const STREAM_SMEM_BYTES: u32 = 231048;
 // 227 KiB is the most a block may opt in to on sm_90.
 const _: () = assert!(STREAM_SMEM_BYTES <= 227 * 1024 && STREAM_RING_PAGES * STREAM_PAGE_BYTES < STREAM_SMEM_BYTES);
 
@@ -647,8 +651,9 @@ pub const STREAM_PROBE_WARP_PART: u32 = 10240; // block 0, warp 0: [2][132]
 pub const STREAM_PROBE_ATTN_RECV: u32 = 10504; // block 0: [8][36]
 pub const STREAM_PROBE_WORDS: u32 = 10792;
 
-/// The trace's marks (`StreamParams::trace`), in the order a step reaches them. A block
-/// without attention records none of `QkvPages ..= OSumPublished`.
+/// The trace's marks (`StreamParams::trace`), in the order a step reaches them (but the
+/// last). A block without attention records none of `QkvPages ..= OSumPublished`, and a
+/// block without cached positions no `CachedPageIn`; a mark not recorded reads 0.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamMark {
@@ -668,8 +673,11 @@ pub enum StreamMark {
     LmHeadPages,
     TokenKnown,
     StepStart,
+    /// The block's first page of cached positions is in shared memory (between
+    /// `QkvExchanged` and `CachedPositions`).
+    CachedPageIn,
 }
-pub const STREAM_TRACE_MARKS: u32 = 16;
+pub const STREAM_TRACE_MARKS: u32 = 17;
 pub const STREAM_TRACE_LAYER: u32 = 1;
 
 /// Hand-off sum words of one parity of steps: two per layer of `hidden` each.

@@ -48,7 +48,7 @@ const CONSUMER_BARRIER: u32 = 1;
 const HEAD_DIM: u32 = STREAM_HEAD_DIM;
 const KV_ROWS: u32 = STREAM_KV_PAGE_POSITIONS;
 const KV_ROW_BYTES: u32 = HEAD_DIM * 2;
-const _: () = assert!(2 * KV_ROWS * KV_ROW_BYTES == PAGE && KV_ROWS == STREAM_CONSUMER_WARPS * BATCH as u32);
+const _: () = assert!(2 * KV_ROWS * KV_ROW_BYTES == PAGE && KV_ROWS == 32);
 
 /// Waits until every block has passed the token hand-off of `steps` steps (acquiring what
 /// each released there: its KV cache rows, its cleared sums).
@@ -67,7 +67,7 @@ unsafe fn wait_token_handoffs(p: &StreamParams, steps: u32) {
 
 /// Byte offsets of the shared-memory rooms (the ring first: its pages are 16-byte aligned for
 /// the bulk copies). `STREAM_SMEM_BYTES` is the total the host asks for.
-const SM_BARS: u32 = RING * PAGE; // full[RING], empty[RING], qkv, attn, parts: u64 each
+const SM_BARS: u32 = RING * PAGE; // full[RING], empty[RING], qkv, attn, parts, seen: u64 each
 const SM_X: u32 = SM_BARS + 256; // f32 [hidden]: the residual stream
 const SM_XN: u32 = SM_X + 4 * STREAM_HIDDEN; // f32 [hidden]: the normed input of a GEMV
 const SM_QKV_OWN: u32 = SM_XN + 4 * STREAM_HIDDEN; // f32 [64]: this block's q/k/v rows
@@ -133,6 +133,10 @@ impl Smem {
     fn parts_bar(self) -> u32 {
         self.qkv_bar() + 16
     }
+    /// Completes a phase each time thread 0 has seen a layer's down sum (the next layer's input).
+    fn seen_bar(self) -> u32 {
+        self.qkv_bar() + 24
+    }
     fn layer(self, l: u32) -> LayerPtrs {
         unsafe { *(self.ptr.add((SM_LAYERS + l * LAYER_PTRS_WORDS * 4) as usize) as *const LayerPtrs) }
     }
@@ -156,7 +160,12 @@ pub unsafe extern "ptx-kernel" fn qwen3_stream_step(p: StreamParams) {
         mbarrier_init(sm.qkv_bar(), 1);
         mbarrier_init(sm.attn_bar(), 1);
         mbarrier_init(sm.parts_bar(), 1);
+        mbarrier_init(sm.seen_bar(), 1);
         fence_mbarrier_init();
+        // A mark a block does not reach reads 0.
+        for i in 0..STREAM_TRACE_MARKS {
+            *(sm.ptr.add((SM_TRACE + 8 * i) as usize) as *mut u64) = 0;
+        }
     }
     // The layers' pointers live in shared memory: after a wait that empties L1, a pointer
     // read from global memory (or spilled) is a round trip to L2 on the chain.
@@ -210,6 +219,7 @@ unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let kv_dim = STREAM_KV_HEADS * HEAD_DIM;
     let kv_row = if r < 4 { q_dim + HEAD_DIM * g + 32 * r } else { q_dim + kv_dim + HEAD_DIM * g + 32 * (r - 4) };
     let in_flight = p.copies_in_flight;
+    let quiet = !head && p.flags & STREAM_FLAG_QUIET_HANDOFF != 0;
     let mut k = 0u32;
     for step in 0..p.n_steps {
         let pos = p.start_pos + step;
@@ -248,6 +258,11 @@ unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
                     bulk_copy_to_shared(dst, tile + (pg * PAGE) as u64, PAGE, bar);
                     k += 1;
                 }
+            }
+            if quiet && l > 0 {
+                // Phase `step * (n_layers - 1) + l - 1`: thread 0 saw layer l - 1's down sum
+                // (thread 0 arrives only where this wait follows, so no phase goes unwaited).
+                mbarrier_wait(sm.seen_bar(), (step * (p.n_layers - 1) + l - 1) & 1);
             }
             for u in 0..plan.mlp_units {
                 let row = (STREAM_MLP_UNIT * (plan.mlp_start + u)) as u64 * ROW_BYTES as u64;
@@ -482,6 +497,8 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let (mut qkv_phase, mut attn_phase, mut parts_phase) = (0u32, 0u32, 0u32);
     let set_words = stream_sum_words(p.n_layers) as usize;
     let token_slot = (sm.ptr.add(SM_RED as usize + 128)) as *mut u32;
+    // As the loader's (`load_weights`): its waits on the seen barrier, and so the arrivals.
+    let quiet = !head && p.flags & STREAM_FLAG_QUIET_HANDOFF != 0;
     let mut token = *(p.tokens as *const u32);
     for s in 0..p.n_steps {
         let pos = p.start_pos + s;
@@ -614,6 +631,9 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             }
             x = poll_sums(down_sums, STREAM_CLUSTERS, p.spin_limit);
             mark(sm, on, StreamMark::DownSumSeen);
+            if t == 0 && quiet && l + 1 < p.n_layers {
+                mbarrier_arrive(sm.seen_bar());
+            }
             unroll!(4, i, {
                 *sm.f32s(SM_X).add(4 * t as usize + i) = x[i];
             });
@@ -800,47 +820,61 @@ unsafe fn attend(
     }
 
     // Attention: the cluster's blocks take the cached positions page by page
-    // (`stream_kv_pages`), the loader's copies of their k and v rows; warp w takes rows w + 8 e
-    // of a page, lane dims 4 lane .. 4 lane + 4, both q heads. The new position (in shared
-    // memory) is folded in by warp 0 of the block after the last page's (`stream_new_position_rank`).
-    let scale = rsqrt(HEAD_DIM as f32) * LOG2_E;
-    let d0 = 4 * l_ as usize;
-    let mut q0 = [0.0f32; 4];
-    let mut q1 = [0.0f32; 4];
-    unroll!(4, i, {
-        q0[i] = *qkv.add(d0 + i) * scale;
-        q1[i] = *qkv.add(128 + d0 + i) * scale;
-    });
+    // (`stream_kv_pages`), the loader's copies of their k and v rows. A block with up to
+    // FEW_PAGES pages folds each with all its warps (`fold_rows`); one with more gives its
+    // pages to its warps in turn, each page whole (`fold_page`), so that up to eight pages are
+    // attended at once. The new position (in shared memory) is folded in by warp 0 of the
+    // block after the last page's (`stream_new_position_rank`).
     let mut st = SoftmaxState::new();
-    for i in 0..stream_kv_pages(pos, rank) {
-        let page = pages.take(sm);
-        let j0 = KV_ROWS * (rank + STREAM_CLUSTER * i);
-        let mut kk = [[0.0f32; 4]; BATCH];
-        let mut vv = [[0.0f32; 4]; BATCH];
-        let mut valid = [false; BATCH];
-        unroll!(4, e, {
-            let row = w + STREAM_CONSUMER_WARPS * e as u32;
-            // Rows past the cached positions hold an older page's bytes: never read as values.
-            valid[e] = j0 + row < pos;
-            if valid[e] {
-                let at = page + row * KV_ROW_BYTES + 8 * l_;
-                kk[e] = bf16x4_to_f32(ld_shared_v2(at));
-                vv[e] = bf16x4_to_f32(ld_shared_v2(at + PAGE / 2));
+    let d0 = 4 * l_ as usize;
+    let mut q_lane = [[0.0f32; 4]; 2];
+    unroll!(4, i, {
+        q_lane[0][i] = *qkv.add(d0 + i) * SCORE_SCALE;
+        q_lane[1][i] = *qkv.add(128 + d0 + i) * SCORE_SCALE;
+    });
+    let kv_n = stream_kv_pages(pos, rank);
+    if kv_n <= FEW_PAGES {
+        // Few pages: the whole block on each page in turn, which finishes a page sooner than
+        // one warp alone.
+        for i in 0..kv_n {
+            let page = pages.take(sm);
+            if i == 0 {
+                mark(sm, on, StreamMark::CachedPageIn);
             }
-        });
-        st.fold(&q0, &q1, &kk, &vv, &valid);
-        pages.free(sm);
+            st.fold_rows(&q_lane, page, KV_ROWS * (rank + STREAM_CLUSTER * i), pos);
+            pages.free(sm);
+        }
+    } else {
+        let q = PageQ::load(qkv);
+        for i in 0..kv_n {
+            // Every thread waits for every page, its own or not: an arrival on a slot's empty
+            // barrier must not run ahead of the copy it frees.
+            let page = pages.take(sm);
+            if i == 0 {
+                mark(sm, on, StreamMark::CachedPageIn);
+            }
+            if i % STREAM_CONSUMER_WARPS == w {
+                let j0 = KV_ROWS * (rank + STREAM_CLUSTER * i);
+                let n = (pos - j0).min(KV_ROWS);
+                if n == KV_ROWS {
+                    st.fold_page::<true>(&q, page, n);
+                } else {
+                    st.fold_page::<false>(&q, page, n);
+                }
+            }
+            pages.free(sm);
+        }
     }
     if rank == stream_new_position_rank(pos) && w == 0 {
-        let mut kk = [[0.0f32; 4]; BATCH];
-        let mut vv = [[0.0f32; 4]; BATCH];
+        let (mut k, mut v) = ([0.0f32; 4], [0.0f32; 4]);
         unroll!(4, i, {
-            kk[0][i] = *qkv.add(256 + d0 + i);
-            vv[0][i] = *qkv.add(384 + d0 + i);
+            k[i] = *qkv.add(256 + d0 + i);
+            v[i] = *qkv.add(384 + d0 + i);
         });
-        st.fold(&q0, &q1, &kk, &vv, &[true, false, false, false]);
+        st.fold_one(&q_lane, &k, &v);
     }
-    let SoftmaxState { m0, m1, s0, s1, a0, a1 } = st;
+    let SoftmaxState { m: [m0, m1], s: [s0, s1], a: [a0, a1] } = st;
+    let (s0, s1) = (warp_sum(s0), warp_sum(s1));
     mark(sm, on, StreamMark::CachedPositions);
     let part = sm.f32s(SM_WARP_PART);
     let mine0 = part.add((2 * w * WARP_PART_WORDS) as usize);
@@ -916,76 +950,223 @@ unsafe fn attend(
     consumers_sync();
 }
 
-/// Up to `BATCH` positions' scores (log2 units; -inf where there is no position) folded into a
-/// running softmax: one max, one correction of the running sum and accumulator.
-#[inline(always)]
-fn online_softmax_step(m: &mut f32, sum: &mut f32, acc: &mut [f32; 4], scores: &[f32; BATCH], v: &[[f32; 4]; BATCH]) {
-    let mut mx = *m;
-    unroll!(4, e, {
-        mx = fmaxf(mx, scores[e]);
-    });
-    if mx == f32::NEG_INFINITY {
-        return;
-    }
-    let corr = exp2(*m - mx);
-    let mut pe = [0.0f32; BATCH];
-    unroll!(4, e, {
-        pe[e] = exp2(scores[e] - mx);
-    });
-    *sum = *sum * corr + (pe[0] + pe[1]) + (pe[2] + pe[3]);
-    unroll!(4, i, {
-        let mut a = acc[i] * corr;
-        unroll!(4, e, {
-            a = fma(pe[e], v[e][i], a);
-        });
-        acc[i] = a;
-    });
-    *m = mx;
-}
+/// Up to this many cached pages a block folds with `fold_rows`, beyond with `fold_page`.
+const FEW_PAGES: u32 = 2;
 
-/// Positions of a page one warp takes.
-const BATCH: usize = 4;
+/// q's factor for scores in log2 units: 1/sqrt(head_dim), times log2(e) for `exp2`.
+const SCORE_SCALE: f32 = 0.088388347648318440550 * LOG2_E;
+const _: () = assert!(HEAD_DIM == 128);
 
 /// A warp's running softmax over the positions it attended, for both q heads of its kv head
-/// (log2 units): max, sum of weights, weighted sum of v (lane dims).
+/// (log2 units): the max (the same on every lane), each lane's part of the sum of weights,
+/// and the weighted sum of v over the lane's dims `4 lane .. 4 lane + 4`.
 struct SoftmaxState {
-    m0: f32,
-    m1: f32,
-    s0: f32,
-    s1: f32,
-    a0: [f32; 4],
-    a1: [f32; 4],
+    m: [f32; 2],
+    s: [f32; 2],
+    a: [[f32; 4]; 2],
 }
 
 impl SoftmaxState {
     #[inline(always)]
     fn new() -> SoftmaxState {
-        SoftmaxState { m0: f32::NEG_INFINITY, m1: f32::NEG_INFINITY, s0: 0.0, s1: 0.0, a0: [0.0; 4], a1: [0.0; 4] }
+        SoftmaxState { m: [f32::NEG_INFINITY; 2], s: [0.0; 2], a: [[0.0; 4]; 2] }
     }
 
-    /// Folds in up to `BATCH` positions' k and v rows (lane dims; those not `valid` count as
-    /// no position).
+    /// Scores `score[h]` (this lane's position; -inf for none) folded in for head `h`: the new
+    /// max over the warp, the old state scaled to it; the weights returned.
     #[inline(always)]
-    fn fold(&mut self, q0: &[f32; 4], q1: &[f32; 4], k: &[[f32; 4]; BATCH], v: &[[f32; 4]; BATCH], valid: &[bool; BATCH]) {
+    fn rescale(&mut self, score: [f32; 2]) -> [f32; 2] {
+        let mut p = [0.0f32; 2];
+        unroll!(2, h, {
+            // Finite: every fold has a position on lane 0.
+            let mx = fmaxf(self.m[h], warp_max(score[h]));
+            let corr = exp2(self.m[h] - mx);
+            p[h] = exp2(score[h] - mx);
+            self.s[h] = fma(self.s[h], corr, p[h]);
+            unroll!(4, i, {
+                self.a[h][i] *= corr;
+            });
+            self.m[h] = mx;
+        });
+        p
+    }
+
+    /// The first `n` (1 ..= 32) positions of a ring page (32 k rows, then 32 v rows).
+    /// Scores: lane `8 p + g` takes rows `p + 4 i` (i = 0..8) over its dims of q (`PageQ`);
+    /// the eight lanes of a row group meet in one butterfly that leaves lane g with row
+    /// `p + 4 g`'s score, so every row's weight is computed once. Values: each lane adds its
+    /// dims `4 lane ..` of every row, the weights passed lane to lane. `FULL`: all 32 rows are
+    /// positions (every page but a block's last), no branch; otherwise the rows past `n` are
+    /// skipped, a uniform branch each.
+    #[inline(always)]
+    unsafe fn fold_page<const FULL: bool>(&mut self, q: &PageQ, page: u32, n: u32) {
+        let (p, g) = (lane() / 8, lane() % 8);
+        let mut dots = [[0.0f32; 8]; 2];
+        unroll!(8, i, {
+            if FULL || (4 * i as u32) < n {
+                let row = page + (p + 4 * i as u32) * KV_ROW_BYTES + 16 * g;
+                // Chunks g and g + 8 of the row: the eight lanes of a quarter-warp read eight
+                // different bank groups.
+                let k = [ld_shared_v4(row), ld_shared_v4(row + 128)];
+                unroll!(2, h, {
+                    let mut d = [0.0f32; 2];
+                    unroll!(2, c, {
+                        unroll!(4, e, {
+                            let (lo, hi) = bf16x2_to_f32(k[c][e]);
+                            d[c] = fma(q.v[h][c][2 * e], lo, d[c]);
+                            d[c] = fma(q.v[h][c][2 * e + 1], hi, d[c]);
+                        });
+                    });
+                    dots[h][i] = d[0] + d[1];
+                });
+            }
+        });
+        let row = p + 4 * g;
+        let mut score = [f32::NEG_INFINITY; 2];
+        unroll!(2, h, {
+            let d = group8_sum8(dots[h]);
+            // Rows past the cached positions hold an older page's bytes: never scored.
+            if FULL || row < n {
+                score[h] = d;
+            }
+        });
+        let w = self.rescale(score);
+        let v_rows = page + PAGE / 2 + 8 * lane();
+        unroll!(8, a, {
+            unroll!(4, b, {
+                // Row 4 a + b: its weight is lane 8 b + a's.
+                let r = 4 * a as u32 + b as u32;
+                if FULL || r < n {
+                    let w0 = shfl_idx_f32(w[0], 8 * b as u32 + a as u32);
+                    let w1 = shfl_idx_f32(w[1], 8 * b as u32 + a as u32);
+                    let v = bf16x4_to_f32(ld_shared_v2(v_rows + r * KV_ROW_BYTES));
+                    unroll!(4, j, {
+                        self.a[0][j] = fma(w0, v[j], self.a[0][j]);
+                        self.a[1][j] = fma(w1, v[j], self.a[1][j]);
+                    });
+                }
+            });
+        });
+    }
+
+    /// Rows `warp + 8 e` (e = 0..4) of a page whose first row is position `j0`, those before
+    /// `pos`: every warp of the block takes four rows of the same page (lane dims, as `a`).
+    #[inline(always)]
+    unsafe fn fold_rows(&mut self, q: &[[f32; 4]; 2], page: u32, j0: u32, pos: u32) {
+        let (w, l) = (warp(), lane());
+        let mut k = [[0.0f32; 4]; 4];
+        let mut v = [[0.0f32; 4]; 4];
+        let mut valid = [false; 4];
+        unroll!(4, e, {
+            let row = w + STREAM_CONSUMER_WARPS * e as u32;
+            // Rows past the cached positions hold an older page's bytes: never read as values.
+            valid[e] = j0 + row < pos;
+            if valid[e] {
+                let at = page + row * KV_ROW_BYTES + 8 * l;
+                k[e] = bf16x4_to_f32(ld_shared_v2(at));
+                v[e] = bf16x4_to_f32(ld_shared_v2(at + PAGE / 2));
+            }
+        });
         // The eight dot products (head h, row e: index 4 h + e) reduced together, then each
         // taken from a lane that holds it.
         let mut dots = [0.0f32; 8];
-        unroll!(4, e, {
-            dots[e] = q0[0] * k[e][0] + q0[1] * k[e][1] + q0[2] * k[e][2] + q0[3] * k[e][3];
-            dots[4 + e] = q1[0] * k[e][0] + q1[1] * k[e][1] + q1[2] * k[e][2] + q1[3] * k[e][3];
+        unroll!(2, h, {
+            unroll!(4, e, {
+                dots[4 * h + e] = q[h][0] * k[e][0] + q[h][1] * k[e][1] + q[h][2] * k[e][2] + q[h][3] * k[e][3];
+            });
         });
         let total = warp_sum8(dots);
-        let mut sc0 = [f32::NEG_INFINITY; BATCH];
-        let mut sc1 = [f32::NEG_INFINITY; BATCH];
-        unroll!(4, e, {
-            let d_0 = shfl_idx_f32(total, 4 * e as u32);
-            let d_1 = shfl_idx_f32(total, 16 + 4 * e as u32);
-            if valid[e] {
-                sc0[e] = d_0;
-                sc1[e] = d_1;
+        unroll!(2, h, {
+            let mut score = [f32::NEG_INFINITY; 4];
+            let mut mx = self.m[h];
+            unroll!(4, e, {
+                let d = shfl_idx_f32(total, 16 * h as u32 + 4 * e as u32);
+                if valid[e] {
+                    score[e] = d;
+                }
+                mx = fmaxf(mx, score[e]);
+            });
+            // Warp-uniform: no row of this warp is a position.
+            if mx != f32::NEG_INFINITY {
+                let corr = exp2(self.m[h] - mx);
+                let mut p = [0.0f32; 4];
+                unroll!(4, e, {
+                    p[e] = exp2(score[e] - mx);
+                });
+                // The weights are the same on every lane: lane 0 keeps their sum.
+                let sum = if l == 0 { (p[0] + p[1]) + (p[2] + p[3]) } else { 0.0 };
+                self.s[h] = fma(self.s[h], corr, sum);
+                unroll!(4, i, {
+                    let mut acc = self.a[h][i] * corr;
+                    unroll!(4, e, {
+                        acc = fma(p[e], v[e][i], acc);
+                    });
+                    self.a[h][i] = acc;
+                });
+                self.m[h] = mx;
             }
         });
-        online_softmax_step(&mut self.m0, &mut self.s0, &mut self.a0, &sc0, v);
-        online_softmax_step(&mut self.m1, &mut self.s1, &mut self.a1, &sc1, v);
     }
+
+    /// One position whose k and v are in registers (lane dims, as `a`), q scaled likewise.
+    #[inline(always)]
+    fn fold_one(&mut self, q: &[[f32; 4]; 2], k: &[f32; 4], v: &[f32; 4]) {
+        let mut dots = [0.0f32; 8];
+        unroll!(2, h, {
+            dots[h] = q[h][0] * k[0] + q[h][1] * k[1] + q[h][2] * k[2] + q[h][3] * k[3];
+        });
+        // Lanes 0-3 hold dots[0]'s sum, lanes 4-7 dots[4]'s: every lane reads both.
+        let total = warp_sum8(dots);
+        let score = [shfl_idx_f32(total, 0), shfl_idx_f32(total, 4)];
+        let mut p = self.rescale(if lane() == 0 { score } else { [f32::NEG_INFINITY; 2] });
+        unroll!(2, h, {
+            p[h] = shfl_idx_f32(p[h], 0);
+            unroll!(4, i, {
+                self.a[h][i] = fma(p[h], v[i], self.a[h][i]);
+            });
+        });
+    }
+}
+
+/// This lane's dims of both q heads (scaled), as `fold_page` takes them: lane `8 p + g` holds
+/// dims `8 g .. 8 g + 8` and `64 + 8 g ..` of each head.
+struct PageQ {
+    v: [[[f32; 8]; 2]; 2],
+}
+
+impl PageQ {
+    /// From the QKV room (q head 0, q head 1: 128 f32 each).
+    #[inline(always)]
+    unsafe fn load(qkv: *const f32) -> PageQ {
+        let g = (lane() % 8) as usize;
+        let mut v = [[[0.0f32; 8]; 2]; 2];
+        unroll!(2, h, {
+            unroll!(2, c, {
+                unroll!(8, e, {
+                    v[h][c][e] = *qkv.add(128 * h + 64 * c + 8 * g + e) * SCORE_SCALE;
+                });
+            });
+        });
+        PageQ { v }
+    }
+}
+
+/// Eight sums over each group of eight lanes (`l & !7 ..`) at once, in 7 shuffles: lane `l`
+/// gets the group's sum of `v[l & 7]`, in a fixed order.
+#[inline(always)]
+fn group8_sum8(v: [f32; 8]) -> f32 {
+    let l = lane();
+    let (hi2, hi1, hi0) = (l & 4 != 0, l & 2 != 0, l & 1 != 0);
+    let mut four = [0.0f32; 4];
+    unroll!(4, i, {
+        let (keep, send) = if hi2 { (v[4 + i], v[i]) } else { (v[i], v[4 + i]) };
+        four[i] = keep + shfl_xor_f32(send, 4);
+    });
+    let mut two = [0.0f32; 2];
+    unroll!(2, i, {
+        let (keep, send) = if hi1 { (four[2 + i], four[i]) } else { (four[i], four[2 + i]) };
+        two[i] = keep + shfl_xor_f32(send, 2);
+    });
+    let (keep, send) = if hi0 { (two[1], two[0]) } else { (two[0], two[1]) };
+    keep + shfl_xor_f32(send, 1)
 }

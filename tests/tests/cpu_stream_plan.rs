@@ -199,16 +199,25 @@ fn the_trace_summary_finds_medians_and_the_latest_block() {
         for (i, m) in layer.iter().enumerate() {
             t[*m as usize] = start + 100_000 + 1000 * (i as u64 + 1) + 10 * b as u64;
         }
+        // Only rank 0 of each cluster with attention has a cached page (at position 1, say).
+        if b < STREAM_HEAD_BLOCKS as usize && b % 8 == 0 {
+            t[StreamMark::CachedPageIn as usize] = start + 100_000 + 2500 + 10 * b as u64;
+        }
         t[StreamMark::LmHeadStart as usize] = start + 400_000;
         t[StreamMark::LmHeadPages as usize] = start + 400_000 + 60_000 + 10 * b as u64;
         t[StreamMark::TokenKnown as usize] = start + 400_000 + 64_000 + 10 * b as u64;
     }
-    let heads = summarize(&marks, clock_khz, TraceBlocks::Heads);
+    let mut heads = summarize(&marks, clock_khz, TraceBlocks::Heads);
     let others = summarize(&marks, clock_khz, TraceBlocks::Others);
     let all = summarize(&marks, clock_khz, TraceBlocks::All);
-    assert_eq!((heads.len(), others.len(), all.len()), (14, 8, 14), "marks per summary");
+    assert_eq!((heads.len(), others.len(), all.len()), (15, 8, 15), "marks per summary");
     let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
     let (h, o) = (STREAM_HEAD_BLOCKS as f64, STREAM_GRID as f64);
+    // The mark only some blocks record: over those alone (blocks 0, 8, .., 56).
+    let page_in = heads.remove(2);
+    assert_eq!(page_in.name, "first cached page in");
+    assert!(close(page_in.median_us, 2.5 + 0.01 * 28.0), "first cached page in: median {}", page_in.median_us);
+    assert_eq!(page_in.latest_block, STREAM_HEAD_BLOCKS - 8);
     for (i, m) in heads.iter().take(11).enumerate() {
         let base = i as f64 + 1.0;
         assert!(close(m.median_us, base + 0.01 * (h - 1.0) / 2.0), "{}: median {}", m.name, m.median_us);

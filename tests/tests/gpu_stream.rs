@@ -54,16 +54,17 @@ fn stream_step_matches_the_cpu_reference() {
     assert!(err < FULL_TOL, "last step's logits: relative error {err} >= {FULL_TOL}");
 }
 
-/// At a long context (300 positions: every block of a cluster walks its chunk of the cache in
-/// several rounds) the step's logits are the megakernel's on the same KV cache.
+/// At long contexts the step's logits are the megakernel's on the same KV cache: 77 positions
+/// (a partial last page), 300 (some blocks of a cluster take two pages, some one) and 2100
+/// (66 pages: every warp of every block takes a page, some two, the last one partial).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn stream_step_matches_the_megakernel_at_long_context() {
     let w = full_weights();
-    let mut engine = GpuEngine::new(&w, 512).unwrap();
+    let mut engine = GpuEngine::new(&w, 2112).unwrap();
     let mut step = engine.stream_step(&w).unwrap();
-    let tokens = random_ids(302, w.config.vocab_size, 12);
-    for p in [300usize, 77] {
+    let tokens = random_ids(2102, w.config.vocab_size, 12);
+    for p in [300usize, 77, 2100] {
         // The megakernel fills the cache up to p and gives its logits there.
         let mega = engine.logits(&tokens[..=p], &[p]).unwrap().remove(0);
         let run = step.run(&engine, p, &tokens[p..=p], 1, true).unwrap();

@@ -38,6 +38,8 @@ pub struct StreamStep {
     probe: DeviceBuffer<f32>,
     trace: DeviceBuffer<u64>,
     params: StreamParams,
+    /// False only under QWEN3_STREAM_PLAIN_LAUNCH=1, for ncu (see `Kernel::launch_clusters`).
+    cooperative: bool,
 }
 
 impl GpuEngine {
@@ -122,6 +124,12 @@ impl GpuEngine {
             // Under compute-sanitizer (which sets the tests' watchdog) a poll takes far longer.
             spin_limit: if std::env::var_os("QWEN3_WATCHDOG_SECS").is_some() { u32::MAX } else { 1 << 24 },
             copies_in_flight,
+            // Experiments: QWEN3_STREAM_QUIET=0 lets every loader stream through the hand-offs.
+            flags: if std::env::var_os("QWEN3_STREAM_QUIET").is_some_and(|v| v == "0") {
+                0
+            } else {
+                STREAM_FLAG_QUIET_HANDOFF
+            },
             ..StreamParams::default()
         };
         Ok(StreamStep {
@@ -137,6 +145,9 @@ impl GpuEngine {
             probe,
             trace,
             params,
+            // Experiments: ncu cannot replay a cooperative cluster launch; the grid is resident
+            // by the cluster check above either way.
+            cooperative: std::env::var_os("QWEN3_STREAM_PLAIN_LAUNCH").is_none_or(|v| v != "1"),
         })
     }
 }
@@ -182,7 +193,7 @@ impl StreamStep {
             start_pos: start_pos as u32,
             prompt_len: prompt.len() as u32,
             n_steps: n_steps as u32,
-            flags: if want_logits { STREAM_FLAG_LOGITS } else { 0 },
+            flags: if want_logits { STREAM_FLAG_LOGITS } else { 0 } | self.params.flags,
             ..self.params
         };
         let kernel = gpu.kernel(STREAM_KERNEL)?;
@@ -191,12 +202,13 @@ impl StreamStep {
         // pointer in it is a live allocation of this step or its engine, sized for the shape
         // `check_stream_shape` accepted and for these positions.
         unsafe {
-            kernel.launch_cooperative_clusters(
+            kernel.launch_clusters(
                 gpu.stream(),
                 STREAM_GRID,
                 STREAM_CLUSTER,
                 STREAM_THREADS,
                 STREAM_SMEM_BYTES,
+                self.cooperative,
                 &mut args,
             )
         }

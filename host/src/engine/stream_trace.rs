@@ -37,10 +37,11 @@ pub struct MarkSummary {
 }
 
 /// The layer's marks, measured from the layer's start, and whether only blocks with attention
-/// record them.
-const LAYER_MARKS: [(&str, M, bool); 11] = [
+/// record them (of those, only blocks with cached positions record `CachedPageIn`).
+const LAYER_MARKS: [(&str, M, bool); 12] = [
     ("q/k/v pages", M::QkvPages, true),
     ("q/k/v exchanged", M::QkvExchanged, true),
+    ("first cached page in", M::CachedPageIn, true),
     ("cached positions", M::CachedPositions, true),
     ("attention merged", M::AttentionMerged, true),
     ("o pages", M::OPages, true),
@@ -55,6 +56,7 @@ const LAYER_MARKS: [(&str, M, bool); 11] = [
 /// The marks `blocks` record (`marks` is `[STREAM_GRID][STREAM_TRACE_MARKS]` cycles, as
 /// `StreamStep::trace` returns them; `clock_khz` the SM clock): the layer's marks after its
 /// start, then the LM head's pages and the token after the LM head's start, then the step.
+/// Blocks that did not record a mark (it reads 0) are left out of its summary.
 pub fn summarize(marks: &[u64], clock_khz: f64, blocks: TraceBlocks) -> Vec<MarkSummary> {
     let per = STREAM_TRACE_MARKS as usize;
     assert_eq!(marks.len(), STREAM_GRID as usize * per, "a trace is {STREAM_GRID} blocks of {per} marks");
@@ -64,7 +66,7 @@ pub fn summarize(marks: &[u64], clock_khz: f64, blocks: TraceBlocks) -> Vec<Mark
             .chunks_exact(per)
             .enumerate()
             .map(|(b, t)| (b as u32, t))
-            .filter(|&(b, _)| blocks.holds(b) && (!heads_only || b < STREAM_HEAD_BLOCKS))
+            .filter(|&(b, t)| blocks.holds(b) && (!heads_only || b < STREAM_HEAD_BLOCKS) && t[m as usize] != 0)
             .map(|(b, t)| (b, us(t[m as usize].wrapping_sub(t[from as usize]))))
             .collect();
         if times.is_empty() {

@@ -297,20 +297,23 @@ pub fn max_active_clusters(f: cu::CUfunction, cluster: u32, block: u32, dynamic_
 }
 
 /// `cuLaunchKernelEx` of a 1-D grid in clusters of `cluster` blocks, cooperative (every block
-/// resident at once).
+/// resident at once, which the driver then guarantees) or not (for profilers that cannot
+/// replay a cooperative cluster launch; residency is then the caller's check).
 ///
 /// # Safety
 /// As [`launch`].
-pub unsafe fn launch_cooperative_clusters(
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn launch_clusters(
     f: cu::CUfunction,
     stream: cu::CUstream,
     grid: u32,
     cluster: u32,
     block: u32,
     dynamic_smem: u32,
+    cooperative: bool,
     params: &mut [*mut c_void],
 ) -> Result<()> {
-    let mut attrs = cluster_attributes(cluster, true);
+    let mut attrs = cluster_attributes(cluster, cooperative);
     let config = LaunchConfig {
         grid: [grid, 1, 1],
         block: [block, 1, 1],

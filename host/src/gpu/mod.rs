@@ -443,21 +443,27 @@ impl Kernel<'_> {
         })
     }
 
-    /// Cooperative launch of `grid` blocks in thread-block clusters of `cluster` (sm_90+), after
-    /// checking with the driver that all of them can be resident at once.
+    /// Launch of `grid` blocks in thread-block clusters of `cluster` (sm_90+), after checking
+    /// with the driver that all of them can be resident at once; cooperative unless
+    /// `cooperative` is false (ncu cannot profile a cooperative cluster launch: the check
+    /// above is then all that stands for the guarantee).
     ///
     /// # Safety
     /// As [`launch_cooperative`](Self::launch_cooperative).
-    pub unsafe fn launch_cooperative_clusters(
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn launch_clusters(
         &self,
         stream: &Stream,
         grid: u32,
         cluster: u32,
         block: u32,
         dynamic_smem: u32,
+        cooperative: bool,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        self.require_cooperative()?;
+        if cooperative {
+            self.require_cooperative()?;
+        }
         let fit = self.max_active_clusters(cluster, block, dynamic_smem)?;
         if grid == 0 || !grid.is_multiple_of(cluster) || grid / cluster > fit {
             bail!(
@@ -468,7 +474,7 @@ impl Kernel<'_> {
             );
         }
         self.gpu.make_current()?;
-        driver::launch_cooperative_clusters(self.func, stream.as_inner(), grid, cluster, block, dynamic_smem, args)
+        driver::launch_clusters(self.func, stream.as_inner(), grid, cluster, block, dynamic_smem, cooperative, args)
             .with_context(|| format!("kernel {} (grid {grid} in clusters of {cluster}, block {block})", self.name))
     }
 
