@@ -281,6 +281,25 @@ pub fn quad_sum4(v: [f32; 4]) -> f32 {
     let (keep, send) = if hi0 { (two[1], two[0]) } else { (two[0], two[1]) };
     keep + shfl_xor_f32(send, 1)
 }
+/// Eight sums over each group of eight lanes (`l & !7 ..`) at once, in 7 shuffles: lane `l`
+/// gets the group's sum of `v[l & 7]`, in a fixed order.
+#[inline(always)]
+pub fn group8_sum8(v: [f32; 8]) -> f32 {
+    let l = lane();
+    let (hi2, hi1, hi0) = (l & 4 != 0, l & 2 != 0, l & 1 != 0);
+    let mut four = [0.0f32; 4];
+    crate::unroll!(4, i, {
+        let (keep, send) = if hi2 { (v[4 + i], v[i]) } else { (v[i], v[4 + i]) };
+        four[i] = keep + shfl_xor_f32(send, 4);
+    });
+    let mut two = [0.0f32; 2];
+    crate::unroll!(2, i, {
+        let (keep, send) = if hi1 { (four[2 + i], four[i]) } else { (four[i], four[2 + i]) };
+        two[i] = keep + shfl_xor_f32(send, 2);
+    });
+    let (keep, send) = if hi0 { (two[1], two[0]) } else { (two[0], two[1]) };
+    keep + shfl_xor_f32(send, 1)
+}
 /// Integer sum over the 32 lanes (the same in any order); every lane gets the result.
 #[inline(always)]
 pub fn warp_sum_u64(mut v: u64) -> u64 {

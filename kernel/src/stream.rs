@@ -192,6 +192,13 @@ pub unsafe extern "ptx-kernel" fn qwen3_stream_step(p: StreamParams) {
 
 // ---------------------------------------------------------------- the loader
 
+/// Whether this block's loader holds each layer's MLP pages until its consumers have seen the
+/// layer's input (`STREAM_FLAG_QUIET_HANDOFF`: blocks without attention only).
+#[inline(always)]
+fn quiet_handoff(p: &StreamParams, head: bool) -> bool {
+    !head && p.flags & STREAM_FLAG_QUIET_HANDOFF != 0
+}
+
 /// Claims the ring page of copy `k` (waiting until the consumers freed its last use, and
 /// until copy `k - in_flight` has landed) and arms its barrier for `bytes`.
 #[inline(always)]
@@ -219,7 +226,7 @@ unsafe fn load_weights(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let kv_dim = STREAM_KV_HEADS * HEAD_DIM;
     let kv_row = if r < 4 { q_dim + HEAD_DIM * g + 32 * r } else { q_dim + kv_dim + HEAD_DIM * g + 32 * (r - 4) };
     let in_flight = p.copies_in_flight;
-    let quiet = !head && p.flags & STREAM_FLAG_QUIET_HANDOFF != 0;
+    let quiet = quiet_handoff(p, head);
     let mut k = 0u32;
     for step in 0..p.n_steps {
         let pos = p.start_pos + step;
@@ -497,8 +504,8 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
     let (mut qkv_phase, mut attn_phase, mut parts_phase) = (0u32, 0u32, 0u32);
     let set_words = stream_sum_words(p.n_layers) as usize;
     let token_slot = (sm.ptr.add(SM_RED as usize + 128)) as *mut u32;
-    // As the loader's (`load_weights`): its waits on the seen barrier, and so the arrivals.
-    let quiet = !head && p.flags & STREAM_FLAG_QUIET_HANDOFF != 0;
+    // Thread 0 arrives on the seen barrier exactly where the loader waits on it.
+    let quiet = quiet_handoff(p, head);
     let mut token = *(p.tokens as *const u32);
     for s in 0..p.n_steps {
         let pos = p.start_pos + s;
@@ -1149,24 +1156,4 @@ impl PageQ {
         });
         PageQ { v }
     }
-}
-
-/// Eight sums over each group of eight lanes (`l & !7 ..`) at once, in 7 shuffles: lane `l`
-/// gets the group's sum of `v[l & 7]`, in a fixed order.
-#[inline(always)]
-fn group8_sum8(v: [f32; 8]) -> f32 {
-    let l = lane();
-    let (hi2, hi1, hi0) = (l & 4 != 0, l & 2 != 0, l & 1 != 0);
-    let mut four = [0.0f32; 4];
-    unroll!(4, i, {
-        let (keep, send) = if hi2 { (v[4 + i], v[i]) } else { (v[i], v[4 + i]) };
-        four[i] = keep + shfl_xor_f32(send, 4);
-    });
-    let mut two = [0.0f32; 2];
-    unroll!(2, i, {
-        let (keep, send) = if hi1 { (four[2 + i], four[i]) } else { (four[i], four[2 + i]) };
-        two[i] = keep + shfl_xor_f32(send, 2);
-    });
-    let (keep, send) = if hi0 { (two[1], two[0]) } else { (two[0], two[1]) };
-    keep + shfl_xor_f32(send, 1)
 }
