@@ -504,6 +504,11 @@ pub const STREAM_RING_PAGES: u32 = 12;
 /// with a few pages in flight per SM; more only queue, and every hand-off's loads and adds
 /// wait in that queue (Little's law: latency = bytes in flight / bandwidth).
 pub const STREAM_COPIES_IN_FLIGHT: u32 = 3;
+/// `StreamParams::poll_gap_cycles` unless QWEN3_STREAM_POLL_GAP says otherwise, and the most
+/// it may say (a hand-off takes a few thousand cycles; a gap is the latency it may add).
+pub const STREAM_POLL_GAP_CYCLES: u32 = 1200;
+pub const STREAM_MAX_POLL_GAP: u32 = 100_000;
+const _: () = assert!(STREAM_POLL_GAP_CYCLES <= STREAM_MAX_POLL_GAP);
 
 /// The one shape the streaming step is compiled for: Qwen3-0.6B's.
 pub const STREAM_HIDDEN: u32 = 1024;
@@ -628,10 +633,14 @@ pub struct StreamParams {
     /// Bulk copies a block's loader keeps on their way at once (1 ..= `STREAM_RING_PAGES`;
     /// the ring may hold more pages that have landed).
     pub copies_in_flight: u32,
+    /// SM cycles a thread idles between two polls of a hand-off sum that is not complete yet
+    /// (0: none). Every consumer thread of every block polls its words of each sum; polled
+    /// back to back, those loads queue in the L2 ahead of the adds they wait for.
+    pub poll_gap_cycles: u32,
 }
 
 /// Dynamic shared memory of `qwen3_stream_step` (its rooms: kernel/src/stream.rs).
-pub const STREAM_SMEM_BYTES: u32 = 231048;
+pub const STREAM_SMEM_BYTES: u32 = 231080;
 // 227 KiB is the most a block may opt in to on sm_90.
 const _: () = assert!(STREAM_SMEM_BYTES <= 227 * 1024 && STREAM_RING_PAGES * STREAM_PAGE_BYTES < STREAM_SMEM_BYTES);
 
@@ -676,8 +685,12 @@ pub enum StreamMark {
     /// The block's first page of cached positions is in shared memory (between
     /// `QkvExchanged` and `CachedPositions`).
     CachedPageIn,
+    /// The layer's input normed in shared memory (blocks with attention; before `QkvPages`).
+    InputNormed,
+    /// q and k normed and rotated, k and v rounded to the cache's bf16 (after `QkvExchanged`).
+    QkvRotated,
 }
-pub const STREAM_TRACE_MARKS: u32 = 17;
+pub const STREAM_TRACE_MARKS: u32 = 19;
 pub const STREAM_TRACE_LAYER: u32 = 1;
 
 /// Hand-off sum words of one parity of steps: two per layer of `hidden` each.

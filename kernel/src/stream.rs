@@ -82,10 +82,12 @@ const SM_PARTS: u32 = SM_ATTN_OUT + 128; // f32 [hidden]: this block's parts of 
 const SM_PARTS_RECV: u32 = SM_PARTS + 4 * STREAM_HIDDEN; // f32 [8][128]: the cluster's parts of my eighth
 const SM_GATE_UP: u32 = SM_PARTS_RECV + 4 * STREAM_HIDDEN; // f32 [MAX_UNITS][8]: gate and up rows
 const SM_RED: u32 = SM_GATE_UP + 4 * 8 * STREAM_MAX_UNITS; // 256 bytes: reductions, best keys, token
+const RED_TOKEN: u32 = 128; // u32 in SM_RED: the next step's token
 const SM_TRACE: u32 = SM_RED + 256; // u64 [STREAM_TRACE_MARKS]
-const SM_LAYERS: u32 = SM_TRACE + 8 * STREAM_TRACE_MARKS; // LayerPtrs [STREAM_MAX_LAYERS]
+const SM_PLAN: u32 = SM_TRACE + 8 * STREAM_TRACE_MARKS; // StreamBlockPlan: this block's
+const SM_LAYERS: u32 = SM_PLAN + 16; // LayerPtrs [STREAM_MAX_LAYERS]
 pub const STREAM_SMEM_END: u32 = SM_LAYERS + STREAM_MAX_LAYERS * LAYER_PTRS_WORDS * 4;
-const _: () = assert!(STREAM_SMEM_END == STREAM_SMEM_BYTES);
+const _: () = assert!(STREAM_SMEM_END == STREAM_SMEM_BYTES && core::mem::size_of::<StreamBlockPlan>() == 16);
 const _: () = assert!(SM_WARP_PART % 16 == 0 && SM_ATTN_RECV % 16 == 0 && SM_PARTS % 16 == 0);
 const _: () = assert!(SM_PARTS_RECV % 16 == 0 && SM_QKV_RECV % 16 == 0 && SM_LAYERS % 8 == 0);
 
@@ -137,6 +139,11 @@ impl Smem {
     fn seen_bar(self) -> u32 {
         self.qkv_bar() + 24
     }
+    /// The block's plan, read where it is used: registers held through the step are what
+    /// the consumers run short of.
+    fn plan(self) -> StreamBlockPlan {
+        unsafe { *(self.ptr.add(SM_PLAN as usize) as *const StreamBlockPlan) }
+    }
     fn layer(self, l: u32) -> LayerPtrs {
         unsafe { *(self.ptr.add((SM_LAYERS + l * LAYER_PTRS_WORDS * 4) as usize) as *const LayerPtrs) }
     }
@@ -175,16 +182,19 @@ pub unsafe extern "ptx-kernel" fn qwen3_stream_step(p: StreamParams) {
         *(sm.ptr.add((SM_LAYERS + 4 * i) as usize) as *mut u32) = *(p.layers as *const u32).add(i as usize);
         i += STREAM_THREADS;
     }
-    let plan = *(p.plan as *const StreamBlockPlan).add(block_idx() as usize);
+    if t < 4 {
+        *(sm.ptr.add((SM_PLAN + 4 * t) as usize) as *mut u32) =
+            *(p.plan as *const u32).add((4 * block_idx() + t) as usize);
+    }
     sync_threads();
     // No block may signal a peer's mbarrier before the peer has initialised it.
     cluster_sync();
     if warp() == STREAM_CONSUMER_WARPS {
         if lane() == 0 {
-            load_weights(&p, sm, plan);
+            load_weights(&p, sm, sm.plan());
         }
     } else {
-        consume(&p, sm, plan);
+        consume(&p, sm);
     }
     // Peers may still be storing into this block's shared memory until they are done too.
     cluster_sync();
@@ -423,7 +433,7 @@ fn encode_part(v: f32) -> u64 {
 /// Waits until this thread's four words of a hand-off sum hold `count` contributions each;
 /// their values (the new residual stream, elements `4 t .. 4 t + 4`).
 #[inline(always)]
-unsafe fn poll_sums(words: *const u64, count: u32, spin_limit: u32) -> [f32; 4] {
+unsafe fn poll_sums(words: *const u64, count: u32, spin_limit: u32, gap_cycles: u32) -> [f32; 4] {
     let p = words.add(4 * thread_idx() as usize);
     let want = count as u64;
     let mut tries = 0u32;
@@ -435,11 +445,12 @@ unsafe fn poll_sums(words: *const u64, count: u32, spin_limit: u32) -> [f32; 4] 
         let a = ld_relaxed_v2_u64(p);
         let b = ld_relaxed_v2_u64(p.add(2));
         let w = [a[0], a[1], b[0], b[1]];
-        if (w[0] >> STREAM_COUNT_SHIFT) == want
+        let done = (w[0] >> STREAM_COUNT_SHIFT) == want
             && (w[1] >> STREAM_COUNT_SHIFT) == want
             && (w[2] >> STREAM_COUNT_SHIFT) == want
-            && (w[3] >> STREAM_COUNT_SHIFT) == want
-        {
+            && (w[3] >> STREAM_COUNT_SHIFT) == want;
+        // The warp leaves together (its lanes' words complete within the same few adds).
+        if ballot(!done) == 0 {
             let mut out = [0.0f32; 4];
             let mask = (1u64 << STREAM_COUNT_SHIFT) - 1;
             let bias = (STREAM_BIAS * want) as i64;
@@ -449,6 +460,10 @@ unsafe fn poll_sums(words: *const u64, count: u32, spin_limit: u32) -> [f32; 4] 
             });
             return out;
         }
+        // Idle until the next poll (`StreamParams::poll_gap_cycles`). Not `nanosleep`: with it
+        // ptxas spills.
+        let t0 = clock64();
+        while clock64().wrapping_sub(t0) < gap_cycles as u64 {}
     }
 }
 
@@ -456,7 +471,7 @@ unsafe fn poll_sums(words: *const u64, count: u32, spin_limit: u32) -> [f32; 4] 
 /// sums eighth `r` of every block's parts, in rank order, adds the residual if asked (cluster
 /// 0), and adds the result into the global sums `dest`.
 #[inline(always)]
-unsafe fn cluster_sum(sm: Smem, parts_phase: &mut u32, dest: *mut u64, add_residual: bool) {
+unsafe fn cluster_sum(sm: Smem, parity: u32, dest: *mut u64, add_residual: bool) {
     let t = thread_idx();
     let rank = block_idx() % STREAM_CLUSTER;
     if t == 0 {
@@ -467,8 +482,7 @@ unsafe fn cluster_sum(sm: Smem, parts_phase: &mut u32, dest: *mut u64, add_resid
     let v = [*src, *src.add(1), *src.add(2), *src.add(3)];
     let remote = cluster_address(sm.addr(SM_PARTS_RECV + 4 * (128 * rank + 4 * chunk)), peer);
     st_async_v4(remote, v, cluster_address(sm.parts_bar(), peer));
-    mbarrier_wait_cluster(sm.parts_bar(), *parts_phase);
-    *parts_phase ^= 1;
+    mbarrier_wait_cluster(sm.parts_bar(), parity);
     if t < 128 {
         let recv = sm.f32s(SM_PARTS_RECV);
         let mut s = 0.0f32;
@@ -494,16 +508,15 @@ fn best_key(v: f32, row: u32) -> u64 {
 // ---------------------------------------------------------------- the consumers
 
 #[inline(always)]
-unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
+unsafe fn consume(p: &StreamParams, sm: Smem) {
     let t = thread_idx();
     let (w, l_) = (warp(), lane());
     let b = block_idx();
     let cluster = b / STREAM_CLUSTER;
     let head = b < STREAM_HEAD_BLOCKS;
     let mut pages = Pages { k: 0 };
-    let (mut qkv_phase, mut attn_phase, mut parts_phase) = (0u32, 0u32, 0u32);
     let set_words = stream_sum_words(p.n_layers) as usize;
-    let token_slot = (sm.ptr.add(SM_RED as usize + 128)) as *mut u32;
+    let token_slot = sm.ptr.add((SM_RED + RED_TOKEN) as usize) as *mut u32;
     // Thread 0 arrives on the seen barrier exactly where the loader waits on it.
     let quiet = quiet_handoff(p, head);
     let mut token = *(p.tokens as *const u32);
@@ -511,7 +524,6 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
         let pos = p.start_pos + s;
         let traced = p.trace != 0 && s + 1 == p.n_steps;
         mark(sm, traced, StreamMark::StepStart);
-        let sums = (p.sums as *mut u64).add(set_words * (s & 1) as usize);
         if s > 0 {
             // Clear the other parity's sums (last step's): every block has read them, since it
             // took part in last step's token hand-off; the next to add to them comes after this
@@ -531,20 +543,26 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
         });
         let mut next_norm = if head { norm_words(sm.layer(0).input_norm) } else { [0; 2] };
         for l in 0..p.n_layers {
+            // The cluster barriers' phases: the q/k/v and attention barriers complete once a
+            // layer, the parts barrier once (down) or, in the clusters with attention, twice
+            // (o, then down) a layer.
+            let round = s * p.n_layers + l;
             let lp = sm.layer(l);
             let probe = if s == 0 && l == 0 && p.probe != 0 { p.probe as *mut f32 } else { core::ptr::null_mut() };
             let on = traced && l == STREAM_TRACE_LAYER;
             mark(sm, on, StreamMark::LayerStart);
-            let o_sums = sums.add((2 * l * STREAM_HIDDEN) as usize);
+            // This step's sums, from the parameter (not a pointer held through the step).
+            let o_sums = (p.sums as *mut u64).add(set_words * (s & 1) as usize + (2 * l * STREAM_HIDDEN) as usize);
             let down_sums = o_sums.add(STREAM_HIDDEN as usize);
             if head {
                 norm_to_shared(sm, x, next_norm, p.eps);
+                mark(sm, on, StreamMark::InputNormed);
                 if !probe.is_null() && b == 0 {
                     unroll!(4, i, {
                         *probe.add((STREAM_PROBE_XN + 4 * t) as usize + i) = *sm.f32s(SM_XN).add(4 * t as usize + i);
                     });
                 }
-                attend(p, sm, &mut pages, &lp, pos, &mut qkv_phase, &mut attn_phase, probe, on);
+                attend(p, sm, &mut pages, &lp, pos, round & 1, probe, on);
                 // o: 4 pages of 256 rows x 32 columns; 4 lanes to a row, 8 columns each.
                 let (q, sub) = (l_ / 4, l_ % 4);
                 let a = sm.f32s(SM_ATTN_OUT).add(8 * sub as usize);
@@ -572,11 +590,11 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
                 }
                 mark(sm, on, StreamMark::OPages);
                 consumers_sync();
-                cluster_sum(sm, &mut parts_phase, o_sums, cluster == 0);
+                cluster_sum(sm, 0, o_sums, cluster == 0);
                 mark(sm, on, StreamMark::OSumPublished);
             }
             let post_norm = norm_words(lp.post_norm);
-            x = poll_sums(o_sums, STREAM_KV_HEADS, p.spin_limit);
+            x = poll_sums(o_sums, STREAM_KV_HEADS, p.spin_limit, p.poll_gap_cycles);
             mark(sm, on, StreamMark::OSumSeen);
             unroll!(4, i, {
                 *sm.f32s(SM_X).add(4 * t as usize + i) = x[i];
@@ -591,22 +609,23 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             norm_to_shared(sm, x, post_norm, p.eps);
             let xv = lane_vector(sm.f32s(SM_XN));
             let gu = sm.f32s(SM_GATE_UP);
-            page_rows(sm, &mut pages, plan.mlp_units, &xv, |u, d| *gu.add((8 * u + w) as usize) = d);
+            let units = sm.plan().mlp_units;
+            page_rows(sm, &mut pages, units, &xv, |u, d| *gu.add((8 * u + w) as usize) = d);
             mark(sm, on, StreamMark::GateUpPages);
             consumers_sync();
             // SiLU(gate) * up once per index, over the gate's word (each thread its own).
-            if t < STREAM_MLP_UNIT * plan.mlp_units {
+            if t < STREAM_MLP_UNIT * units {
                 let at = (8 * (t / 4) + t % 4) as usize;
                 let (g, up) = (*gu.add(at), *gu.add(at + 4));
                 *gu.add(at) = g / (1.0 + exp(-g)) * up;
             }
             consumers_sync();
             let mut acc = [0.0f32; 4];
-            for q in 0..plan.mlp_units.div_ceil(2) {
+            for q in 0..units.div_ceil(2) {
                 let page = pages.take(sm);
                 unroll!(2, half, {
                     let u = 2 * q + half as u32;
-                    if u < plan.mlp_units {
+                    if u < units {
                         let mut act = [0.0f32; 4];
                         unroll!(4, i, {
                             act[i] = *gu.add(8 * u as usize + i);
@@ -628,7 +647,7 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
                 *parts.add(t as usize + 256 * i) = acc[i];
             });
             consumers_sync();
-            cluster_sum(sm, &mut parts_phase, down_sums, cluster == 0);
+            cluster_sum(sm, if head { 1 } else { round & 1 }, down_sums, cluster == 0);
             mark(sm, on, StreamMark::DownSumPublished);
             // The next norm's weight: the next layer's input norm (head blocks) or the final one.
             if l + 1 == p.n_layers {
@@ -636,7 +655,7 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
             } else if head {
                 next_norm = norm_words(sm.layer(l + 1).input_norm);
             }
-            x = poll_sums(down_sums, STREAM_CLUSTERS, p.spin_limit);
+            x = poll_sums(down_sums, STREAM_CLUSTERS, p.spin_limit, p.poll_gap_cycles);
             mark(sm, on, StreamMark::DownSumSeen);
             if t == 0 && quiet && l + 1 < p.n_layers {
                 mbarrier_arrive(sm.seen_bar());
@@ -657,6 +676,7 @@ unsafe fn consume(p: &StreamParams, sm: Smem, plan: StreamBlockPlan) {
         mark(sm, traced, StreamMark::LmHeadStart);
         let last = s + 1 == p.n_steps && p.flags & STREAM_FLAG_LOGITS != 0;
         // Each lane keeps the best of the rows it was handed; the warp's best meets once.
+        let plan = sm.plan();
         let (mut best, mut best_row) = (f32::NEG_INFINITY, plan.lm_start);
         page_rows(sm, &mut pages, plan.lm_rows / STREAM_LM_ROWS_PER_PAGE, &xv, |pg, d| {
             let row = plan.lm_start + STREAM_LM_ROWS_PER_PAGE * pg + w;
@@ -721,8 +741,7 @@ unsafe fn attend(
     pages: &mut Pages,
     lp: &LayerPtrs,
     pos: u32,
-    qkv_phase: &mut u32,
-    attn_phase: &mut u32,
+    parity: u32,
     probe: *mut f32,
     on: bool,
 ) {
@@ -770,8 +789,7 @@ unsafe fn attend(
         let remote = cluster_address(sm.addr(SM_QKV_RECV + 4 * (64 * rank + 4 * chunk)), peer);
         st_async_v4(remote, v, cluster_address(sm.qkv_bar(), peer));
     }
-    mbarrier_wait_cluster(sm.qkv_bar(), *qkv_phase);
-    *qkv_phase ^= 1;
+    mbarrier_wait_cluster(sm.qkv_bar(), parity);
     mark(sm, on, StreamMark::QkvExchanged);
 
     // Warps 0-3: q head 0, q head 1, k, v. Lane dims lane + 32 i; rank 4 h + i sent dims
@@ -818,6 +836,7 @@ unsafe fn attend(
         });
     }
     consumers_sync();
+    mark(sm, on, StreamMark::QkvRotated);
     if !probe.is_null() && b == 0 {
         let recv = sm.f32s(SM_QKV_RECV);
         *probe.add((STREAM_PROBE_RECV + t) as usize) = *recv.add(t as usize);
@@ -925,8 +944,7 @@ unsafe fn attend(
         st_async_v2(cluster_address(slot, owner), [mx.to_bits(), sum.to_bits()], owner_bar);
     }
     st_async_b32(cluster_address(slot + 4 * (2 + d % 32), owner), acc.to_bits(), owner_bar);
-    mbarrier_wait_cluster(sm.attn_bar(), *attn_phase);
-    *attn_phase ^= 1;
+    mbarrier_wait_cluster(sm.attn_bar(), parity);
     if !probe.is_null() && b == 0 {
         let recv = sm.f32s(SM_ATTN_RECV);
         *probe.add((STREAM_PROBE_ATTN_RECV + t) as usize) = *recv.add(t as usize);

@@ -5,7 +5,8 @@
 use half::bf16;
 use host::engine::abi::*;
 use host::engine::stream_plan::{
-    block_plans, decode_sum, down_tiles, encode_part, layer_bytes, mlp_pages, o_tiles, parse_copies_in_flight, MlpSplit,
+    block_plans, decode_sum, down_tiles, encode_part, layer_bytes, mlp_pages, o_tiles, parse_copies_in_flight,
+    parse_poll_gap, MlpSplit,
 };
 
 const VOCAB: usize = 151936;
@@ -167,6 +168,17 @@ fn copies_in_flight_parse_within_the_ring() {
     assert!((1..=STREAM_RING_PAGES).contains(&STREAM_COPIES_IN_FLIGHT));
 }
 
+#[test]
+fn poll_gaps_parse_within_their_bound() {
+    assert_eq!(parse_poll_gap("0"), Some(0));
+    assert_eq!(parse_poll_gap("800"), Some(800));
+    assert_eq!(parse_poll_gap(&STREAM_MAX_POLL_GAP.to_string()), Some(STREAM_MAX_POLL_GAP));
+    for bad in [&(STREAM_MAX_POLL_GAP + 1).to_string()[..], "-1", "", "fast", "1e3"] {
+        assert_eq!(parse_poll_gap(bad), None, "{bad:?} accepted");
+    }
+    assert_eq!(parse_poll_gap(&STREAM_POLL_GAP_CYCLES.to_string()), Some(STREAM_POLL_GAP_CYCLES), "the default");
+}
+
 /// The trace's summary over each kind of block: medians and the latest block of a synthetic
 /// trace whose marks are known, marks only blocks with attention record left out of the
 /// others' summary.
@@ -179,8 +191,10 @@ fn the_trace_summary_finds_medians_and_the_latest_block() {
     // mark it is measured from; every block starts its layer at a different time.
     let clock_khz = 1e6;
     let layer = [
+        StreamMark::InputNormed,
         StreamMark::QkvPages,
         StreamMark::QkvExchanged,
+        StreamMark::QkvRotated,
         StreamMark::CachedPositions,
         StreamMark::AttentionMerged,
         StreamMark::OPages,
@@ -201,7 +215,7 @@ fn the_trace_summary_finds_medians_and_the_latest_block() {
         }
         // Only rank 0 of each cluster with attention has a cached page (at position 1, say).
         if b < STREAM_HEAD_BLOCKS as usize && b % 8 == 0 {
-            t[StreamMark::CachedPageIn as usize] = start + 100_000 + 2500 + 10 * b as u64;
+            t[StreamMark::CachedPageIn as usize] = start + 100_000 + 4500 + 10 * b as u64;
         }
         t[StreamMark::LmHeadStart as usize] = start + 400_000;
         t[StreamMark::LmHeadPages as usize] = start + 400_000 + 60_000 + 10 * b as u64;
@@ -210,15 +224,15 @@ fn the_trace_summary_finds_medians_and_the_latest_block() {
     let mut heads = summarize(&marks, clock_khz, TraceBlocks::Heads);
     let others = summarize(&marks, clock_khz, TraceBlocks::Others);
     let all = summarize(&marks, clock_khz, TraceBlocks::All);
-    assert_eq!((heads.len(), others.len(), all.len()), (15, 8, 15), "marks per summary");
+    assert_eq!((heads.len(), others.len(), all.len()), (17, 8, 17), "marks per summary");
     let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
     let (h, o) = (STREAM_HEAD_BLOCKS as f64, STREAM_GRID as f64);
     // The mark only some blocks record: over those alone (blocks 0, 8, .., 56).
-    let page_in = heads.remove(2);
+    let page_in = heads.remove(4);
     assert_eq!(page_in.name, "first cached page in");
-    assert!(close(page_in.median_us, 2.5 + 0.01 * 28.0), "first cached page in: median {}", page_in.median_us);
+    assert!(close(page_in.median_us, 4.5 + 0.01 * 28.0), "first cached page in: median {}", page_in.median_us);
     assert_eq!(page_in.latest_block, STREAM_HEAD_BLOCKS - 8);
-    for (i, m) in heads.iter().take(11).enumerate() {
+    for (i, m) in heads.iter().take(13).enumerate() {
         let base = i as f64 + 1.0;
         assert!(close(m.median_us, base + 0.01 * (h - 1.0) / 2.0), "{}: median {}", m.name, m.median_us);
         assert!(close(m.latest_us, base + 0.01 * (h - 1.0)), "{}: latest {}", m.name, m.latest_us);
@@ -226,7 +240,7 @@ fn the_trace_summary_finds_medians_and_the_latest_block() {
     }
     assert_eq!(others[0].name, "o sum seen", "the others' summary starts at the first mark they record");
     for (i, m) in others.iter().take(5).enumerate() {
-        let base = i as f64 + 7.0;
+        let base = i as f64 + 9.0;
         assert!(close(m.median_us, base + 0.01 * (h + o - 1.0) / 2.0), "{}: median {}", m.name, m.median_us);
         assert_eq!(m.latest_block, STREAM_GRID - 1, "{}", m.name);
     }

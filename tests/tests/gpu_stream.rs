@@ -222,17 +222,18 @@ fn stream_step_layer0_pieces_match_the_cpu() {
     assert!(bad.is_empty(), "pieces off: {bad:?}");
 }
 
-/// One step at position 1 and one at 300 over a random KV cache (what sanitize.sh runs the
-/// tools on: few launches, short and long context): the logits are finite and the token each
+/// One step each at positions 1, 300 and 1100 over a random KV cache (what sanitize.sh runs
+/// the tools on: few launches, short and long context, each way of folding cached pages): the
+/// logits are finite and the token each
 /// step chose is their arg-max (the blocks' bests met right).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn stream_step_chooses_its_logits_arg_max_at_short_and_long_context() {
     let w = full_weights();
-    let mut engine = GpuEngine::new(&w, 512).unwrap();
+    let mut engine = GpuEngine::new(&w, 1152).unwrap();
     engine.randomize_kv_cache(3).unwrap();
     let mut step = engine.stream_step(&w).unwrap();
-    for pos in [1usize, 300] {
+    for pos in [1usize, 300, 1100] {
         let run = step.run(&engine, pos, &[77], 1, true).unwrap();
         let logits = run.logits.unwrap();
         assert!(logits.iter().all(|v| v.is_finite()), "position {pos}: logits not finite");

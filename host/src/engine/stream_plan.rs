@@ -84,6 +84,12 @@ pub fn parse_copies_in_flight(s: &str) -> Option<u32> {
     s.parse().ok().filter(|n| (1..=STREAM_RING_PAGES).contains(n))
 }
 
+/// `QWEN3_STREAM_POLL_GAP`'s value: SM cycles between two polls of a hand-off sum, 0 to
+/// `STREAM_MAX_POLL_GAP`; `None` for anything else.
+pub fn parse_poll_gap(s: &str) -> Option<u32> {
+    s.parse().ok().filter(|n| *n <= STREAM_MAX_POLL_GAP)
+}
+
 /// Ring pages `units` MLP units take: a gate/up page each, a down page per two.
 pub fn mlp_pages(units: u32) -> u32 {
     units + units.div_ceil(2)

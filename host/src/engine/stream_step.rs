@@ -4,7 +4,9 @@
 //! [`StreamStep::MAX_STEPS`] steps from a position, prompt tokens first.
 
 use super::abi::*;
-use super::stream_plan::{block_plans, check_stream_shape, down_tiles, o_tiles, parse_copies_in_flight, MlpSplit};
+use super::stream_plan::{
+    block_plans, check_stream_shape, down_tiles, o_tiles, parse_copies_in_flight, parse_poll_gap, MlpSplit,
+};
 use super::{dptr, GpuEngine};
 use crate::backend::check_ids;
 use crate::model::Weights;
@@ -124,6 +126,13 @@ impl GpuEngine {
             // Under compute-sanitizer (which sets the tests' watchdog) a poll takes far longer.
             spin_limit: if std::env::var_os("QWEN3_WATCHDOG_SECS").is_some() { u32::MAX } else { 1 << 24 },
             copies_in_flight,
+            // Experiments: QWEN3_STREAM_POLL_GAP=N idles N SM cycles between polls of a hand-off.
+            poll_gap_cycles: match std::env::var("QWEN3_STREAM_POLL_GAP") {
+                Err(_) => STREAM_POLL_GAP_CYCLES,
+                Ok(v) => parse_poll_gap(&v).with_context(|| {
+                    format!("QWEN3_STREAM_POLL_GAP={v}: expected SM cycles, 0 to {STREAM_MAX_POLL_GAP}")
+                })?,
+            },
             // Experiments: QWEN3_STREAM_QUIET=0 lets every loader stream through the hand-offs.
             flags: if std::env::var_os("QWEN3_STREAM_QUIET").is_some_and(|v| v == "0") {
                 0

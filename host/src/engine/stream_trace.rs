@@ -38,9 +38,11 @@ pub struct MarkSummary {
 
 /// The layer's marks, measured from the layer's start, and whether only blocks with attention
 /// record them (of those, only blocks with cached positions record `CachedPageIn`).
-const LAYER_MARKS: [(&str, M, bool); 12] = [
+const LAYER_MARKS: [(&str, M, bool); 14] = [
+    ("input normed", M::InputNormed, true),
     ("q/k/v pages", M::QkvPages, true),
     ("q/k/v exchanged", M::QkvExchanged, true),
+    ("q/k rotated", M::QkvRotated, true),
     ("first cached page in", M::CachedPageIn, true),
     ("cached positions", M::CachedPositions, true),
     ("attention merged", M::AttentionMerged, true),
