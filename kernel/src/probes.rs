@@ -289,9 +289,15 @@ pub unsafe extern "ptx-kernel" fn test_warp_reduce(
 
 /// `warp_sum8` over each warp: lane `l` of warp `w` sums `v[8 (32 w + l) .. + 8]` with the
 /// warp's other lanes and writes what it gets to `out[32 w + l]`; `quad_sum4` of the first
-/// four of them to `quad[32 w + l]`.
+/// four of them to `quad[32 w + l]`; `group8_sum8` of all eight to `group[32 w + l]`.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn test_warp_sum8(v: *const f32, n_warps: u32, out: *mut f32, quad: *mut f32) {
+pub unsafe extern "ptx-kernel" fn test_warp_sum8(
+    v: *const f32,
+    n_warps: u32,
+    out: *mut f32,
+    quad: *mut f32,
+    group: *mut f32,
+) {
     let w = global_warp();
     if w >= n_warps {
         return;
@@ -303,6 +309,7 @@ pub unsafe extern "ptx-kernel" fn test_warp_sum8(v: *const f32, n_warps: u32, ou
     }
     *out.add(k) = warp_sum8(x);
     *quad.add(k) = quad_sum4([x[0], x[1], x[2], x[3]]);
+    *group.add(k) = group8_sum8(x);
 }
 
 /// `block_sum` twice in a row over the same scratch: block `b` sums `v[b*blockDim ..]`, then

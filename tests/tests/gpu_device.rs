@@ -357,12 +357,11 @@ fn butterfly<T: Copy>(mut v: [T; WARP], f: impl Fn(T, T) -> T) -> [T; WARP] {
     v
 }
 
-/// `warp_sum8` replayed on the CPU in the same order: at each step (lane masks 16, 8, 4) a
-/// lane keeps the half of its sums its mask bit names and adds its partner's copy of them;
-/// masks 2 and 1 then sum the one left.
-fn warp_sum8_cpu(v: &[[f32; 8]; WARP]) -> [f32; WARP] {
+/// The halving butterfly on the CPU: at each lane mask in turn a lane keeps the half of its
+/// sums its mask bit names and adds its partner's copy of them (own first, as the GPU does).
+fn halving_sums(v: &[[f32; 8]; WARP], masks: [usize; 3]) -> [f32; WARP] {
     let mut held: Vec<Vec<f32>> = v.iter().map(|x| x.to_vec()).collect();
-    for m in [16usize, 8, 4] {
+    for m in masks {
         let prev = held.clone();
         for (l, h) in held.iter_mut().enumerate() {
             let half = prev[l].len() / 2;
@@ -370,7 +369,13 @@ fn warp_sum8_cpu(v: &[[f32; 8]; WARP]) -> [f32; WARP] {
             *h = (0..half).map(|i| prev[l][at + i] + prev[l ^ m][at + i]).collect();
         }
     }
-    let mut one: [f32; WARP] = std::array::from_fn(|l| held[l][0]);
+    std::array::from_fn(|l| held[l][0])
+}
+
+/// `warp_sum8` replayed on the CPU in the same order: halving at lane masks 16, 8, 4, then
+/// masks 2 and 1 sum the one left.
+fn warp_sum8_cpu(v: &[[f32; 8]; WARP]) -> [f32; WARP] {
+    let mut one = halving_sums(v, [16, 8, 4]);
     for m in [2usize, 1] {
         let prev = one;
         for (l, x) in one.iter_mut().enumerate() {
@@ -380,6 +385,8 @@ fn warp_sum8_cpu(v: &[[f32; 8]; WARP]) -> [f32; WARP] {
     one
 }
 
+/// `warp_sum8`, `quad_sum4` and `group8_sum8` (the butterflies the streaming step's GEMVs and
+/// attention reduce with) give their CPU twins' bits and the sums they are meant to hold.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn warp_sum8_matches_cpu() {
@@ -392,14 +399,26 @@ fn warp_sum8_matches_cpu() {
     let vb = gpu.upload(&v, "v").unwrap();
     let out = gpu.alloc::<f32>(n_warps * WARP, "out").unwrap();
     let quad = gpu.alloc::<f32>(n_warps * WARP, "quad").unwrap();
+    let group = gpu.alloc::<f32>(n_warps * WARP, "group").unwrap();
     let k = gpu.kernel("test_warp_sum8").unwrap();
-    let (mut pv, mut nw, mut po, mut pq) = (dptr(&vb), n_warps as u32, dptr(&out), dptr(&quad));
-    unsafe { k.launch(gpu.stream(), (n_warps * WARP / 256) as u32, 256, 0, &mut args!(pv, nw, po, pq)).unwrap() };
+    let (mut pv, mut nw, mut po, mut pq, mut pg) = (dptr(&vb), n_warps as u32, dptr(&out), dptr(&quad), dptr(&group));
+    unsafe { k.launch(gpu.stream(), (n_warps * WARP / 256) as u32, 256, 0, &mut args!(pv, nw, po, pq, pg)).unwrap() };
     gpu.synchronize().unwrap();
-    let (out, quad) = (gpu.download(&out).unwrap(), gpu.download(&quad).unwrap());
+    let (out, quad, group) = (gpu.download(&out).unwrap(), gpu.download(&quad).unwrap(), gpu.download(&group).unwrap());
     for w in 0..n_warps {
         let lanes: [[f32; 8]; WARP] = std::array::from_fn(|l| v[8 * (w * WARP + l)..][..8].try_into().unwrap());
         let want = warp_sum8_cpu(&lanes);
+        // group8_sum8: halving at masks 4, 2, 1 leaves lane l with sum l & 7 over its group of
+        // eight lanes (what fold_page's scores take).
+        let want_group = halving_sums(&lanes, [4, 2, 1]);
+        for l in 0..WARP {
+            let got = group[w * WARP + l];
+            assert_eq!(got.to_bits(), want_group[l].to_bits(), "group8_sum8: warp {w} lane {l}");
+            let (g, i) = (l & !7, l & 7);
+            let exact: f64 = (g..g + 8).map(|m| lanes[m][i] as f64).sum();
+            let scale: f64 = (g..g + 8).map(|m| (lanes[m][i] as f64).abs()).sum();
+            assert!((got as f64 - exact).abs() <= 1e-5 * scale, "group8_sum8: warp {w} lane {l}: {got} is not {exact}");
+        }
         for l in 0..WARP {
             let got = out[w * WARP + l];
             assert_eq!(got.to_bits(), want[l].to_bits(), "warp {w} lane {l}: gpu {got} cpu twin {}", want[l]);
