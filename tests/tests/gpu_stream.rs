@@ -224,8 +224,8 @@ fn stream_step_layer0_pieces_match_the_cpu() {
 
 /// One step each at positions 1, 300 and 1100 over a random KV cache (what sanitize.sh runs
 /// the tools on: few launches, short and long context, each way of folding cached pages): the
-/// logits are finite and the token each
-/// step chose is their arg-max (the blocks' bests met right).
+/// logits are finite and the token each step chose is their arg-max (the blocks' bests met
+/// right).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn stream_step_chooses_its_logits_arg_max_at_short_and_long_context() {
