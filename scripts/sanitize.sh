@@ -145,8 +145,9 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
     [[ " $tools " == *" memcheck "* ]] && run "memcheck full-size bench --compare (megakernel + split kernels)" "$san" --tool memcheck \
         ./host bench --model "$SANITIZE_FULL_MODEL" --positions 5 --steps 2 --reps 1 --compare
     # The streaming step (sm_90: clusters, bulk copies, st.async hand-offs): one step at
-    # position 1, one at 300 (blocks fold one or two cached pages with all their warps) and one
-    # at 1100 (four or five a block, a warp each) over a random KV cache, from its GPU test.
+    # position 1 and one at 300 (blocks fold one cached page with all their warps, or two with
+    # two warps a page) and one at 1100 (four or five a block: full, partial and empty half
+    # pages) over a random KV cache, from its GPU test.
     # racecheck follows every shared-memory access of 120 blocks: on all 28 layers and the
     # whole vocabulary it does not finish in a session's limits, so it runs the same code on
     # Qwen3-0.6B's widths with 2 layers and a 4096-row LM head (every room, page kind, hand-off

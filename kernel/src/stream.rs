@@ -848,9 +848,10 @@ unsafe fn attend(
     // Attention: the cluster's blocks take the cached positions page by page
     // (`stream_kv_pages`), the loader's copies of their k and v rows. A block with up to
     // FEW_PAGES pages folds each with all its warps (`fold_rows`); one with more gives its
-    // pages to its warps in turn, each page whole (`fold_page`), so that up to eight pages are
-    // attended at once. The new position (in shared memory) is folded in by warp 0 of the
-    // block after the last page's (`stream_new_position_rank`).
+    // pages to its warps in turn, two warps a page (`fold_half`), so that up to four pages are
+    // attended at once and a page's rows take half as long as on one warp. The new position
+    // (in shared memory) is folded in by warp 0 of the block after the last page's
+    // (`stream_new_position_rank`).
     let mut st = SoftmaxState::new();
     let d0 = 4 * l_ as usize;
     let mut q_lane = [[0.0f32; 4]; 2];
@@ -860,8 +861,7 @@ unsafe fn attend(
     });
     let kv_n = stream_kv_pages(pos, rank);
     if kv_n <= FEW_PAGES {
-        // Few pages: the whole block on each page in turn, which finishes a page sooner than
-        // one warp alone.
+        // One page: the whole block on it, which finishes it sooner than two warps.
         for i in 0..kv_n {
             let page = pages.take(sm);
             if i == 0 {
@@ -879,13 +879,15 @@ unsafe fn attend(
             if i == 0 {
                 mark(sm, on, StreamMark::CachedPageIn);
             }
-            if i % STREAM_CONSUMER_WARPS == w {
-                let j0 = KV_ROWS * (rank + STREAM_CLUSTER * i);
-                let n = (pos - j0).min(KV_ROWS);
-                if n == KV_ROWS {
-                    st.fold_page::<true>(&q, page, n);
-                } else {
-                    st.fold_page::<false>(&q, page, n);
+            // Warp w takes half w % 2 of the pages i with i % 4 == w / 2.
+            if i % (STREAM_CONSUMER_WARPS / 2) == w / 2 {
+                let half = w % 2;
+                let j0 = KV_ROWS * (rank + STREAM_CLUSTER * i) + HALF_ROWS * half;
+                let n = pos.saturating_sub(j0).min(HALF_ROWS);
+                if n == HALF_ROWS {
+                    st.fold_half::<true>(&q, page, half, n);
+                } else if n > 0 {
+                    st.fold_half::<false>(&q, page, half, n);
                 }
             }
             pages.free(sm);
@@ -975,8 +977,11 @@ unsafe fn attend(
     consumers_sync();
 }
 
-/// Up to this many cached pages a block folds with `fold_rows`, beyond with `fold_page`.
-const FEW_PAGES: u32 = 2;
+/// Up to this many cached pages a block folds with `fold_rows`, beyond with `fold_half`.
+const FEW_PAGES: u32 = 1;
+
+/// Cached positions one warp folds at a time beyond `FEW_PAGES`: half a page.
+const HALF_ROWS: u32 = KV_ROWS / 2;
 
 /// q's factor for scores in log2 units: 1/sqrt(head_dim), times log2(e) for `exp2`.
 const SCORE_SCALE: f32 = 0.088388347648318440550 * LOG2_E;
@@ -1003,7 +1008,7 @@ impl SoftmaxState {
     fn rescale(&mut self, score: [f32; 2]) -> [f32; 2] {
         let mut p = [0.0f32; 2];
         unroll!(2, h, {
-            // Finite: every fold has a position on lane 0.
+            // Finite: every fold has a position for each head (`fold_half`: lanes 0 and 4).
             let mx = fmaxf(self.m[h], warp_max(score[h]));
             let corr = exp2(self.m[h] - mx);
             p[h] = exp2(score[h] - mx);
@@ -1016,20 +1021,21 @@ impl SoftmaxState {
         p
     }
 
-    /// The first `n` (1 ..= 32) positions of a ring page (32 k rows, then 32 v rows).
-    /// Scores: lane `8 p + g` takes rows `p + 4 i` (i = 0..8) over its dims of q (`PageQ`);
-    /// the eight lanes of a row group meet in one butterfly that leaves lane g with row
-    /// `p + 4 g`'s score, so every row's weight is computed once. Values: each lane adds its
-    /// dims `4 lane ..` of every row, the weights passed lane to lane. `FULL`: all 32 rows are
-    /// positions (every page but a block's last), no branch; otherwise the rows past `n` are
-    /// skipped, a uniform branch each.
+    /// The first `n` (1 ..= 16) positions of half `half` of a ring page (16 of its 32 k rows,
+    /// then the same v rows). Scores: lane `8 p + g` takes rows `p + 4 i` (i = 0..4) of the
+    /// half over its dims of q (`PageQ`), for both heads; the eight lanes of a row group meet
+    /// in one butterfly that leaves lane g with head `g / 4`'s score of row `p + 4 (g % 4)`,
+    /// so every (row, head) weight is computed once. Values: each lane adds its dims
+    /// `4 lane ..` of every row, the weights passed lane to lane. `FULL`: all 16 rows are
+    /// positions, no branch; otherwise the rows past `n` are skipped, a uniform branch each.
     #[inline(always)]
-    unsafe fn fold_page<const FULL: bool>(&mut self, q: &PageQ, page: u32, n: u32) {
+    unsafe fn fold_half<const FULL: bool>(&mut self, q: &PageQ, page: u32, half: u32, n: u32) {
         let (p, g) = (lane() / 8, lane() % 8);
-        let mut dots = [[0.0f32; 8]; 2];
-        unroll!(8, i, {
+        let k_rows = page + HALF_ROWS * half * KV_ROW_BYTES;
+        let mut dots = [0.0f32; 8];
+        unroll!(4, i, {
             if FULL || (4 * i as u32) < n {
-                let row = page + (p + 4 * i as u32) * KV_ROW_BYTES + 16 * g;
+                let row = k_rows + (p + 4 * i as u32) * KV_ROW_BYTES + 16 * g;
                 // Chunks g and g + 8 of the row: the eight lanes of a quarter-warp read eight
                 // different bank groups.
                 let k = [ld_shared_v4(row), ld_shared_v4(row + 128)];
@@ -1042,28 +1048,24 @@ impl SoftmaxState {
                             d[c] = fma(q.v[h][c][2 * e + 1], hi, d[c]);
                         });
                     });
-                    dots[h][i] = d[0] + d[1];
+                    dots[4 * h + i] = d[0] + d[1];
                 });
             }
         });
-        let row = p + 4 * g;
-        let mut score = [f32::NEG_INFINITY; 2];
-        unroll!(2, h, {
-            let d = group8_sum8(dots[h]);
-            // Rows past the cached positions hold an older page's bytes: never scored.
-            if FULL || row < n {
-                score[h] = d;
-            }
-        });
+        let d = group8_sum8(dots);
+        let row = p + 4 * (g % 4);
+        // Rows past the cached positions hold an older page's bytes: never scored.
+        let d = if FULL || row < n { d } else { f32::NEG_INFINITY };
+        let score = if g < 4 { [d, f32::NEG_INFINITY] } else { [f32::NEG_INFINITY, d] };
         let w = self.rescale(score);
-        let v_rows = page + PAGE / 2 + 8 * lane();
-        unroll!(8, a, {
+        let v_rows = k_rows + PAGE / 2 + 8 * lane();
+        unroll!(4, a, {
             unroll!(4, b, {
-                // Row 4 a + b: its weight is lane 8 b + a's.
+                // Row 4 a + b: its weights are lanes 8 b + a's (head 0) and 8 b + 4 + a's.
                 let r = 4 * a as u32 + b as u32;
                 if FULL || r < n {
                     let w0 = shfl_idx_f32(w[0], 8 * b as u32 + a as u32);
-                    let w1 = shfl_idx_f32(w[1], 8 * b as u32 + a as u32);
+                    let w1 = shfl_idx_f32(w[1], 8 * b as u32 + 4 + a as u32);
                     let v = bf16x4_to_f32(ld_shared_v2(v_rows + r * KV_ROW_BYTES));
                     unroll!(4, j, {
                         self.a[0][j] = fma(w0, v[j], self.a[0][j]);
@@ -1153,7 +1155,7 @@ impl SoftmaxState {
     }
 }
 
-/// This lane's dims of both q heads (scaled), as `fold_page` takes them: lane `8 p + g` holds
+/// This lane's dims of both q heads (scaled), as `fold_half` takes them: lane `8 p + g` holds
 /// dims `8 g .. 8 g + 8` and `64 + 8 g ..` of each head.
 struct PageQ {
     v: [[[f32; 8]; 2]; 2],

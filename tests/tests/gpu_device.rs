@@ -409,7 +409,7 @@ fn warp_sum8_matches_cpu() {
         let lanes: [[f32; 8]; WARP] = std::array::from_fn(|l| v[8 * (w * WARP + l)..][..8].try_into().unwrap());
         let want = warp_sum8_cpu(&lanes);
         // group8_sum8: halving at masks 4, 2, 1 leaves lane l with sum l & 7 over its group of
-        // eight lanes (what fold_page's scores take).
+        // eight lanes (what fold_half's scores take).
         let want_group = halving_sums(&lanes, [4, 2, 1]);
         for l in 0..WARP {
             let got = group[w * WARP + l];
