@@ -9,9 +9,11 @@
 # Qwen3-0.6B uses (the default sampling, and top-p alone), memcheck and synccheck a 1200-token
 # context, racecheck steps at position 300 (bench over a random KV cache), a 300-token prompt
 # and a 40-token perplexity through prefill (racecheck: 130 and 20), and memcheck runs
-# `bench --compare` once (the split kernels). The decode runs named by their context feed every prompt token to the
-# megakernel (--prefill-chunk 0, the path they were written for); the prefill runs say so.
-# Prints one
+# `bench --compare` once (the split kernels). The full-size decode runs name the megakernel
+# (--megakernel; decode's default is the streaming step where it can draw); those named by
+# their context feed every prompt token to it (--prefill-chunk 0, the path they were written
+# for); the prefill runs say so. The streaming step's runs come last: its GPU test at three
+# positions, and decode on it (prefill, then its launches, drawing top-k). Prints one
 # summary line per run and a total; exits non-zero if any run reported errors or did not
 # finish. SANITIZE_TOOLS="racecheck ..." runs a subset; SANITIZE_ONLY=REGEX only the runs whose
 # name matches; SANITIZE_TIMEOUT (s) bounds each run;
@@ -104,7 +106,7 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
         extra=()
         [ "$tool" = racecheck ] && extra=(--racecheck-report all)
         run "$tool full-size decode (3 prompt + 2 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
-            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json --prefill-chunk 0
+            ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json --prefill-chunk 0 --megakernel
         # Top-p alone: every block takes part in the draw (grid barriers inside the LM head).
         run "$tool full-size decode, top-p alone (3 prompt + 2 new tokens)" "$san" --tool "$tool" "${extra[@]}" \
             ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids 1,2,3 --max-new-tokens 2 --json \
@@ -122,7 +124,7 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
         [ "$tool" = racecheck ] && plen=130
         run "$tool full-size decode, $plen-token prompt through prefill (chunks of 64)" "$san" --tool "$tool" "${extra[@]}" \
             ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids $plen)" --max-new-tokens 2 --max-context 400 \
-            --json --prefill-chunk 64
+            --json --prefill-chunk 64 --megakernel
         # perplexity through prefill: 39 positions in chunks of 16 + 16 + 7 (racecheck: 19 in one
         # chunk), each chunk's rows through the final norm, the LM head's GEMM (N = 151936) and
         # the NLL kernel.
@@ -135,15 +137,15 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
             # size: bench starts at position 300 over a random KV cache instead (the same code
             # path: ten splits per kv head, so the cross-block merge runs), and draws top-p alone.
             run "$tool full-size steps at position 300 (bench, top-p alone)" "$san" --tool "$tool" "${extra[@]}" \
-                ./host bench --model "$SANITIZE_FULL_MODEL" --positions 300 --steps 2 --reps 1 --sampling 0.6,0,0.95
+                ./host bench --model "$SANITIZE_FULL_MODEL" --positions 300 --steps 2 --reps 1 --sampling 0.6,0,0.95 --no-stream
         else
             run "$tool full-size decode (1200-token context)" "$san" --tool "$tool" "${extra[@]}" \
                 ./host decode --model "$SANITIZE_FULL_MODEL" --prompt-ids "$(ids 1200)" --max-new-tokens 2 --max-context 1300 --json \
-                --prefill-chunk 0
+                --prefill-chunk 0 --megakernel
         fi
     done
     [[ " $tools " == *" memcheck "* ]] && run "memcheck full-size bench --compare (megakernel + split kernels)" "$san" --tool memcheck \
-        ./host bench --model "$SANITIZE_FULL_MODEL" --positions 5 --steps 2 --reps 1 --compare
+        ./host bench --model "$SANITIZE_FULL_MODEL" --positions 5 --steps 2 --reps 1 --compare --no-stream
     # The streaming step (sm_90: clusters, bulk copies, st.async hand-offs): one step at
     # position 1 and one at 300 (blocks fold one cached page with all their warps, or two with
     # two warps a page) and one at 1100 (four or five a block: full, partial and empty half
@@ -162,6 +164,11 @@ if [ -n "${SANITIZE_FULL_MODEL:-}" ]; then
             QWEN3_FULL_CHECKPOINT=$model run "$tool $what streaming step (positions 1, 300 and 1100)" \
                 "$san" --tool "$tool" "${extra[@]}" "$stream" --ignored --exact \
                 stream_step_chooses_its_logits_arg_max_at_short_and_long_context
+            # decode's own path on it: the prompt through prefill, then launches of 1, 2, 4 and
+            # 1 steps drawing top-k (Qwen3's default sampling).
+            run "$tool $what decode on the streaming step (20-token prompt through prefill, 8 new tokens)" \
+                "$san" --tool "$tool" "${extra[@]}" ./host decode --model "$model" --prompt-ids "$(ids 20)" \
+                --max-new-tokens 8 --max-context 64 --json --prefill-chunk 16 --temperature 0.6 --top-k 20 --top-p 0.95
         done
     fi
 fi

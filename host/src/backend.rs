@@ -51,6 +51,20 @@ pub struct Generation {
     pub stop: StopReason,
 }
 
+/// Whether a generation stops after `token`, its `count`-th new one, in the kernel's order:
+/// an end-of-sequence token first, then the caller's stop (`go_on` false), then `max_new`.
+pub fn stop_after(token: u32, go_on: bool, count: usize, max_new: usize, eos: &[u32]) -> Option<StopReason> {
+    if eos.contains(&token) {
+        Some(StopReason::Eos)
+    } else if !go_on {
+        Some(StopReason::Cancelled)
+    } else if count == max_new {
+        Some(StopReason::MaxNewTokens)
+    } else {
+        None
+    }
+}
+
 /// A decoder for one sequence. Positions start at 0 with each call (each call resets the KV
 /// cache).
 pub trait Backend {
@@ -59,6 +73,12 @@ pub trait Backend {
 
     /// Largest prompt + generated length this backend accepts (its KV cache size).
     fn max_context(&self) -> usize;
+
+    /// What `decode` with `sampling` runs on, for reports ("reference" unless a backend
+    /// says otherwise).
+    fn decode_kernel(&self, _sampling: &SamplingParams) -> &'static str {
+        "reference"
+    }
 
     /// Runs `prompt` (at least one token), then generates up to `max_new` tokens, calling
     /// `on_token` with each new token as soon as it is known. Stops after an `eos` token (which

@@ -244,11 +244,14 @@ fn bad_bench_prefill_lengths_are_refused_before_the_gpu_is_opened() {
 }
 
 #[test]
-fn bench_stream_without_greedy_sampling_is_refused_before_the_gpu_is_opened() {
-    // The streaming step draws greedily only; asking to time it with sampling alone is refused
-    // once the checkpoint's sampling is known, before the GPU is opened.
+fn bench_stream_with_only_samplings_it_cannot_draw_is_refused_before_the_gpu_is_opened() {
+    // The streaming step draws greedy, temperature alone and top-k up to 32: asking to time it
+    // with top-p alone or top-k 64 only is refused once the sampling is known, before the GPU
+    // is opened; and --stream with --no-stream is a usage error.
     let dir = tiny();
     let m = dir.path().to_str().unwrap();
-    let e = fails(&["bench", "--model", m, "--stream", "--sampling", "0.7,20,0.9"]);
-    assert!(e.contains("--stream") && e.contains("greedy"), "{e}");
+    let e = fails(&["bench", "--model", m, "--stream", "--sampling", "0.7,0,0.9", "--sampling", "0.7,64,1"]);
+    assert!(e.contains("--stream") && e.contains("top-k 1 to 32"), "{e}");
+    let out = host(&["bench", "--model", m, "--stream", "--no-stream"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }

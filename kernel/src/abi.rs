@@ -637,7 +637,23 @@ pub struct StreamParams {
     /// (0: none). Every consumer thread of every block polls its words of each sum; polled
     /// back to back, those loads queue in the L2 ahead of the adds they wait for.
     pub poll_gap_cycles: u32,
+    /// How each step past the prompt chooses its token, as `DecodeParams` says it: temperature
+    /// 0 is greedy (the arg-max); with temperature alone (top-k 0, top-p 1) the Gumbel-max of
+    /// logit / T; with top-k 1 ..= `STREAM_MAX_TOP_K` (and any top-p) a draw from the 32 best
+    /// logits of the vocabulary. Top-p without top-k (a nucleus of any width) is the
+    /// megakernel's alone: the host refuses it here.
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    /// u64 `[2, STREAM_GRID, 32]`: each block's 32 best logits of a step as candidate keys
+    /// (`ops::sampling::candidate_key`), by the step's parity; read only for top-k sampling.
+    pub candidates: u64,
 }
+
+/// The largest top-k the streaming step draws from (the candidates each block keeps).
+pub const STREAM_MAX_TOP_K: u32 = 32;
 
 /// Dynamic shared memory of `qwen3_stream_step` (its rooms: kernel/src/stream.rs).
 pub const STREAM_SMEM_BYTES: u32 = 231080;

@@ -34,11 +34,16 @@
 //!
 //! So a layer has two all-to-all hand-offs (after o, after down) and no grid barrier. A step
 //! ends with the LM head (every block a range of rows) and one release/acquire hand-off of
-//! the best logit, which also publishes the KV cache rows and the cleared sums to the next
-//! step.
+//! the best logit (greedy, or the Gumbel-max for temperature alone) or, for a top-k draw, of
+//! every block's 32 best, from which every block draws the same token (`draw_top_k`). The
+//! hand-off also publishes the KV cache rows and the cleared sums to the next step.
 
 use crate::abi::*;
 use crate::device::*;
+use crate::ops::sampling::{
+    candidate_key, candidate_logit, candidate_row, gumbel, hash3, sample_top32, top32_insert, top32_merge_tree, uniform,
+    TOP,
+};
 use crate::unroll;
 
 const RING: u32 = STREAM_RING_PAGES;
@@ -154,7 +159,8 @@ impl Smem {
 #[no_mangle]
 pub unsafe extern "ptx-kernel" fn qwen3_stream_step(p: StreamParams) {
     let in_flight_ok = p.copies_in_flight >= 1 && p.copies_in_flight <= RING;
-    if block_dim() != STREAM_THREADS || grid_dim() != STREAM_GRID || p.n_layers > STREAM_MAX_LAYERS || !in_flight_ok {
+    let shape_ok = block_dim() == STREAM_THREADS && grid_dim() == STREAM_GRID && p.n_layers <= STREAM_MAX_LAYERS;
+    if !shape_ok || !in_flight_ok || !Choice::supported(&p) {
         trap();
     }
     let sm = Smem::new();
@@ -371,6 +377,18 @@ unsafe fn row_part(row: u32, x: &[f32; 32]) -> f32 {
 /// FMAs and is freed at once; `out(i, d)` gets page `i`'s, on one lane of the four that hold it.
 #[inline(always)]
 unsafe fn page_rows(sm: Smem, pages: &mut Pages, n: u32, x: &[f32; 32], mut out: impl FnMut(u32, f32)) {
+    page_groups(sm, pages, n, x, |i, d, holds| {
+        if holds {
+            out(i, d)
+        }
+    });
+}
+
+/// `page_rows` for callers that shuffle and vote: `out(i, d, holds)` runs on every lane of the
+/// warp once per eight pages, lane `l` with page `i`'s dot product where `holds` (the first of
+/// the four lanes that hold it, and `i < n`).
+#[inline(always)]
+unsafe fn page_groups(sm: Smem, pages: &mut Pages, n: u32, x: &[f32; 32], mut out: impl FnMut(u32, f32, bool)) {
     let w = warp();
     let mut first = 0;
     while first < n {
@@ -384,9 +402,7 @@ unsafe fn page_rows(sm: Smem, pages: &mut Pages, n: u32, x: &[f32; 32], mut out:
         });
         let d = warp_sum8(parts);
         let i = first + ((lane() >> 2) & 7);
-        if lane() % 4 == 0 && i < n {
-            out(i, d);
-        }
+        out(i, d, lane() % 4 == 0 && i < n);
         first += 8;
     }
 }
@@ -670,22 +686,44 @@ unsafe fn consume(p: &StreamParams, sm: Smem) {
             }
         }
 
-        // The LM head: warp w takes row w of every page; the block's best goes to the grid.
+        // The LM head: warp w takes row w of every page; the block's best (or its 32 best, for
+        // a top-k draw) goes to the grid.
         norm_to_shared(sm, x, next_norm, p.eps);
         let xv = lane_vector(sm.f32s(SM_XN));
         mark(sm, traced, StreamMark::LmHeadStart);
         let last = s + 1 == p.n_steps && p.flags & STREAM_FLAG_LOGITS != 0;
-        // Each lane keeps the best of the rows it was handed; the warp's best meets once.
+        // Prompt steps feed the next prompt token: nothing to draw.
+        let choice = if s + 1 < p.prompt_len { Choice::Greedy } else { Choice::of(p) };
+        let inv_t = 1.0 / p.temperature;
+        let seed = (p.seed_hi as u64) << 32 | p.seed_lo as u64;
+        // Each lane keeps the best of the rows it was handed; the warp's best meets once. For
+        // top-k the warp keeps its 32 best rows (`top`: lane l the l-th; `top_last` lane 31's).
         let plan = sm.plan();
         let (mut best, mut best_row) = (f32::NEG_INFINITY, plan.lm_start);
-        page_rows(sm, &mut pages, plan.lm_rows / STREAM_LM_ROWS_PER_PAGE, &xv, |pg, d| {
+        let (mut top, mut top_last) = (0u64, 0u64);
+        page_groups(sm, &mut pages, plan.lm_rows / STREAM_LM_ROWS_PER_PAGE, &xv, |pg, d, holds| {
             let row = plan.lm_start + STREAM_LM_ROWS_PER_PAGE * pg + w;
-            if d > best {
-                best = d;
-                best_row = row;
+            if holds {
+                // Gumbel-max: argmax(logit / T + noise of (seed, position, row)) is a draw from
+                // softmax(logit / T), the megakernel's noise, so the same token from the same logits.
+                let score = if choice == Choice::Gumbel { d * inv_t + gumbel(hash3(seed, pos, row)) } else { d };
+                if score > best {
+                    best = score;
+                    best_row = row;
+                }
+                if last {
+                    *(p.logits_out as *mut f32).add(row as usize) = d;
+                }
             }
-            if last {
-                *(p.logits_out as *mut f32).add(row as usize) = d;
+            if choice == Choice::TopK {
+                // Eight rows a call: only those that beat the list's last go in, one by one.
+                let key = if holds { candidate_key(d, row) } else { 0 };
+                let mut better = ballot(key > top_last);
+                while better != 0 {
+                    let from = better.trailing_zeros();
+                    better &= better - 1;
+                    top32_insert(&mut top, &mut top_last, shfl_idx_u64(key, from));
+                }
             }
         });
         mark(sm, traced, StreamMark::LmHeadPages);
@@ -699,19 +737,42 @@ unsafe fn consume(p: &StreamParams, sm: Smem) {
         if l_ == 0 {
             *keys.add(w as usize) = key;
         }
+        // The warps' lists, in the attention partials' room (free until the next layer).
+        let lists = sm.ptr.add(SM_WARP_PART as usize) as *mut u64;
+        if choice == Choice::TopK {
+            *lists.add((TOP * w + l_) as usize) = top;
+        }
         consumers_sync();
+        let candidates = (p.candidates as *mut u64).add(((s & 1) * STREAM_GRID * TOP) as usize);
+        if choice == Choice::TopK && w == 0 {
+            let merged = warp_lists_merged(lists);
+            *candidates.add((TOP * b + l_) as usize) = merged;
+            // Every lane's store is ordered before thread 0's release below.
+            sync_warp();
+        }
+        let best_word = (p.best as *mut u64).add(s as usize);
         if t == 0 {
             let mut key = 0u64;
             unroll!(8, i, {
                 key = key.max(*keys.add(i));
             });
-            let best_word = (p.best as *mut u64).add(s as usize);
-            red_max_relaxed_u64(best_word, key);
-            // Release: this block's KV cache rows, cleared sums and logits go with it.
+            if choice != Choice::TopK {
+                red_max_relaxed_u64(best_word, key);
+            }
+            // Release: this block's KV cache rows, cleared sums, logits and list go with it.
             let arrivals = p.arrivals as *mut u32;
             red_add_release(arrivals, 1);
             wait_token_handoffs(p, s + 1);
-            let chosen = u32::MAX - ld_cg_u64(best_word) as u32;
+        }
+        let chosen = if choice == Choice::TopK {
+            consumers_sync();
+            draw_top_k(p, sm, candidates, pos, inv_t, seed)
+        } else if t == 0 {
+            u32::MAX - ld_cg_u64(best_word) as u32
+        } else {
+            0
+        };
+        if t == 0 {
             let next = if s + 1 < p.prompt_len { *(p.tokens as *const u32).add(s as usize + 1) } else { chosen };
             if b == 0 && s + 1 >= p.prompt_len {
                 *(p.tokens as *mut u32).add(s as usize + 1) = chosen;
@@ -730,6 +791,82 @@ unsafe fn consume(p: &StreamParams, sm: Smem) {
         token = *token_slot;
         consumers_sync();
     }
+}
+
+/// How a step past the prompt chooses its token (`StreamParams::temperature`, `top_k`).
+#[derive(Clone, Copy, PartialEq)]
+enum Choice {
+    /// The arg-max, ties to the lowest id.
+    Greedy,
+    /// Temperature alone: the Gumbel-max, folded into each block's best.
+    Gumbel,
+    /// Top-k (and top-p within it): a draw from the vocabulary's 32 best (`draw_top_k`).
+    TopK,
+}
+
+impl Choice {
+    #[inline(always)]
+    fn of(p: &StreamParams) -> Choice {
+        if !(p.temperature > 0.0) {
+            Choice::Greedy
+        } else if p.top_k == 0 {
+            Choice::Gumbel
+        } else {
+            Choice::TopK
+        }
+    }
+    /// What the kernel can draw (the host refuses the rest before it launches).
+    #[inline(always)]
+    fn supported(p: &StreamParams) -> bool {
+        !(p.temperature > 0.0) || (p.top_k <= STREAM_MAX_TOP_K && (p.top_k > 0 || p.top_p >= 1.0))
+    }
+}
+
+/// Run by one warp: the 32 best of the eight consumer warps' lists in the LISTS room.
+#[inline(always)]
+unsafe fn warp_lists_merged(lists: *const u64) -> u64 {
+    let mut got = [0u64; STREAM_CONSUMER_WARPS as usize];
+    unroll!(8, ww, {
+        got[ww] = *lists.add(TOP as usize * ww + lane() as usize);
+    });
+    top32_merge_tree(got)
+}
+
+/// Every consumer thread, after the token hand-off of a top-k step: the vocabulary's 32 best
+/// from the blocks' lists (warp w merges blocks w, w + 8, ..., all its loads asked for at
+/// once, then warp 0 the warps'), and the draw (`sample_top32`) with the step's uniform of
+/// (seed, position), as the megakernel draws. The merged list does not depend on the order of
+/// the merges (the keys are distinct), so every block draws the same token. Returns it on
+/// warp 0 (garbage elsewhere).
+#[inline(always)]
+unsafe fn draw_top_k(p: &StreamParams, sm: Smem, candidates: *const u64, pos: u32, inv_t: f32, seed: u64) -> u32 {
+    const PER_WARP: u32 = STREAM_GRID / STREAM_CONSUMER_WARPS;
+    const _: () = assert!(PER_WARP * STREAM_CONSUMER_WARPS == STREAM_GRID && PER_WARP <= 16);
+    let (w, l_) = (warp(), lane());
+    // A sixteenth list of zeros, empty, when there are fifteen.
+    let mut got = [0u64; 16];
+    unroll!(16, j, {
+        if (j as u32) < PER_WARP {
+            got[j] = ld_cg_u64(candidates.add((TOP * (w + STREAM_CONSUMER_WARPS * j as u32) + l_) as usize));
+        }
+    });
+    let merged = top32_merge_tree(got);
+    let lists = sm.ptr.add(SM_WARP_PART as usize) as *mut u64;
+    // Warp 0 read its own list from here before the hand-off; every warp has passed a barrier since.
+    *lists.add((TOP * w + l_) as usize) = merged;
+    consumers_sync();
+    let mut chosen = 0;
+    if w == 0 {
+        let top = warp_lists_merged(lists);
+        // The largest logit / T: the same product the megakernel's log-sum-exp keeps.
+        let max_scaled = candidate_logit(shfl_idx_u64(top, 0)) * inv_t;
+        let u = uniform(hash3(seed, pos, u32::MAX));
+        let drawn = sample_top32(top, inv_t, max_scaled, 0.0, p.top_k, p.top_p, u);
+        chosen = drawn.unwrap_or(candidate_row(shfl_idx_u64(top, 0)));
+    }
+    // The lists' room is the attention's again after this.
+    consumers_sync();
+    chosen
 }
 
 /// q/k/v, the cluster's exchange, q/k norm + RoPE + the KV append, attention over the cached

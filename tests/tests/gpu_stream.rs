@@ -1,14 +1,15 @@
 //! The streaming step (`qwen3_stream_step`, kernel/src/stream.rs) on a full-size checkpoint:
 //! its greedy choices and logits against the CPU reference and against the megakernel at a
-//! long context, bit-identical reruns, launches that chain, and requests it refuses without
-//! harm. Needs an sm_90 GPU.
+//! long context, bit-identical reruns, launches that chain, requests it refuses without harm,
+//! and its sampled draws against the CPU twin of the kernel's draw. Needs an sm_90 GPU.
 
 mod common;
 use common::{full_weights, rel_err, top2_margin};
-use host::backend::Backend;
+use host::backend::{Backend, SamplingParams, StopReason};
 use host::engine::GpuEngine;
 use host::model::ops;
 use host::model::reference::CpuReference;
+use host::model::sampling::{device_gumbel_draw, device_top_k_draw, filtered_distribution};
 use host::model::synth::random_ids;
 
 const FULL_TOL: f64 = 5e-3;
@@ -238,5 +239,180 @@ fn stream_step_chooses_its_logits_arg_max_at_short_and_long_context() {
         let logits = run.logits.unwrap();
         assert!(logits.iter().all(|v| v.is_finite()), "position {pos}: logits not finite");
         assert_eq!(run.tokens[1], ops::argmax(&logits), "position {pos}: the chosen token is not the logits' arg-max");
+        // The same step sampled: a top-k draw (Qwen3's defaults) and a Gumbel-max.
+        for s in [TOP_K_DEFAULT, GUMBEL] {
+            step.set_sampling(&s).unwrap();
+            let sampled = step.run(&engine, pos, &[77], 1, true).unwrap();
+            step.set_sampling(&SamplingParams::GREEDY).unwrap();
+            let again = sampled.logits.unwrap();
+            assert!(same_bits(&again, &logits), "position {pos}, {s:?}: sampling changed the logits");
+            check_draw(&logits, &s, pos as u32, sampled.tokens[1]);
+        }
+    }
+}
+
+const TOP_K_DEFAULT: SamplingParams = SamplingParams { temperature: 0.6, top_k: 20, top_p: 0.95, seed: 5 };
+const GUMBEL: SamplingParams = SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 6 };
+/// Decisions closer than this to another answer are left unchecked (f32 sums and fast
+/// exponentials on the GPU, f64 on the CPU).
+const DRAW_MARGIN: f64 = 1e-4;
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// The token a sampled step at `pos` chose against the CPU twin of its draw on the same
+/// logits; false when the decision was too close to call.
+fn check_draw(logits: &[f32], s: &SamplingParams, pos: u32, chosen: u32) -> bool {
+    let want = if s.top_k == 0 { device_gumbel_draw(logits, s, pos) } else { device_top_k_draw(logits, s, pos) };
+    if want.margin < DRAW_MARGIN {
+        return false;
+    }
+    assert_eq!(chosen, want.token, "position {pos}, {s:?}: the step drew another token than its CPU twin");
+    true
+}
+
+/// Sampled steps drawn as the CPU twin of the kernel's draw says, seed after seed, on the very
+/// logits the step computed: top-k with and without top-p, top-k 1 and 32, temperature alone.
+/// Over the seeds the top-k draws spread over their candidates as `filtered_distribution`
+/// says (within a few standard errors) and never leave them; a sampled generation is the same
+/// for the same seed, chains across launches, and differs for another seed. Sampling
+/// parameters the kernel cannot draw are refused, and change nothing.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn stream_step_samples_as_its_cpu_twin_draws() {
+    let w = full_weights();
+    let engine = GpuEngine::new(&w, 128).unwrap();
+    let mut step = engine.stream_step(&w).unwrap();
+    let pos = 3usize;
+    let prompt = random_ids(pos + 1, w.config.vocab_size, 17);
+    let greedy = step.run(&engine, 0, &prompt, pos + 1, true).unwrap();
+    let logits = greedy.logits.unwrap();
+    let cases = [
+        TOP_K_DEFAULT,
+        SamplingParams { temperature: 1.0, top_k: 32, top_p: 1.0, seed: 0 },
+        SamplingParams { temperature: 0.7, top_k: 5, top_p: 0.8, seed: 0 },
+        SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 0 },
+        GUMBEL,
+    ];
+    let seeds = 300u64;
+    for case in cases {
+        let (mut checked, mut counts) = (0u32, std::collections::HashMap::new());
+        for seed in 0..seeds {
+            let s = SamplingParams { seed: 1000 * seed + 7, ..case };
+            step.set_sampling(&s).unwrap();
+            let run = step.run(&engine, 0, &prompt, pos + 1, seed == 0).unwrap();
+            if let Some(l) = &run.logits {
+                assert!(same_bits(l, &logits), "{s:?}: sampling changed the logits");
+            }
+            assert_eq!(&run.tokens[..=pos], &prompt[..], "{s:?}: the prompt steps were not fed as given");
+            let token = run.tokens[pos + 1];
+            checked += check_draw(&logits, &s, pos as u32, token) as u32;
+            *counts.entry(token).or_insert(0u32) += 1;
+        }
+        assert!(checked as u64 >= seeds * 9 / 10, "{case:?}: only {checked} of {seeds} draws far enough from an edge");
+        if case.top_k > 1 {
+            let want = filtered_distribution(&logits, &case);
+            for (&t, &c) in &counts {
+                let p = want.iter().find(|&&(id, _)| id == t).map_or(0.0, |&(_, p)| p);
+                let (freq, n) = (c as f64 / seeds as f64, seeds as f64);
+                let tol = 5.0 * (p * (1.0 - p) / n).sqrt() + 1.0 / n;
+                assert!(p > 0.0, "{case:?}: token {t} drawn {c} times, outside the distribution");
+                assert!((freq - p).abs() <= tol, "{case:?}: token {t} drawn {freq:.3}, expected {p:.3}");
+            }
+            eprintln!("{case:?}: {} distinct tokens of {} candidates over {seeds} seeds", counts.len(), want.len());
+        }
+    }
+
+    // A generation: the same seed, the same tokens, in one launch or two; another seed, others.
+    step.set_sampling(&TOP_K_DEFAULT).unwrap();
+    let a = step.run(&engine, 0, &prompt[..2], 40, false).unwrap();
+    let first = step.run(&engine, 0, &prompt[..2], 25, false).unwrap();
+    let second = step.run(&engine, 25, &first.tokens[25..26], 15, false).unwrap();
+    let mut chained = first.tokens[..25].to_vec();
+    chained.extend(&second.tokens);
+    assert_eq!(chained, a.tokens, "a sampled generation in two launches differs from one");
+    step.set_sampling(&SamplingParams { seed: 99, ..TOP_K_DEFAULT }).unwrap();
+    let other = step.run(&engine, 0, &prompt[..2], 40, false).unwrap();
+    assert_ne!(other.tokens, a.tokens, "another seed drew the same 38 tokens");
+
+    // What only the megakernel draws is refused, and the setting stays as it was.
+    for bad in [
+        SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, seed: 0 },
+        SamplingParams { temperature: 0.6, top_k: 33, top_p: 1.0, seed: 0 },
+        SamplingParams { temperature: 0.6, top_k: 20, top_p: 0.0, seed: 0 },
+    ] {
+        let e = step.set_sampling(&bad).err().unwrap_or_else(|| panic!("{bad:?}: not refused"));
+        eprintln!("{bad:?}: {e:#}");
+    }
+    let again = step.run(&engine, 0, &prompt[..2], 40, false).unwrap();
+    assert_eq!(again.tokens, other.tokens, "a refused setting changed the draws");
+}
+
+/// `decode` on the streaming step (the engine's path where it can draw): without prefill the
+/// same tokens as one launch of the step from the same prompt (so its launches of 1, 2, 4, ...
+/// steps chain exactly), greedy and sampled, past the longest launch; it stops at the first
+/// end-of-sequence token (included) and where the caller says stop, and hands every token to
+/// the caller once. With the prompt through prefill, each greedy choice is the megakernel's
+/// arg-max over the same sequence, or within MARGIN of its best logit. Sampling the step cannot
+/// draw goes to the megakernel.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_runs_on_the_streaming_step_and_stops_where_asked() {
+    let w = full_weights();
+    let mut engine = GpuEngine::new(&w, 256).unwrap();
+    let mut step = engine.stream_step(&w).unwrap();
+    engine.enable_stream_decode(&w).unwrap();
+    let greedy = SamplingParams::GREEDY;
+    let top_p_alone = SamplingParams { temperature: 0.6, top_k: 0, top_p: 0.95, seed: 0 };
+    assert!(engine.decodes_with_stream_step(&greedy) && engine.decodes_with_stream_step(&TOP_K_DEFAULT));
+    assert!(!engine.decodes_with_stream_step(&top_p_alone), "top-p alone is the megakernel's");
+    assert_eq!(engine.decode_kernel(&top_p_alone), "megakernel");
+    let prompt = random_ids(7, w.config.vocab_size, 21);
+    let n = 2 * host::engine::MAX_STEPS_PER_LAUNCH + 6;
+    engine.prefill_chunk = 0;
+    for s in [greedy, TOP_K_DEFAULT] {
+        step.set_sampling(&s).unwrap();
+        let one = step.run(&engine, 0, &prompt, prompt.len() - 1 + n, false).unwrap();
+        let want = &one.tokens[prompt.len()..];
+        let mut seen = Vec::new();
+        let g = engine
+            .decode(&prompt, n, &s, &[], &mut |t| {
+                seen.push(t);
+                true
+            })
+            .unwrap();
+        assert_eq!(g.tokens, want, "{s:?}: decode's launches differ from one launch");
+        assert_eq!(seen, g.tokens, "{s:?}: the caller was not handed each token once");
+        assert_eq!(g.stop, StopReason::MaxNewTokens);
+        let eos = want[40];
+        let first = want.iter().position(|&t| t == eos).unwrap();
+        let g = engine.decode(&prompt, n, &s, &[eos, u32::MAX - 1], &mut |_| true).unwrap();
+        assert_eq!((g.tokens.as_slice(), g.stop), (&want[..=first], StopReason::Eos), "{s:?}: the stop at {eos}");
+        let mut calls = 0;
+        let g = engine
+            .decode(&prompt, n, &s, &[], &mut |_| {
+                calls += 1;
+                calls < 5
+            })
+            .unwrap();
+        assert_eq!((g.tokens.as_slice(), g.stop), (&want[..5], StopReason::Cancelled), "{s:?}: the caller's stop");
+    }
+
+    engine.prefill_chunk = 16;
+    let prompt = random_ids(40, w.config.vocab_size, 22);
+    let g = engine.decode(&prompt, 12, &greedy, &[], &mut |_| true).unwrap();
+    assert_eq!(g.tokens.len(), 12);
+    let seq: Vec<u32> = prompt.iter().chain(&g.tokens).copied().collect();
+    let positions: Vec<usize> = (prompt.len() - 1..seq.len() - 1).collect();
+    let rows = engine.logits(&seq, &positions).unwrap();
+    for (i, logits) in rows.iter().enumerate() {
+        let (chosen, best) = (g.tokens[i] as usize, ops::argmax(logits) as usize);
+        assert!(
+            chosen == best || logits[best] - logits[chosen] < MARGIN,
+            "token {i}: the streaming decode chose {chosen} (logit {}), the megakernel's best is {best} (logit {})",
+            logits[chosen],
+            logits[best]
+        );
     }
 }

@@ -62,6 +62,11 @@ pub struct DecodeArgs {
     /// [default: 4096 on the GPU; --device cpu has no prefill and refuses N > 0].
     #[arg(long, value_name = "N")]
     prefill_chunk: Option<usize>,
+    /// GPU only: generate with the megakernel (kernel/src/decode.rs) even where the streaming
+    /// step (kernel/src/stream.rs) could: an sm_90+ GPU, Qwen3-0.6B's shape, and greedy,
+    /// temperature alone or top-k up to 32 (top-p without top-k is the megakernel's anyway).
+    #[arg(long)]
+    megakernel: bool,
 }
 
 /// Sampling: the checkpoint's defaults, each overridden by its flag.
@@ -125,7 +130,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
     let sampling = sampling_params(&args, &gen_config)?;
     let eos = eos_ids(&dir, &config, &gen_config, tokenizer.as_ref(), args.device)?;
 
-    let mut backend = open_backend(&dir, args.device, max_context, args.prefill_chunk)?;
+    let mut backend = open_backend(&dir, args.device, max_context, args.prefill_chunk, !args.megakernel)?;
 
     // Ctrl-C finishes the current token, then stops and prints what there is.
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -189,6 +194,7 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         };
         let report = serde_json::json!({
             "device": backend.name(),
+            "kernel": backend.decode_kernel(&sampling),
             "prompt_tokens": prompt.len(),
             "tokens": tokens,
             "generated_tokens": tokens.len(),
@@ -214,7 +220,8 @@ pub fn run(args: DecodeArgs) -> anyhow::Result<()> {
         stdout.flush()?;
         let rate = tokens_per_s.map(|r| format!(", decode {r:.1} tokens/s")).unwrap_or_default();
         let count = if tokens.len() == 1 { "1 token".to_string() } else { format!("{} tokens", tokens.len()) };
-        eprintln!("[{count}, {stop_reason}; prefill {prefill_s:.3} s{rate} on {}]", backend.name());
+        let on = format!("{} ({})", backend.name(), backend.decode_kernel(&sampling));
+        eprintln!("[{count}, {stop_reason}; prefill {prefill_s:.3} s{rate} on {on}]");
     }
     Ok(())
 }

@@ -96,6 +96,7 @@ pub fn open_backend(
     device: Device,
     max_context: usize,
     prefill_chunk: Option<usize>,
+    stream_decode: bool,
 ) -> anyhow::Result<Box<dyn Backend>> {
     // Refused (before anything loads) rather than ignored, which would seem to have used it.
     anyhow::ensure!(
@@ -106,7 +107,7 @@ pub fn open_backend(
         checkpoint::load(dir, true).with_context(|| format!("cannot load checkpoint {}", dir.display()))?;
     let weights = Arc::new(weights);
     match device {
-        Device::Gpu => host::engine::open_gpu_backend(weights, max_context, prefill_chunk),
+        Device::Gpu => host::engine::open_gpu_backend(weights, max_context, prefill_chunk, stream_decode),
         Device::Cpu => Ok(Box::new(CpuReference::new(weights, max_context))),
     }
 }

@@ -66,7 +66,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     // Checked here as well as by the backend, so that a bad request fails before the
     // checkpoint is loaded.
     check_request("text", &tokens, 0, config.vocab_size, max_context)?;
-    let mut backend = open_backend(&dir, args.device, max_context, args.prefill_chunk)?;
+    let mut backend = open_backend(&dir, args.device, max_context, args.prefill_chunk, false)?;
     let nll = backend.score(&tokens)?;
     let mean = nll.iter().map(|&v| v as f64).sum::<f64>() / nll.len() as f64;
     let ppl = mean.exp();

@@ -22,6 +22,14 @@ impl Backend for GpuEngine {
         self.max_ctx as usize
     }
 
+    fn decode_kernel(&self, sampling: &SamplingParams) -> &'static str {
+        if self.decodes_with_stream_step(sampling) {
+            "streaming step"
+        } else {
+            "megakernel"
+        }
+    }
+
     fn decode(
         &mut self,
         prompt: &[u32],
@@ -35,6 +43,9 @@ impl Backend for GpuEngine {
             return Ok(Generation { tokens: Vec::new(), stop: StopReason::MaxNewTokens });
         }
         self.set_eos(eos)?;
+        if self.decodes_with_stream_step(sampling) {
+            return self.decode_streaming(prompt, max_new, sampling, eos, on_token);
+        }
         // With prefill on, every prompt token but the last fills the cache in chunks first,
         // and the megakernel starts at the last one (the step that computes the first logits).
         let last = prompt.len() - 1;

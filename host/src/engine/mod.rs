@@ -24,6 +24,7 @@ mod launch;
 mod prefill;
 mod score;
 mod stream;
+mod stream_decode;
 pub mod stream_plan;
 mod stream_step;
 pub mod stream_trace;
@@ -32,6 +33,7 @@ mod upload;
 pub use graph::SplitCheck;
 pub use launch::{LaunchOutcome, LaunchSpec};
 pub use score::SCORE_ROWS;
+pub use stream_decode::MAX_STEPS_PER_LAUNCH;
 pub use stream_step::{StreamRun, StreamStep, STREAM_KERNEL};
 
 use crate::backend::Backend;
@@ -124,6 +126,8 @@ pub(crate) fn as_u16(v: &[bf16]) -> &[u16] {
 /// A checkpoint on the GPU, ready to decode.
 pub struct GpuEngine {
     // Device memory first: fields drop in order, and the context goes with `gpu`, last.
+    /// The streaming step `decode` runs on where it can ([`GpuEngine::enable_stream_decode`]).
+    stream: Option<std::cell::RefCell<StreamStep>>,
     // Owned only to keep the uploaded weights alive; the kernel reaches them by address.
     _weights: Vec<DeviceBuffer<u16>>,
     layer_table: DeviceBuffer<LayerPtrs>,
@@ -234,12 +238,20 @@ impl GpuEngine {
 /// `prefill_chunk` sets [`GpuEngine::prefill_chunk`]: `Some(n)` as given (a model whose
 /// shapes prefill cannot take is refused for n > 0), `None` [`DEFAULT_PREFILL_CHUNK`] where
 /// the model's shapes allow prefill and scoring through it, else 0 with a note on stderr.
+/// With `stream_decode`, `decode` runs on the streaming step where the GPU, the model and the
+/// sampling allow it ([`GpuEngine::enable_stream_decode`]; where they do not, a note says why).
 pub fn open_gpu_backend(
     weights: Arc<Weights>,
     max_context: usize,
     prefill_chunk: Option<usize>,
+    stream_decode: bool,
 ) -> Result<Box<dyn Backend>> {
     let mut engine = GpuEngine::new(&weights, max_context)?;
+    if stream_decode {
+        if let Err(e) = engine.enable_stream_decode(&weights) {
+            eprintln!("note: decoding with the megakernel: {e:#}");
+        }
+    }
     // The model's shapes (and a chunk asked for) against prefill's kernels, before any prompt.
     let chunk = prefill_chunk.filter(|&n| n > 0).unwrap_or(1);
     let shapes = engine.check_prefill(&[], 0, chunk).and_then(|()| engine.check_score_prefill());

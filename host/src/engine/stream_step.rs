@@ -1,14 +1,16 @@
 //! The streaming step (`qwen3_stream_step`, kernel/src/stream.rs) on an engine's checkpoint:
 //! the same weights, KV cache and RoPE tables the megakernel reads, plus o and down in the
-//! step's tile order, its plan, and its hand-off buffers. Greedy only; a launch runs up to
-//! [`StreamStep::MAX_STEPS`] steps from a position, prompt tokens first.
+//! step's tile order, its plan, and its hand-off buffers. A launch runs up to
+//! [`StreamStep::MAX_STEPS`] steps from a position, prompt tokens first, and chooses each
+//! token greedily or by sampling ([`StreamStep::set_sampling`]: temperature alone, or top-k up
+//! to 32 with any top-p: the megakernel's draws, from the same noise of seed and position).
 
 use super::abi::*;
 use super::stream_plan::{
     block_plans, check_stream_shape, down_tiles, o_tiles, parse_copies_in_flight, parse_poll_gap, MlpSplit,
 };
 use super::{dptr, GpuEngine};
-use crate::backend::check_ids;
+use crate::backend::{check_ids, SamplingParams};
 use crate::model::Weights;
 use anyhow::{ensure, Context, Result};
 use cust::memory::{CopyDestination, DeviceBuffer};
@@ -34,6 +36,7 @@ pub struct StreamStep {
     _plan: DeviceBuffer<StreamBlockPlan>,
     sums: DeviceBuffer<u64>,
     best: DeviceBuffer<u64>,
+    _candidates: DeviceBuffer<u64>,
     arrivals: DeviceBuffer<u32>,
     tokens: DeviceBuffer<u32>,
     logits: DeviceBuffer<f32>,
@@ -99,6 +102,8 @@ impl GpuEngine {
         let n_layers = c.num_hidden_layers as u32;
         let sums = gpu.alloc::<u64>(2 * stream_sum_words(n_layers) as usize, "streaming hand-off sums")?;
         let best = gpu.alloc::<u64>(StreamStep::MAX_STEPS, "streaming best keys")?;
+        let candidates =
+            gpu.alloc::<u64>((2 * STREAM_GRID * STREAM_MAX_TOP_K) as usize, "streaming top-k candidates")?;
         let arrivals = gpu.alloc::<u32>(1, "streaming arrivals")?;
         let tokens = gpu.alloc::<u32>(StreamStep::MAX_STEPS + 1, "streaming tokens")?;
         let logits = gpu.alloc::<f32>(c.vocab_size, "streaming logits")?;
@@ -116,6 +121,7 @@ impl GpuEngine {
             rope_sin: dptr(&self.rope_sin),
             sums: dptr(&sums),
             best: dptr(&best),
+            candidates: dptr(&candidates),
             arrivals: dptr(&arrivals),
             tokens: dptr(&tokens),
             logits_out: dptr(&logits),
@@ -123,6 +129,7 @@ impl GpuEngine {
             vocab: c.vocab_size as u32,
             max_ctx: self.max_ctx,
             eps: c.rms_norm_eps,
+            top_p: 1.0, // greedy until `set_sampling`
             // Under compute-sanitizer (which sets the tests' watchdog) a poll takes far longer.
             spin_limit: if std::env::var_os("QWEN3_WATCHDOG_SECS").is_some() { u32::MAX } else { 1 << 24 },
             copies_in_flight,
@@ -148,6 +155,7 @@ impl GpuEngine {
             _plan: plan,
             sums,
             best,
+            _candidates: candidates,
             arrivals,
             tokens,
             logits,
@@ -164,6 +172,37 @@ impl GpuEngine {
 impl StreamStep {
     /// Most steps one launch runs (the best-key and token buffers).
     pub const MAX_STEPS: usize = 256;
+
+    /// Whether the kernel draws as `s` asks: greedy, temperature alone (top-k 0, top-p 1), or
+    /// top-k 1 ..= 32 with any top-p. Top-p alone (a nucleus of any width) and top-k above 32
+    /// are the megakernel's.
+    pub fn supports(s: &SamplingParams) -> bool {
+        s.is_greedy() || (s.top_k <= STREAM_MAX_TOP_K && (s.top_k > 0 || s.top_p >= 1.0))
+    }
+
+    /// How the following launches choose their tokens past the prompt (greedy until set).
+    /// Refuses what the kernel cannot draw ([`Self::supports`]), leaving the setting as it was.
+    pub fn set_sampling(&mut self, s: &SamplingParams) -> Result<()> {
+        ensure!(
+            Self::supports(s),
+            "the streaming step samples with temperature alone or with top-k 1 to {STREAM_MAX_TOP_K} (and any top-p); \
+             temperature {}, top-k {}, top-p {} needs the megakernel",
+            s.temperature,
+            s.top_k,
+            s.top_p
+        );
+        ensure!(
+            s.temperature.is_finite() && s.top_p > 0.0 && s.top_p <= 1.0,
+            "sampling parameters out of range: {s:?}"
+        );
+        let greedy = s.is_greedy();
+        self.params.temperature = if greedy { 0.0 } else { s.temperature };
+        self.params.top_k = if greedy { 0 } else { s.top_k };
+        self.params.top_p = if greedy { 1.0 } else { s.top_p };
+        self.params.seed_lo = s.seed as u32;
+        self.params.seed_hi = (s.seed >> 32) as u32;
+        Ok(())
+    }
 
     /// Enqueues one launch: `prompt` fed at positions `start_pos ..`, then each step's choice,
     /// `n_steps` steps in all. Refuses what it cannot run, before touching any buffer.

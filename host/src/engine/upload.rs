@@ -84,6 +84,7 @@ impl GpuEngine {
         let rope_sin = gpu.upload(&sin, "RoPE sin table")?;
         let n_heads = c.num_attention_heads;
         let engine = GpuEngine {
+            stream: None,
             x: gpu.alloc(c.hidden_size, "residual")?,
             qkv: gpu.alloc((q_dim + 2 * kv_dim) as usize, "qkv")?,
             attn: gpu.alloc(q_dim as usize, "attention output")?,

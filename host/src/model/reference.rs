@@ -5,7 +5,7 @@
 use super::ops;
 use super::sampling::Sampler;
 use super::Weights;
-use crate::backend::{check_request, Backend, Generation, SamplingParams, StopReason};
+use crate::backend::{check_request, stop_after, Backend, Generation, SamplingParams, StopReason};
 use anyhow::{bail, ensure};
 use half::bf16;
 use std::sync::Arc;
@@ -200,18 +200,7 @@ impl Backend for CpuReference {
         loop {
             let next = sampler.sample(&logits);
             tokens.push(next);
-            // The kernel's order: an end token first, then the caller's stop, then the count.
-            let go_on = on_token(next);
-            let stop = if eos.contains(&next) {
-                Some(StopReason::Eos)
-            } else if !go_on {
-                Some(StopReason::Cancelled)
-            } else if tokens.len() == max_new {
-                Some(StopReason::MaxNewTokens)
-            } else {
-                None
-            };
-            if let Some(stop) = stop {
+            if let Some(stop) = stop_after(next, on_token(next), tokens.len(), max_new, eos) {
                 return Ok(Generation { tokens, stop });
             }
             logits = self.try_forward(next, self.len)?;

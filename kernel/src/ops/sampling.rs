@@ -14,7 +14,9 @@
 //!   and only then, one block finishes exactly over the logits the others wrote out:
 //!   `sample_top_k` (top-k up to 256) or `sample_top_p` (top-p alone, any nucleus). In the
 //!   decode kernel, top-p alone is drawn by every block instead (`lm_head::grid_top_p`: the
-//!   same radix select over the grid's histograms, the same token).
+//!   same radix select over the grid's histograms, the same token). The streaming step
+//!   (kernel/src/stream.rs) draws greedy, temperature alone and top-k <= 32 with these same
+//!   functions and noise, every block from the merged lists; the rest is the megakernel's.
 
 use crate::device::*;
 
@@ -329,6 +331,25 @@ pub fn top32_merge(a: u64, b: u64) -> u64 {
         d >>= 1;
     }
     v
+}
+
+/// The 32 best of `N` sorted lists (`N` a power of two; a list of zeros is empty), merged in
+/// pairs level by level: the merges of a level do not depend on each other, so the warp
+/// overlaps their shuffles, and the chain is log2(N) merges deep rather than N - 1.
+#[inline(always)]
+pub fn top32_merge_tree<const N: usize>(mut lists: [u64; N]) -> u64 {
+    const { assert!(N.is_power_of_two() && N <= 16) };
+    // Level k merges list i + 2^k into list i, for i a multiple of 2^(k + 1). Every index is a
+    // constant, so the lists stay in registers.
+    crate::unroll!(4, K, {
+        crate::unroll!(16, I, {
+            let d = 1usize << K;
+            if I % (2 * d) == 0 && I + d < N {
+                lists[I] = top32_merge(lists[I], lists[I + d]);
+            }
+        });
+    });
+    lists[0]
 }
 
 /// Draws from the 32 best candidates of the vocabulary (`key`: lane `l` the `l`-th best, 0 for

@@ -63,10 +63,16 @@ pub struct BenchArgs {
     /// Repeat the flag to time several in one run.
     #[arg(long, default_value = "default", action = clap::ArgAction::Append, allow_hyphen_values = true)]
     sampling: Vec<String>,
-    /// Also time the streaming step (kernel/src/stream.rs; greedy only, sm_90) at the same
-    /// positions, in the same process, against the same probe and byte count.
-    #[arg(long)]
+    /// Time the streaming step (kernel/src/stream.rs, `decode`'s path on sm_90+) beside the
+    /// megakernel at the same positions and samplings, in the same process, against the same
+    /// probe and byte count (samplings it cannot draw, top-p without top-k or top-k above 32,
+    /// are the megakernel's alone). It runs by default where the GPU and model allow it; with
+    /// --stream, a GPU or model that does not is an error.
+    #[arg(long, conflicts_with = "no_stream")]
     stream: bool,
+    /// Time the megakernel alone.
+    #[arg(long)]
+    no_stream: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -147,8 +153,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (weights, gen_config) = load_weights(&args)?;
     let samplings = args.sampling.iter().map(|s| parse_sampling(s, &gen_config)).collect::<Result<Vec<_>>>()?;
     ensure!(
-        !args.stream || samplings.iter().any(|(_, p)| p.is_greedy()),
-        "--stream times the streaming step with greedy sampling only: add --sampling greedy"
+        !args.stream || samplings.iter().any(|(_, p)| StreamStep::supports(p)),
+        "--stream: the streaming step draws greedy, with temperature alone or with top-k 1 to 32 (and any top-p); \
+         none of the --sampling values is one of those"
     );
     let max_pos = *args.positions.iter().max().unwrap();
     let max_ctx = (max_pos + args.steps + 1) as usize;
@@ -160,7 +167,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let mut engine = GpuEngine::new(&weights, max_ctx)?;
-    let mut stream = if args.stream { Some(engine.stream_step(&weights)?) } else { None };
+    let mut stream = match engine.stream_step(&weights) {
+        _ if args.no_stream => None,
+        Ok(step) => Some(step),
+        Err(e) if args.stream => return Err(e.context("--stream")),
+        Err(e) => {
+            eprintln!("note: the megakernel alone (no streaming step here): {e:#}");
+            None
+        }
+    };
     drop(weights);
     engine.set_eos(&[])?; // random weights may well produce an EOS id; time every step
     engine.randomize_kv_cache(0x5eed)?;
@@ -205,8 +220,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let comparison =
             if args.compare { Some(split_graph::compare_at(&mut engine, p, args.steps, args.reps)?) } else { None };
         rows.push(Row { sampling: label.clone(), position: p, us_median, us_min, bytes, barrier_share, comparison });
-        if let (Some(step), true) = (stream.as_mut(), sampling.is_greedy()) {
+        if let (Some(step), true) = (stream.as_mut(), StreamStep::supports(sampling)) {
+            step.set_sampling(sampling)?;
             let mut row = time_stream_step(step, &engine, p, args.steps, args.reps, bytes)?;
+            row.sampling = label.clone();
             let marks = step.trace(&engine, p as usize, args.steps as usize)?;
             let clock_khz = engine.gpu().clock_rate_khz()? as f64;
             for (blocks, summary) in row.trace.iter_mut() {
@@ -261,6 +278,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "activation_bytes_per_step_split_extra": act_extra_split,
             "rows": r,
             "streaming_step": stream_rows.iter().map(|r| json!({
+                "sampling": r.sampling,
                 "position": r.position,
                 "tokens_per_s": 1e6 / r.us_median,
                 "us_per_token_median": r.us_median,
@@ -306,17 +324,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if !stream_rows.is_empty() {
         println!(
-            "\n## the streaming step (greedy): {STREAM_GRID} blocks in clusters of {STREAM_CLUSTER}, {STREAM_THREADS} threads, \
+            "\n## the streaming step: {STREAM_GRID} blocks in clusters of {STREAM_CLUSTER}, {STREAM_THREADS} threads, \
              no grid barrier\n"
         );
         println!(
-            "| position | tok/s | us/token (median) | us/token (min) | MB/token | GB/s | % of probe | vs megakernel |"
+            "| sampling | position | tok/s | us/token (median) | us/token (min) | MB/token | GB/s | % of probe | vs megakernel |"
         );
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &stream_rows {
-            let mega = rows.iter().find(|m| m.position == r.position && m.sampling == "greedy");
+            let mega = rows.iter().find(|m| m.position == r.position && m.sampling == r.sampling);
             let ratio = mega.map_or(String::new(), |m| format!("{:.2}x", m.us_median / r.us_median));
-            println!("| {} | {} | {ratio} |", r.position, speed_cells(r.us_median, r.us_min, r.bytes, probe));
+            let speed = speed_cells(r.us_median, r.us_min, r.bytes, probe);
+            println!("| {} | {} | {speed} | {ratio} |", r.sampling, r.position);
         }
         println!(
             "\ntrace of the last step of a launch (median / latest, the latest block's number; us after the layer's \
@@ -335,7 +354,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     TraceBlocks::Others => "other blocks",
                     TraceBlocks::All => "all blocks",
                 };
-                println!("- position {}, {what}: {}", r.position, items.join(", "));
+                println!("- {}, position {}, {what}: {}", r.sampling, r.position, items.join(", "));
             }
         }
     }
@@ -362,6 +381,7 @@ fn trace_cell(m: &MarkSummary) -> String {
 
 /// One row of the streaming step's table.
 struct StreamRow {
+    sampling: String,
     position: u32,
     us_median: f64,
     us_min: f64,
@@ -391,7 +411,7 @@ fn time_stream_step(
     }
     let us_min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     let trace = [(TraceBlocks::Heads, Vec::new()), (TraceBlocks::Others, Vec::new()), (TraceBlocks::All, Vec::new())];
-    Ok(StreamRow { position: p, us_median: median(&mut times), us_min, bytes, trace })
+    Ok(StreamRow { sampling: String::new(), position: p, us_median: median(&mut times), us_min, bytes, trace })
 }
 
 fn print_comparison(rows: &[Row], probe: f64, barriers: u32, steps: u32, act_bytes: u64, act_extra: u64) {
