@@ -167,13 +167,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
     }
     let mut engine = GpuEngine::new(&weights, max_ctx)?;
-    let mut stream = match engine.stream_step(&weights) {
-        _ if args.no_stream => None,
-        Ok(step) => Some(step),
-        Err(e) if args.stream => return Err(e.context("--stream")),
-        Err(e) => {
-            eprintln!("note: the megakernel alone (no streaming step here): {e:#}");
-            None
+    // Built only when it will be timed: it uploads o and down a second time.
+    let mut stream = if args.no_stream {
+        None
+    } else {
+        match engine.stream_step(&weights) {
+            Ok(step) => Some(step),
+            Err(e) if args.stream => return Err(e.context("--stream")),
+            Err(e) => {
+                eprintln!("note: the megakernel alone (no streaming step here): {e:#}");
+                None
+            }
         }
     };
     drop(weights);
